@@ -1,0 +1,49 @@
+"""Tiny real models and a tiny real tokenizer, built in-process for fast tests."""
+from __future__ import annotations
+
+import copy
+import string
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHARS = string.ascii_lowercase + " .,:\n()=+_0123456789"
+EOS = "<eos>"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer: one token per character, id 0 = <eos>."""
+    vocab = {EOS: 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
+
+
+VOCAB = len(CHARS) + 1
+
+
+def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = VOCAB, scale: float = 0.2) -> LlamaForCausalLM:
+    """A random Llama small enough to run hundreds of generations per second on a CPU.
+
+    `scale` sets the init std: larger values give peaked, repetitive distributions (like a real
+    small LM's greedy output), so n-gram drafters find matches.
+    """
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=0, bos_token_id=None, pad_token_id=None, initializer_range=scale, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int = 1) -> LlamaForCausalLM:
+    """A drafter that agrees with `model` often but not always."""
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
+    return m

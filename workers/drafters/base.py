@@ -1,0 +1,71 @@
+"""The drafter interface: propose k tokens, then stay in sync with what was verified.
+
+A `Drafter` is shared by all requests of a worker; `session()` gives the
+per-request state (a model drafter's KV cache, for instance). Two methods do
+the work, as in transformers' candidate generators:
+
+  1. `propose(ids, k)`  -> draft tokens [<= k] and their probabilities q [<= k, vocab]
+                           (None for a deterministic drafter: q is one-hot);
+  2. `sync(ids, p)`     -> after verification, catch up with the verified ids and,
+                           when `p` (the target's distributions at the round's
+                           verified positions) is given, return this drafter's
+                           per-position acceptance on them (full-information feedback).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from workers.sampling import SamplingParams
+
+
+class DraftSession(Protocol):
+    def propose(
+        self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids: the verified sequence (prompt + output). Returns ([n] int64, [n, vocab] or None), n <= k."""
+        ...
+
+    def sync(self, ids: list[int], start: int, p: torch.Tensor | None, params: SamplingParams) -> list[float] | None:
+        """ids[start:] were verified this round; p: [len(ids) - start, vocab] target probs there (or None)."""
+        ...
+
+    def close(self, ids: list[int]) -> None:
+        """The request ended with `ids`; release per-request state."""
+        ...
+
+
+class Drafter(Protocol):
+    name: str
+    is_model: bool  # True when drafting runs a neural network (its sync costs a forward)
+
+    def session(self, tenant: str, prompt_len: int) -> DraftSession: ...
+
+
+class LookupSession:
+    """Shared logic of deterministic (model-free) drafters: acceptance is measured by re-proposing."""
+
+    def _lookup(self, ids: list[int], k: int) -> list[int]:
+        raise NotImplementedError
+
+    def propose(self, ids, k, params, generator):
+        return torch.tensor(self._lookup(ids, k), dtype=torch.long), None
+
+    def sync(self, ids, start, p, params):
+        if p is None:
+            return None
+        emitted = ids[start:]
+        draft = self._lookup(ids[:start], len(emitted))
+        out: list[float] = []
+        # a deterministic draft is accepted with probability p(draft); under greedy that is 0 or 1.
+        # After the first draft that differs from the verified token, later drafts were made on a
+        # wrong prefix, so the list stops there.
+        for j, tok in enumerate(draft):
+            out.append(float(p[j, tok]))
+            if tok != emitted[j]:
+                break
+        return out
+
+    def close(self, ids):
+        pass

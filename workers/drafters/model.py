@@ -1,0 +1,76 @@
+"""Model drafters: a small causal LM sharing the target's tokenizer, with its own KV cache.
+
+The session keeps `fed`, the tokens in the drafter's cache. Before each use
+the cache is rolled back to the longest prefix of `fed` that is still in the
+verified sequence (rejected drafts are dropped, nothing is re-prefilled), and
+at most up to the last verified token, whose logits give the next draft.
+"""
+from __future__ import annotations
+
+import torch
+
+from workers.models import forward, new_cache, rollback
+from workers.sampling import SamplingParams, probs_from_logits, sample
+from workers.verify import acceptance_probability
+
+
+class ModelDrafter:
+    is_model = True
+
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
+
+    def session(self, tenant: str, prompt_len: int):
+        return ModelSession(self.model)
+
+
+class ModelSession:
+    def __init__(self, model):
+        self.model = model
+        self.cache = new_cache(model)
+        self.fed: list[int] = []
+
+    def _align(self, ids: list[int]) -> None:
+        """Roll back to the common prefix of fed and ids, leaving at least one token of ids to feed."""
+        n = 0
+        limit = min(len(self.fed), len(ids) - 1)
+        while n < limit and self.fed[n] == ids[n]:
+            n += 1
+        rollback(self.cache, n)
+        del self.fed[n:]
+
+    def _feed(self, tokens: list[int], last_only: bool) -> torch.Tensor:
+        logits = forward(self.model, self.cache, tokens, last_only=last_only)
+        self.fed.extend(tokens)
+        return logits
+
+    def propose(self, ids, k, params: SamplingParams, generator):
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long), None
+        self._align(ids)
+        logits = self._feed(ids[len(self.fed) :], last_only=True)[-1]  # [vocab]
+        tokens, qs = [], []
+        for i in range(k):
+            q = probs_from_logits(logits, params)  # [vocab]
+            x = int(q.argmax()) if params.greedy else int(sample(q, generator))
+            tokens.append(x)
+            qs.append(q)
+            if i + 1 < k:
+                logits = self._feed([x], last_only=True)[-1]
+        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)  # [k], [k, vocab]
+
+    def sync(self, ids, start, p, params):
+        self._align(ids)
+        if p is None:
+            return None  # lazy: the next propose catches up
+        if len(self.fed) > start - 1:  # keep only what precedes the round's first verified token
+            rollback(self.cache, start - 1)
+            del self.fed[start - 1 :]
+        # logits that predict ids[start:] come from feeding ids[start - 1 : -1]
+        new = ids[len(self.fed) : len(ids) - 1]
+        logits = self._feed(new, last_only=False)[-(len(ids) - start) :]  # [m, vocab]
+        q = probs_from_logits(logits, params)
+        return acceptance_probability(p, q).tolist()
+
+    def close(self, ids):
+        self.cache = None

@@ -1,0 +1,47 @@
+"""`ngram`: prompt lookup decoding (vLLM's `ngram`, transformers' `prompt_lookup_num_tokens`).
+
+Find the most recent earlier occurrence of the sequence's last n tokens
+(n from max_ngram down to min_ngram) and propose the k tokens that followed it.
+Model-free and nearly free; strong when the output copies from the prompt.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from workers.drafters.base import LookupSession
+
+
+def lookup(ids: np.ndarray, k: int, min_ngram: int, max_ngram: int) -> list[int]:
+    """ids: [L] int64. Returns up to k tokens that followed the latest earlier match of a suffix."""
+    L = len(ids)
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
+        suffix = ids[L - n :]
+        # windows over ids[:-1] so that the match is strictly earlier than the suffix itself
+        windows = np.lib.stride_tricks.sliding_window_view(ids[: L - 1], n)  # [L - n, n]
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return ids[start : start + k].tolist()
+    return []
+
+
+class NgramDrafter:
+    is_model = False
+
+    def __init__(self, name: str = "ngram", min_ngram: int = 1, max_ngram: int = 3):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"ngram drafter {name!r}: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.name, self.min_ngram, self.max_ngram = name, min_ngram, max_ngram
+
+    def session(self, tenant: str, prompt_len: int):
+        return _NgramSession(self)
+
+
+class _NgramSession(LookupSession):
+    def __init__(self, drafter: NgramDrafter):
+        self.d = drafter
+
+    def _lookup(self, ids, k):
+        return lookup(np.asarray(ids, dtype=np.int64), k, self.d.min_ngram, self.d.max_ngram)

@@ -1,0 +1,107 @@
+"""Loading target and drafter models; device and precision; the one forward helper.
+
+Models are Hugging Face causal LMs given by hub id, local directory, or a
+directory plus `gguf_file`. `builtin:<name>` names a model that `draftpick
+setup` converts once and caches (see `workers.builtin`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu" or "cuda"
+    dtype: torch.dtype
+
+
+def place(device: str = "auto", dtype: str = "auto") -> Placement:
+    """auto: CUDA with bf16 when a GPU is visible, else CPU with fp32 (the lossless default there)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda asked for but no GPU is visible")
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" else "fp32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return Placement(device, DTYPES[dtype])
+
+
+def resolve_path(path: str) -> tuple[str, str | None]:
+    """Returns (directory or hub id, gguf file name or None) for a model path as configured."""
+    if path.startswith("builtin:"):
+        from workers.builtin import ensure_builtin
+
+        return str(ensure_builtin(path.removeprefix("builtin:"))), None
+    if path.endswith(".gguf") and Path(path).is_file():
+        return str(Path(path).parent), Path(path).name
+    return path, None
+
+
+def load_model(path: str, placement: Placement, gguf_file: str | None = None):
+    where, gguf = resolve_path(path)
+    gguf = gguf_file or gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=placement.dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {path!r}: {e}") from e
+    return model.to(placement.device).eval()
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None):
+    where, gguf = resolve_path(path)
+    return AutoTokenizer.from_pretrained(where, gguf_file=gguf_file or gguf)
+
+
+def check_same_vocabulary(target_tok, target_model, drafter_name: str, drafter_model, drafter_path: str, gguf_file=None):
+    """Refuse a drafter whose token ids do not mean the same tokens as the target's."""
+    tv, dv = target_model.config.vocab_size, drafter_model.config.vocab_size
+    if tv != dv:
+        raise ValueError(
+            f"drafter {drafter_name!r} has a vocabulary of {dv} tokens but the target has {tv}: "
+            "a drafter must share the target's tokenizer"
+        )
+    try:
+        dtok = load_tokenizer(drafter_path, gguf_file)
+    except (OSError, ValueError):
+        return  # no tokenizer shipped with the drafter: the sizes agree, trust its ids
+    if dtok.get_vocab() != target_tok.get_vocab():
+        raise ValueError(
+            f"drafter {drafter_name!r} ships a tokenizer different from the target's "
+            "(same size, other tokens): a drafter must share the target's tokenizer"
+        )
+
+
+def new_cache(model) -> DynamicCache:
+    return DynamicCache(config=model.config)
+
+
+@torch.inference_mode()
+def forward(model, cache: DynamicCache, tokens: list[int], last_only: bool = False) -> torch.Tensor:
+    """Run `tokens` after what `cache` holds; returns float32 logits [len(tokens) or 1, vocab]."""
+    ids = torch.tensor([tokens], device=model.device)  # [1, n]
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
+    return out.logits[0].float()  # [n, vocab]
+
+
+def rollback(cache: DynamicCache, keep: int) -> None:
+    """Drop cached positions beyond the first `keep` (rejected drafts)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def set_threads(n: int | None) -> None:
+    """Torch intra-op threads (Ray starts actors with OMP_NUM_THREADS=1 unless told otherwise)."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
