@@ -47,3 +47,21 @@ def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int = 1) -> LlamaFor
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
     return m
+
+
+def chi2_pvalue(counts, probs) -> float:
+    """Chi-square goodness of fit of observed counts to probabilities; cells expected < 5 are pooled."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    counts = np.asarray(counts, dtype=float)
+    probs = np.asarray(probs, dtype=float)
+    probs = probs / probs.sum()
+    expected = probs * counts.sum()
+    small = expected < 5
+    if small.any():
+        counts = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    if len(counts) < 2:
+        return 1.0
+    return float(chisquare(counts, expected).pvalue)

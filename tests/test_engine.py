@@ -1,0 +1,172 @@
+"""The engine on tiny real models: greedy equality, sampling distribution, KV rollback, sync, stops."""
+import numpy as np
+import pytest
+import torch
+
+from policies.types import Arm
+from tiny import chi2_pvalue, noisy_copy, tiny_model
+from workers.drafters.model import ModelDrafter
+from workers.drafters.ngram import NgramDrafter
+from workers.drafters.suffix import SuffixDrafter
+from workers.engine import SpeculativeEngine
+from workers.models import forward, new_cache
+from workers.sampling import SamplingParams, probs_from_logits
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat on the mat. the cat", "x = 1\ny = 2\n"]
+
+
+@pytest.fixture(scope="module")
+def engine(target, tok):
+    drafters = {
+        "ngram": NgramDrafter(),
+        "suffix": SuffixDrafter(),
+        "close": ModelDrafter("close", noisy_copy(target, 0.05)),  # agrees often
+        "far": ModelDrafter("far", tiny_model(seed=7)),  # an unrelated model
+    }
+    return SpeculativeEngine(target, tok, drafters)
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "suffix", "close", "far"])
+def test_greedy_output_equals_transformers_generate(engine, target, tok, drafter):
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        ref = hf_greedy(target, ids, 48)
+        for k in ([0] if drafter == "none" else [1, 2, 3, 5, 8]):
+            res = engine.generate(ids, SamplingParams(max_tokens=48), Arm(drafter, k))
+            assert res.token_ids == ref, (drafter, k, prompt)
+
+
+def test_close_drafter_is_accepted_and_far_one_mostly_not(engine, tok):
+    ids = tok(PROMPTS[0]).input_ids
+    close = engine.generate(ids, SamplingParams(max_tokens=48), Arm("close", 4)).metrics()
+    far = engine.generate(ids, SamplingParams(max_tokens=48), Arm("far", 4)).metrics()
+    assert close["mean_acceptance_length"] > 2.0
+    assert far["draft_acceptance_rate"] < close["draft_acceptance_rate"]
+
+
+def test_kv_caches_hold_exactly_the_verified_tokens_after_each_round(engine, target, tok):
+    ids = tok(PROMPTS[0]).input_ids
+    g = engine.start(ids, SamplingParams(max_tokens=40), Arm("close", 5))
+    rejected_rounds = 0
+    while not g.done:
+        g.step()
+        if g.done:
+            break
+        # target cache: every verified token but the pending last one
+        assert g.cache.get_seq_length() == len(g.ids) - 1
+        # and it is the same cache a fresh prefill would give: next-token logits agree
+        fresh = new_cache(target)
+        expected = forward(target, fresh, g.ids)[-1]
+        probe = forward(target, g.cache, [g.ids[-1]])[-1]
+        g.cache.crop(-1)
+        torch.testing.assert_close(probe, expected, rtol=1e-4, atol=1e-4)
+        # drafter cache: a prefix of the verified tokens, never a rejected draft
+        s = g.sessions["close"]
+        assert s.fed == g.ids[: len(s.fed)] and s.cache.get_seq_length() == len(s.fed)
+        if g.records:
+            rejected_rounds += g.records[-1].accepted < g.records[-1].num_drafted
+    assert rejected_rounds > 0  # the rollback path was exercised
+
+
+def test_full_information_matches_each_drafters_own_predictions(engine, tok):
+    """per_drafter[far][j] is 1 exactly where `far`, fed the verified prefix, predicts token j."""
+    ids = tok(PROMPTS[0]).input_ids
+    res = engine.generate(ids, SamplingParams(max_tokens=40), Arm("close", 3))
+    far = engine.drafters["far"].model
+    seq = res.prompt_token_ids + res.token_ids
+    preds = forward(far, new_cache(far), seq).argmax(-1).tolist()  # preds[i] predicts seq[i + 1]
+    pos = len(ids) + 1  # the first round verifies the token after the prefill token
+    for r in res.records:
+        got = r.per_drafter["far"]
+        assert len(got) == r.accepted + 1  # measured on every token the round verified
+        m = min(len(got), len(seq) - pos)  # a stop may cut the last round's verified tokens
+        want = [float(preds[pos + j - 1] == seq[pos + j]) for j in range(m)]
+        assert got[:m] == want
+        assert r.per_drafter["close"] == r.accepted_per_pos  # the chosen one: its realised acceptance
+        pos += r.accepted + 1
+
+
+def test_full_information_can_be_switched_off(target, tok):
+    eng = SpeculativeEngine(target, tok, {"far": ModelDrafter("far", tiny_model(seed=7)), "ngram": NgramDrafter()}, full_information=False)
+    res = eng.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=30), Arm("ngram", 3))
+    assert all("far" not in r.per_drafter for r in res.records)
+    assert res.token_ids == hf_greedy(target, tok(PROMPTS[0]).input_ids, 30)
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "close"])
+def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
+    """Three sampled tokens (the last two from one speculative round) vs the exact target law."""
+    ids = tok("ab ab ab a").input_ids  # repetitive, so that the n-gram drafter proposes too
+    params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3)
+    # exact law of (t1, t2, t3) under the target with the same warp: 27 outcomes
+    law = {}
+    p1 = probs_from_logits(forward(target, new_cache(target), ids)[-1], params)
+    for a in p1.nonzero().flatten().tolist():
+        p2 = probs_from_logits(forward(target, new_cache(target), ids + [a])[-1], params)
+        for b in p2.nonzero().flatten().tolist():
+            p3 = probs_from_logits(forward(target, new_cache(target), ids + [a, b])[-1], params)
+            for c in p3.nonzero().flatten().tolist():
+                law[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    keys = list(law)
+    counts = np.zeros(len(keys))
+    n = 3000
+    drafted = accepted = 0
+    for seed in range(n):
+        res = engine.generate(ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True), Arm(drafter, 2))
+        counts[keys.index(tuple(res.token_ids))] += 1
+        drafted += res.records[0].num_drafted > 0
+        accepted += res.records[0].accepted > 0
+    assert drafted > n / 4 and accepted > n / 10  # speculation really happened
+    assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
+
+
+def test_same_seed_same_sampled_output(engine, tok):
+    ids = tok(PROMPTS[2]).input_ids
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=11)
+    a = engine.generate(ids, params, Arm("close", 3)).token_ids
+    b = engine.generate(ids, params, Arm("close", 3)).token_ids
+    assert a == b
+
+
+@pytest.mark.parametrize("arm", [Arm("none", 0), Arm("ngram", 8), Arm("close", 8)])
+def test_max_tokens_ends_at_the_exact_token(engine, tok, arm):
+    for n in (1, 2, 7):
+        res = engine.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=n, ignore_eos=True), arm)
+        assert len(res.token_ids) == n and res.finish_reason == "length"
+
+
+def test_eos_ends_generation_at_the_eos_token(engine, target, tok):
+    # find a prompt whose greedy continuation reaches EOS (id 0) within 200 tokens
+    for prompt in ["a", "b", "c", "d", "e", "ab", "zz", "q."]:
+        ref = hf_greedy(target, tok(prompt).input_ids, 200)
+        if 0 in ref:
+            break
+    else:
+        pytest.skip("no tiny prompt reaches EOS")
+    for arm in [Arm("none", 0), Arm("close", 5), Arm("suffix", 4)]:
+        res = engine.generate(tok(prompt).input_ids, SamplingParams(max_tokens=200), arm)
+        assert res.token_ids == ref[: ref.index(0) + 1] and res.finish_reason == "stop"
+
+
+def test_stop_string_ends_at_the_token_that_completes_it(engine, tok):
+    ids = tok(PROMPTS[0]).input_ids
+    plain = engine.generate(ids, SamplingParams(max_tokens=40, ignore_eos=True), Arm("none", 0))
+    stop = plain.text[10:12]  # a two-character string that occurs in the plain output
+    first = plain.text.find(stop)
+    for arm in [Arm("none", 0), Arm("close", 6), Arm("ngram", 5)]:
+        res = engine.generate(ids, SamplingParams(max_tokens=40, stop=(stop,), ignore_eos=True), arm)
+        assert res.finish_reason == "stop"
+        assert res.text == plain.text[:first]
+        assert res.token_ids == plain.token_ids[: first + len(stop)]  # one char per token here
+
+
+def test_unknown_drafter_and_empty_prompt_are_refused(engine):
+    with pytest.raises(ValueError, match="unknown drafter 'nope'"):
+        engine.start([1, 2], SamplingParams(), Arm("nope", 2))
+    with pytest.raises(ValueError, match="empty"):
+        engine.start([], SamplingParams(), Arm("none", 0))
