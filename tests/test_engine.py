@@ -101,7 +101,9 @@ def test_full_information_can_be_switched_off(target, tok):
 @pytest.mark.parametrize("drafter", ["ngram", "close"])
 def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
     """Three sampled tokens (the last two from one speculative round) vs the exact target law."""
-    ids = tok("ab ab ab a").input_ids  # repetitive, so that the n-gram drafter proposes too
+    # the target's own greedy text, then its start again: the n-gram drafter proposes what followed
+    base = tok("ab").input_ids
+    ids = base + hf_greedy(target, base, 30) + base
     params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3)
     # exact law of (t1, t2, t3) under the target with the same warp: 27 outcomes
     law = {}
@@ -121,7 +123,7 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
         counts[keys.index(tuple(res.token_ids))] += 1
         drafted += res.records[0].num_drafted > 0
         accepted += res.records[0].accepted > 0
-    assert drafted > n / 4 and accepted > n / 10  # speculation really happened
+    assert drafted > n / 4 and accepted > n / 20  # speculation really happened
     assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
 
 
