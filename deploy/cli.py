@@ -6,7 +6,7 @@ import json
 import sys
 
 from deploy.config import ConfigError, default_config_path, load_config
-from deploy.inputs import InputError
+from workers.inputs import InputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +93,7 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from deploy.inputs import encode_input, read_jsonl
+    from workers.inputs import encode_input, read_jsonl
     from workers.factory import build_engine
     from workers.sampling import SamplingParams
 

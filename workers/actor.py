@@ -44,7 +44,7 @@ class EngineWorker:
         return {"drafters": list(self.engine.drafters), "in_flight": self.in_flight}
 
     def tokenize(self, item: dict) -> list[int]:
-        from deploy.inputs import encode_input  # ingress helper; deploy wires everything
+        from workers.inputs import encode_input
 
         return encode_input(self.engine.tokenizer, item)
 
