@@ -1,2 +1,265 @@
-def add_arguments(p): pass
-def run(a): pass
+"""`draftpick bench engine`: this engine vs target-only vs transformers' assisted generation.
+
+Side by side in one run, on the same prompts and the same loaded target:
+  - hf:target-only             transformers `generate(do_sample=False)`
+  - hf:pld:k                   transformers prompt lookup (`prompt_lookup_num_tokens=k`)
+  - hf:assist:<drafter>:k      transformers assisted generation, constant schedule
+  - hf:assist:<drafter>:heur   ... with transformers' heuristic schedule (+2 / -1)
+  - engine:<drafter>:k         this engine, for each configured drafter and k (k = 0: plain decoding)
+For each prompt every configuration runs once, in a rotated order (so slow
+drift of the machine hits all alike); throughput is generated tokens over wall
+seconds per domain, reported as a ratio to hf:target-only. Greedy outputs are
+compared with hf:target-only token for token (the lossless check; in bf16 the
+mismatches are the divergence rate). Results go to JSON and a markdown table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+DEFAULT_KS = "0,1,2,3,5,8"
+DEFAULT_DOMAINS = "mtbench-writing,mtbench-roleplay,mtbench-reasoning,mtbench-math,mtbench-coding,mtbench-extraction,mtbench-stem,mtbench-humanities,humaneval,sharegpt"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML configuration (default: the embedded one)")
+    p.add_argument("--domains", default=DEFAULT_DOMAINS, help="comma-separated prompt domains")
+    p.add_argument("--prompts-per-domain", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are cut from the left")
+    p.add_argument("--ks", default=DEFAULT_KS, help="draft lengths for the engine and transformers")
+    p.add_argument("--drafters", help="comma-separated drafters to run (default: all configured)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override engine.dtype (bf16 on CPU is lossy: see divergence)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation rows")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from deploy.config import load_config
+    from bench.prompts import load_domain
+    from workers.factory import build_engine
+    from workers.inputs import encode_input
+
+    cfg = load_config(args.config)
+    if args.dtype:
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"dtype": args.dtype})})
+    ks = [int(k) for k in args.ks.split(",")]
+    engine = build_engine(cfg)
+    drafters = args.drafters.split(",") if args.drafters else [n for n in engine.drafters if n != "none"]
+    for d in drafters:
+        if d not in engine.drafters:
+            raise ValueError(f"--drafters: {d!r} is not configured ({', '.join(engine.drafters)})")
+    prompts = []
+    for domain in args.domains.split(","):
+        for item in load_domain(domain, args.prompts_per_domain):
+            ids = encode_input(engine.tokenizer, item)[-args.max_prompt_tokens :]
+            prompts.append((domain, item["id"], ids))
+    configs = _configs(engine, drafters, ks, args.max_tokens, hf=not args.no_hf)
+
+    how = {
+        "command": "draftpick bench engine " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "engine"] else "bench",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "device": str(engine.target.device), "dtype": str(engine.target.dtype).removeprefix("torch."),
+        "target": cfg.target.name, "prompts": len(prompts), "max_tokens": args.max_tokens, "greedy": True,
+        "method": "wall time of each generate call (prefill included); configs rotated per prompt; one warm-up pass",
+    }
+    print(json.dumps(how), file=sys.stderr)
+    warm = engine.tokenizer("def f(x):\n    return x + 1\n").input_ids
+    for name, fn in tqdm(configs.items(), desc="warm-up", file=sys.stderr):
+        fn(warm, 8, "warmup")
+
+    acc = defaultdict(_Acc)  # (config, domain) -> accumulator
+    names = list(configs)
+    bar = tqdm(total=len(prompts) * len(names), desc="bench engine", unit="gen", file=sys.stderr)
+    for i, (domain, pid, ids) in enumerate(prompts):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        outs = {}
+        for name in order:
+            t0 = time.perf_counter()
+            tokens, records = configs[name](ids, args.max_tokens, name)
+            outs[name] = (tokens, records, time.perf_counter() - t0)
+            bar.update()
+        ref = outs["hf:target-only"][0] if "hf:target-only" in outs else outs["engine:none:0"][0]
+        for name, (tokens, records, secs) in outs.items():
+            a = acc[(name, domain)]
+            a.add(tokens, records, secs, tokens == ref)
+    bar.close()
+    report = _report(how, acc, names, args.domains.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"engine-{stamp}.json").write_text(json.dumps(report, indent=1))
+    md = _markdown(report)
+    (out / f"engine-{stamp}.md").write_text(md)
+    print(md)
+    print(f"wrote {out / f'engine-{stamp}.json'} and .md", file=sys.stderr)
+    return 0
+
+
+def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
+    """name -> fn(prompt_ids, max_tokens, tenant) -> (generated token ids, round records or None)."""
+    import torch
+
+    from policies.types import Arm
+    from workers.sampling import SamplingParams
+
+    target = engine.target
+
+    def hf_generate(**kw):
+        def fn(ids, n, tenant):
+            x = torch.tensor([ids], device=target.device)
+            with torch.inference_mode():
+                out = target.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, **kw)
+            return out[0, len(ids) :].tolist(), None
+        return fn
+
+    def ours(arm):
+        def fn(ids, n, tenant):
+            res = engine.generate(ids, SamplingParams(max_tokens=n), arm, tenant=tenant)
+            return res.token_ids, res.records
+        return fn
+
+    configs = {}
+    if hf:
+        configs["hf:target-only"] = hf_generate()
+    configs["engine:none:0"] = ours(Arm("none", 0))
+    for d in drafters:
+        drafter = engine.drafters[d]
+        for k in (k for k in ks if k > 0):
+            if hf and d == "ngram":
+                configs[f"hf:pld:{k}"] = hf_generate(prompt_lookup_num_tokens=k)
+            if hf and drafter.is_model:
+                configs[f"hf:assist:{d}:{k}"] = hf_generate(
+                    assistant_model=drafter.model, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+            configs[f"engine:{d}:{k}"] = ours(Arm(d, k))
+        if hf and drafter.is_model:
+            configs[f"hf:assist:{d}:heur"] = hf_generate(
+                assistant_model=drafter.model, num_assistant_tokens=5, num_assistant_tokens_schedule="heuristic")
+    return configs
+
+
+class _Acc:
+    def __init__(self):
+        self.tokens = self.seconds = self.n = self.mismatch = 0
+        self.steps = self.drafted = self.accepted = 0
+        self.draft_s = self.verify_s = self.sync_s = 0.0
+        self.attempts, self.hits = defaultdict(int), defaultdict(int)
+        self.drafted_lengths = []
+
+    def add(self, tokens, records, secs, same):
+        self.tokens += len(tokens)
+        self.seconds += secs
+        self.n += 1
+        self.mismatch += not same
+        for r in records or []:
+            self.steps += 1
+            self.drafted += r.num_drafted
+            self.accepted += r.accepted
+            self.draft_s += r.draft_s
+            self.verify_s += r.verify_s
+            self.sync_s += r.sync_s
+            self.drafted_lengths.append(r.num_drafted)
+            for i in range(min(r.accepted + 1, r.num_drafted)):  # positions the target judged
+                self.attempts[i] += 1
+                self.hits[i] += i < r.accepted
+
+    def summary(self) -> dict:
+        s = {"prompts": self.n, "tokens": self.tokens, "seconds": round(self.seconds, 4),
+             "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0, "mismatches": self.mismatch}
+        if self.steps:
+            judged = sum(self.attempts.values())
+            a = self.accepted / judged if judged else 0.0  # per-token acceptance, pooled over positions
+            s.update({
+                "num_spec_steps": self.steps,
+                "mean_acceptance_length": 1 + self.accepted / self.steps,
+                "draft_acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+                "per_token_acceptance": a,
+                "per_position_acceptance": [self.hits[i] / self.attempts[i] for i in sorted(self.attempts)],
+                "mean_drafted": self.drafted / self.steps,
+                # (1 - a^(d+1)) / (1 - a) averaged over rounds with their drafted length d
+                "formula_tokens_per_round": sum(_expected(a, d) for d in self.drafted_lengths) / self.steps,
+                "time_share": {"draft": self.draft_s / self.seconds, "verify": self.verify_s / self.seconds,
+                               "sync": self.sync_s / self.seconds},
+            })
+        return s
+
+
+def _expected(a: float, d: int) -> float:
+    return d + 1.0 if a >= 1 else (1 - a ** (d + 1)) / (1 - a)
+
+
+def _report(how, acc, names, domains) -> dict:
+    rows = {}
+    for name in names:
+        per = {d: acc[(name, d)].summary() for d in domains if (name, d) in acc}
+        total = _Acc()
+        for d in domains:
+            if (name, d) in acc:
+                _merge(total, acc[(name, d)])
+        rows[name] = {"domains": per, "all": total.summary()}
+    base = "hf:target-only" if "hf:target-only" in rows else "engine:none:0"
+    for name, row in rows.items():
+        for key, s in [*row["domains"].items(), ("all", row["all"])]:
+            b = rows[base]["all"] if key == "all" else rows[base]["domains"][key]
+            s["ratio_vs_target_only"] = s["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
+    best = {}
+    for d in domains + ["all"]:
+        cands = [(r["all" if d == "all" else "domains"][d] if d != "all" else r["all"], n) for n, r in rows.items()]
+        cands = [(s["ratio_vs_target_only"], n) for s, n in cands if s.get("ratio_vs_target_only")]
+        best[d] = max(cands)[1] if cands else None
+    return {"how": how, "baseline": base, "configs": rows, "best_per_domain": best}
+
+
+def _merge(total: _Acc, a: _Acc) -> None:
+    for f in ("tokens", "seconds", "n", "mismatch", "steps", "drafted", "accepted", "draft_s", "verify_s", "sync_s"):
+        setattr(total, f, getattr(total, f) + getattr(a, f))
+    for i, v in a.attempts.items():
+        total.attempts[i] += v
+        total.hits[i] += a.hits[i]
+    total.drafted_lengths += a.drafted_lengths
+
+
+def _markdown(report) -> str:
+    how, rows = report["how"], report["configs"]
+    domains = list(next(iter(rows.values()))["domains"])
+    short = [d.removeprefix("mtbench-") for d in domains]
+    lines = [
+        f"## draftpick bench engine — {how['target']}, {how['device']} {how['dtype']}, {how['prompts']} prompts, "
+        f"max_tokens {how['max_tokens']}, greedy",
+        f"Machine: {how['machine']}. {how['method']}. Ratios: tokens/s over {report['baseline']} on the same prompts.",
+        "",
+        "| config | " + " | ".join(short) + " | all | tok/s | mismatches |",
+        "|---|" + "---|" * (len(domains) + 3),
+    ]
+    for name, row in rows.items():
+        cells = [f"{row['domains'][d]['ratio_vs_target_only']:.2f}" for d in domains]
+        a = row["all"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{a['ratio_vs_target_only']:.2f}** | "
+                     f"{a['tokens_per_s']:.1f} | {a['mismatches']}/{a['prompts']} |")
+    lines += ["", "Best per domain: " + ", ".join(f"{d.removeprefix('mtbench-')}: `{n}`" for d, n in report["best_per_domain"].items()), ""]
+    lines += [
+        "| engine config | mean acc. len | acc. rate | per-token a | per-position acceptance | tokens/round measured | formula (1-a^(d+1))/(1-a) | meas./formula | draft/verify/sync share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        a = row["all"]
+        if not name.startswith("engine:") or "num_spec_steps" not in a:
+            continue
+        pos = " ".join(f"{x:.2f}" for x in a["per_position_acceptance"]) or "-"
+        rate = f"{a['draft_acceptance_rate']:.2f}" if a["draft_acceptance_rate"] is not None else "-"
+        ts = a["time_share"]
+        lines.append(
+            f"| {name} | {a['mean_acceptance_length']:.2f} | {rate} | {a['per_token_acceptance']:.2f} | {pos} | "
+            f"{a['mean_acceptance_length']:.2f} | {a['formula_tokens_per_round']:.2f} | "
+            f"{a['mean_acceptance_length'] / a['formula_tokens_per_round']:.2f} | "
+            f"{ts['draft']:.2f}/{ts['verify']:.2f}/{ts['sync']:.2f} |")
+    return "\n".join(lines) + "\n"
