@@ -1,0 +1,51 @@
+"""Integration: the embedded default (SmolLM2-135M-Instruct, converted by `draftpick setup`)."""
+import pytest
+import torch
+
+from deploy.config import load_config
+from policies.types import Arm
+from workers.sampling import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    {"prompt": "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"\n"},
+    {"messages": [{"role": "user", "content": "Extract the names from: Alice met Bob and Carol in Paris."}]},
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from workers.factory import build_engine
+
+    return build_engine(load_config())  # needs `draftpick setup` (run by .ci/install)
+
+
+def test_default_engine_is_lossless_against_transformers_generate(engine):
+    from workers.inputs import encode_input
+
+    for item in PROMPTS:
+        ids = encode_input(engine.tokenizer, item)
+        x = torch.tensor([ids])
+        ref = engine.target.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)
+        ref = ref[0, len(ids):].tolist()
+        accepted = 0
+        for arm in [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 3), Arm("ngram", 8), Arm("suffix", 2), Arm("suffix", 5)]:
+            res = engine.generate(ids, SamplingParams(max_tokens=40), arm, tenant="it")
+            assert res.token_ids == ref, arm
+            accepted += res.metrics()["num_accepted_draft_tokens"]
+        assert accepted > 0  # drafts were really accepted along the way
+
+
+def test_info_path_loads_the_exact_target(engine):
+    import json
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads(subprocess.run(["draftpick", "info", "--json"], capture_output=True, text=True, check=True).stdout)
+    assert "none" in info["drafters"] and info["target"]["name"] == "smollm2-135m-instruct"
+    loaded = AutoModelForCausalLM.from_pretrained(info["target"]["path"]).eval()
+    x = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x).logits, engine.target(x).logits)
