@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (ConfigError, InputError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, InputError, ValueError, FileNotFoundError, OSError) as e:
         print(f"draftpick: error: {e}", file=sys.stderr)
         return 2
 
@@ -51,6 +51,33 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tenant", default="", help="tenant scope of the suffix drafter's index")
     s.add_argument("--json", action="store_true", help="one JSON line per prompt")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("prompts", help="write prompts from the installed prompt sets as JSONL")
+    s.add_argument("--domains", default="all", help="comma-separated domains, or `all`")
+    s.add_argument("--per-domain", type=int, default=10)
+    s.add_argument("--offset", type=int, default=0, help="skip this many prompts of each domain first")
+    s.add_argument("--tag", action="store_true", help="also set each prompt's context tag to its domain")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_prompts)
+
+    s = sub.add_parser("record", help="record a full-information trace of real requests (for replay)")
+    s.add_argument("--config")
+    s.add_argument("--prompts", required=True, help="JSONL prompts (optional `id`, `domain`, `tag` keys)")
+    s.add_argument("--max-tokens", type=int, default=96)
+    s.add_argument("--k-max", type=int, default=8)
+    s.add_argument("--tenant", default="")
+    s.add_argument("--out", required=True, help="trace file (JSONL, one request per line)")
+    s.set_defaults(func=cmd_record)
+
+    s = sub.add_parser("replay", help="replay a trace through policies: throughput and regret")
+    s.add_argument("trace")
+    s.add_argument("--policies", required=True, help="comma-separated: built-in names, entry points or module:Class")
+    s.add_argument("--policy-config", default="{}", help='JSON {"policy": {option: value}}')
+    s.add_argument("--repeat", type=int, default=1, help="passes over the trace, each in a new shuffled order")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", required=True, dest="json_out", help="OUT.json")
+    s.add_argument("--plot", help="OUT.png: cumulative regret and arm choices")
+    s.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCH")
     s = b.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
@@ -117,6 +144,72 @@ def cmd_generate(args) -> int:
             print(json.dumps(res.to_json(item.get("id"))), flush=True)
         else:
             print(res.text, flush=True)
+    return 0
+
+
+def cmd_prompts(args) -> int:
+    from bench.prompts import DOMAINS, load_domain
+
+    domains = DOMAINS if args.domains == "all" else args.domains.split(",")
+    n = 0
+    with open(args.out, "w") as f:
+        for d in domains:
+            for item in load_domain(d, args.offset + args.per_domain)[args.offset :]:
+                if args.tag:
+                    item["tag"] = d
+                f.write(json.dumps(item) + "\n")
+                n += 1
+    print(f"wrote {n} prompts to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_record(args) -> int:
+    from tqdm import tqdm
+
+    from workers.factory import build_engine
+    from workers.inputs import encode_input, read_jsonl
+    from workers.record import record_request
+
+    cfg = load_config(args.config)
+    if not 1 <= args.k_max <= cfg.engine.max_k:
+        raise ValueError(f"--k-max must be in [1, {cfg.engine.max_k}] (engine.max_k)")
+    items = read_jsonl(args.prompts)
+    engine = build_engine(cfg)
+    with open(args.out, "w") as f:
+        for n, item in enumerate(tqdm(items, desc="record", unit="request", file=sys.stderr), 1):
+            try:
+                ids = encode_input(engine.tokenizer, item)
+            except InputError as e:
+                raise InputError(f"prompt {n}: {e}") from None
+            text = item.get("prompt") or " ".join(m["content"] for m in item["messages"])
+            line = record_request(engine, item, ids, text, args.max_tokens, args.k_max, args.tenant)
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+    print(f"wrote {len(items)} requests to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from controller.replay import plot, replay
+
+    try:
+        configs = json.loads(args.policy_config)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--policy-config is not valid JSON: {e}") from None
+    if args.repeat < 1:
+        raise ValueError("--repeat must be >= 1")
+    specs = [p for p in args.policies.split(",") if p]
+    out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs)
+    with open(args.json_out, "w") as f:
+        json.dump(out, f, indent=1)
+    if args.plot:
+        plot(series, out["arms"], args.plot)
+    print(f"oracle {out['oracle']['tokens_per_s']:.2f} tok/s; best fixed {out['best_fixed']['arm']} "
+          f"{out['best_fixed']['tokens_per_s']:.2f} tok/s", file=sys.stderr)
+    for name, p in out["policies"].items():
+        print(f"{name:>16}: {p['tokens_per_s']:.2f} tok/s  {p['ratio_vs_oracle']:.3f} x oracle  "
+              f"{p['ratio_vs_best_fixed']:.3f} x best fixed  ({p['requests_replayed']} requests in "
+              f"{p['replay_wall_s']:.1f} s)", file=sys.stderr)
     return 0
 
 

@@ -56,6 +56,13 @@ class RoundRecord:
     load: int = 1  # requests in flight on the worker during this round
     tenant: str = ""  # who asked (never used to share data across tenants)
     context: str = ""  # context tag the policy saw
+    features: list[float] = field(default_factory=list)  # the prompt features the policy saw
+    temperature: float = 0.0
+    time: float = 0.0  # when the round ended (seconds; virtual time in replay)
+    threshold: float | None = None  # confidence-threshold stop used while drafting, if any
+    rounds: int = 1  # rounds this record sums (1 for the engine's records; more once aggregated)
+    arm_tokens: dict[str, float] = field(default_factory=dict)  # full information: "drafter:k" ->
+    # tokens that arm would have emitted over these rounds (expected, from per_drafter)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,3 +70,64 @@ class RoundRecord:
     @classmethod
     def from_dict(cls, data: dict) -> "RoundRecord":
         return cls(**data)
+
+
+def expected_tokens(per_pos: list[float], k: int) -> float:
+    """Tokens a round emits when drafting k tokens whose per-position acceptance is per_pos:
+    1 + sum_j prod_{i<=j} a_i (the bonus / recovered token plus accepted drafts). Positions that
+    were not measured (censored) count as rejected."""
+    total, run = 1.0, 1.0
+    for a in per_pos[:k]:
+        run *= a
+        total += run
+    return total
+
+
+def aggregate(records: list[RoundRecord], arms: list[Arm]) -> RoundRecord:
+    """One record summing rounds of the same arm (a request's feedback), with arm_tokens filled.
+
+    The counters (emitted, accepted, seconds, rounds) add up; a policy whose statistics are sums of
+    these therefore learns the same from the aggregate as from the rounds one by one.
+    """
+    first = records[0]
+    arm_tokens = {str(a): 0.0 for a in arms}
+    for r in records:
+        for a in arms:
+            if a.k == 0:
+                arm_tokens[str(a)] += 1.0
+            elif a.drafter in r.per_drafter:
+                arm_tokens[str(a)] += expected_tokens(r.per_drafter[a.drafter], a.k)
+            elif a.drafter == r.drafter and a.k == r.k:
+                arm_tokens[str(a)] += r.emitted
+    arm_tokens = {a: v for a, v in arm_tokens.items() if v > 0 or a.endswith(":0")}
+    measured = {a for a in arms if a.k == 0 or all(a.drafter in r.per_drafter for r in records)}
+    return RoundRecord(
+        drafter=first.drafter, k=first.k, num_drafted=sum(r.num_drafted for r in records),
+        accepted=sum(r.accepted for r in records), emitted=sum(r.emitted for r in records),
+        draft_s=sum(r.draft_s for r in records), verify_s=sum(r.verify_s for r in records),
+        sync_s=sum(r.sync_s for r in records), propensity=first.propensity, load=first.load,
+        tenant=first.tenant, context=first.context, features=first.features, temperature=first.temperature,
+        time=records[-1].time, threshold=first.threshold, rounds=sum(r.rounds for r in records),
+        arm_tokens={a: v for a, v in arm_tokens.items() if Arm.parse(a) in measured},
+    )
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a policy may look at when it chooses. Built by the ingress, never from policy code."""
+
+    tag: str = ""  # explicit context tag from the request (e.g. "code", "chat"); "" if none
+    features: tuple[float, ...] = ()  # cheap prompt features (policies.features.prompt_features)
+    temperature: float = 0.0
+    load: int = 1  # requests in flight on the worker
+    time: float = 0.0  # now (seconds; virtual time in replay), for windowed statistics
+    # round-level state, for policies that choose every round (hf-heuristic, draft-length control)
+    round: int = 0
+    last: RoundRecord | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    arm: Arm
+    propensity: float  # probability the policy had of choosing this arm (1.0 if deterministic)
+    threshold: float | None = None  # stop drafting when the drafter's top-1 probability is below this

@@ -1,0 +1,263 @@
+"""Offline replay of recorded traffic through policies (`draftpick replay`).
+
+A trace (see workers.record) fixes, for every request, each drafter's proposals
+and matches at every position and the measured costs; so the rounds, seconds and
+tokens of any arm on any request follow exactly, and the oracle (best arm per
+request in hindsight) and the best fixed arm are computed from the same numbers.
+
+Replay mirrors the controller: a policy chooses (once per request, or every round
+for round-level policies), the rounds are simulated, their feedback is folded into a
+plain dict of statistics through the policy's `increments`, and the next request
+sees the updated statistics. Request-level policies receive one aggregated record
+per request (sums of the rounds: the same statistics as round by round, see
+policies.types.aggregate), which is what makes 100,000 requests take seconds.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from policies.types import Arm, Context, RoundRecord, aggregate
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass
+class TraceRequest:
+    data: dict
+
+    @property
+    def n(self) -> int:
+        return self.data["num_tokens"]
+
+
+def load_trace(path: str | Path) -> list[TraceRequest]:
+    reqs = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise TraceError(f"trace not found: {path}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        missing = {"num_tokens", "max_tokens", "k_max", "prefill_s", "verify_s", "draft_s_per_token", "drafters"} - set(d)
+        if missing:
+            raise TraceError(f"{path}:{i}: trace line lacks {', '.join(sorted(missing))}")
+        reqs.append(TraceRequest(d))
+    if not reqs:
+        raise TraceError(f"{path}: empty trace")
+    return reqs
+
+
+def trace_arms(reqs: list[TraceRequest], ks=(1, 2, 3, 5, 8)) -> list[Arm]:
+    """Every drafter in the trace at every k <= k_max, plus plain decoding."""
+    k_max = min(r.data["k_max"] for r in reqs)
+    drafters = sorted(set.intersection(*(set(r.data["drafters"]) for r in reqs)))
+    return [Arm("none", 0)] + [Arm(d, k) for d in drafters for k in ks if k <= k_max]
+
+
+def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tuple[list[RoundRecord], float]:
+    """Rounds of one request; choose(round, last_record) -> Choice. Returns (records, seconds)."""
+    d = req.data
+    n, max_tokens, verify = d["num_tokens"], d["max_tokens"], d["verify_s"]
+    records: list[RoundRecord] = []
+    g, seconds, last = 1, d["prefill_s"], None
+    while g < n:
+        choice = choose(len(records), last)
+        arm = choice.arm
+        k = min(arm.k, max_tokens - g - 1, d["k_max"])
+        proposed = matched = 0
+        if k > 0:
+            tr = d["drafters"].get(arm.drafter)
+            if tr is None:
+                raise TraceError(f"request {d.get('id')}: the trace has no drafter {arm.drafter!r}")
+            proposed = min(k, tr["proposed"][g - 1])
+            if choice.threshold is not None and "confidence" in tr:
+                proposed = min(proposed, _confident(tr["confidence"], g, proposed, choice.threshold))
+            matched = min(tr["matched"][g - 1], proposed)
+        emitted = min(matched + 1, n - g)
+        draft_s = d["draft_s_per_token"].get(arm.drafter, 0.0) * proposed
+        rec = RoundRecord(
+            drafter=arm.drafter if k else "none", k=arm.k if k else 0, num_drafted=proposed, accepted=matched,
+            emitted=emitted, draft_s=draft_s, verify_s=verify[proposed], propensity=choice.propensity,
+            accepted_per_pos=[1] * matched + ([0] if matched < proposed else []),
+            per_drafter=_per_drafter(d, g, matched + 1), context=d.get("tag", ""), features=d.get("features", []),
+            time=t0, threshold=choice.threshold,
+        )
+        records.append(rec)
+        seconds += draft_s + verify[proposed]
+        g += emitted
+        last = rec
+    return records, seconds
+
+
+def _confident(conf: list[float], g: int, k: int, threshold: float) -> int:
+    """Tokens drafted when drafting stops after the first token whose confidence is below threshold."""
+    j = 0
+    while j < k:
+        j += 1
+        if g + j - 1 >= len(conf) or conf[g + j - 1] < threshold:
+            break
+    return j
+
+
+def _per_drafter(d: dict, g: int, verified: int) -> dict[str, list[float]]:
+    """Every drafter's acceptance on the round's verified positions (censored there, as live)."""
+    out = {}
+    for name, tr in d["drafters"].items():
+        p, m = tr["proposed"][g - 1], tr["matched"][g - 1]
+        out[name] = ([1.0] * min(m, p) + ([0.0] if m < p else []))[:verified]
+    return out
+
+
+class Replayer:
+    """Caches each request's outcome under each fixed arm; replays policies over shuffled passes."""
+
+    def __init__(self, reqs: list[TraceRequest], arms: list[Arm] | None = None):
+        self.reqs = reqs
+        self.arms = arms or trace_arms(reqs)
+        self._fixed: dict[tuple[int, Arm], tuple[RoundRecord, float, int]] = {}
+
+    def fixed(self, i: int, arm: Arm) -> tuple[RoundRecord, float, int]:
+        """(aggregated record, seconds, tokens) of request i under a fixed arm."""
+        key = (i, arm)
+        if key not in self._fixed:
+            from policies.types import Choice
+
+            recs, secs = simulate(self.reqs[i], lambda r, last: Choice(arm, 1.0), self.arms)
+            agg = aggregate(recs, self.arms) if recs else None
+            self._fixed[key] = (agg, secs, self.reqs[i].n)
+        return self._fixed[key]
+
+    def table(self) -> np.ndarray:
+        """[requests, arms] seconds under each fixed arm."""
+        return np.array([[self.fixed(i, a)[1] for a in self.arms] for i in range(len(self.reqs))])
+
+    def run(self, policy, repeat: int = 1, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        stats: dict[str, float] = {}
+        seconds = self.table()
+        oracle = seconds.min(1)
+        best_fixed = int(np.argmin(seconds.sum(0)))
+        total_tok = total_s = 0.0
+        regret_oracle, regret_fixed, choices = [], [], []
+        t = 0.0
+        for _ in range(repeat):
+            for i in rng.permutation(len(self.reqs)):
+                req = self.reqs[i]
+                ctx = Context(tag=req.data.get("tag", ""), features=tuple(req.data.get("features", ())), time=t)
+                if policy.level == "round":
+                    recs, secs = self._per_round(policy, req, ctx, stats, rng, t)
+                    arm = recs[0].drafter + ":" + str(recs[0].k) if recs else "none:0"
+                else:
+                    choice = policy.select(ctx, stats, rng)
+                    agg, secs, _ = self.fixed(i, choice.arm)
+                    recs = []
+                    if agg is not None:
+                        _fold(stats, policy.increments(replace(agg, propensity=choice.propensity, time=t)))
+                    arm = str(choice.arm)
+                total_tok += req.n
+                total_s += secs
+                regret_oracle.append(secs - oracle[i])
+                regret_fixed.append(secs - seconds[i, best_fixed])
+                choices.append(arm)
+                t += 1.0
+        return {
+            "tokens_per_s": total_tok / total_s,
+            "regret_vs_oracle": float(np.sum(regret_oracle)),
+            "regret_vs_best_fixed": float(np.sum(regret_fixed)),
+            "requests": len(choices),
+            "cumulative_regret_vs_oracle": np.cumsum(regret_oracle),
+            "choices": choices,
+        }
+
+    def _per_round(self, policy, req, ctx, stats, rng, t):
+        def choose(r, last):
+            return policy.select(replace(ctx, round=r, last=last), stats, rng)
+
+        recs, secs = simulate(req, choose, self.arms, t0=t)
+        for rec in recs:
+            _fold(stats, policy.increments(rec))
+        return recs, secs
+
+    def oracle(self) -> dict:
+        seconds = self.table()
+        tokens = sum(r.n for r in self.reqs)
+        best = int(np.argmin(seconds.sum(0)))
+        return {
+            "oracle": {"tokens_per_s": tokens / seconds.min(1).sum()},
+            "best_fixed": {"arm": str(self.arms[best]), "tokens_per_s": tokens / seconds[:, best].sum()},
+            "fixed": {str(a): tokens / seconds[:, j].sum() for j, a in enumerate(self.arms)},
+        }
+
+
+def _fold(stats: dict, inc: dict) -> None:
+    for k, v in inc.items():
+        stats[k] = stats.get(k, 0.0) + v
+
+
+def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, scale: float | None = None,
+           configs: dict | None = None) -> tuple[dict, dict]:
+    """Returns (the documented OUT.json object, per-policy series for the plot)."""
+    from policies.registry import create
+
+    reqs = load_trace(trace)
+    rp = Replayer(reqs)
+    ref = rp.oracle()
+    # reward scale: the oracle's tokens/s (so rewards are in [0, 1] with room to spare)
+    scale = scale or 1.5 * ref["oracle"]["tokens_per_s"]
+    out = {"policies": {}, **{k: ref[k] for k in ("oracle", "best_fixed")}, "fixed_arms": ref["fixed"],
+           "arms": [str(a) for a in rp.arms], "requests_in_trace": len(reqs), "repeat": repeat, "seed": seed}
+    series = {}
+    for spec in policy_specs:
+        cfg = {"scale": scale, **(configs or {}).get(spec, {})}
+        if spec in ("fixed",) and "arm" not in cfg:
+            cfg["arm"] = ref["best_fixed"]["arm"]
+        policy = create(spec, rp.arms, cfg)
+        t0 = time.perf_counter()
+        res = rp.run(policy, repeat, seed)
+        wall = time.perf_counter() - t0
+        series[spec] = res
+        out["policies"][spec] = {
+            "tokens_per_s": res["tokens_per_s"],
+            "ratio_vs_oracle": res["tokens_per_s"] / ref["oracle"]["tokens_per_s"],
+            "ratio_vs_best_fixed": res["tokens_per_s"] / ref["best_fixed"]["tokens_per_s"],
+            "regret_vs_oracle": res["regret_vs_oracle"],
+            "regret_vs_best_fixed": res["regret_vs_best_fixed"],
+            "replay_wall_s": wall,
+            "requests_replayed": res["requests"],
+        }
+    return out, series
+
+
+def plot(series: dict, arms: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8))
+    for name, res in series.items():
+        ax1.plot(res["cumulative_regret_vs_oracle"], label=name)
+    ax1.set_xlabel("request")
+    ax1.set_ylabel("cumulative regret vs oracle (s)")
+    ax1.legend(fontsize=8)
+    index = {a: i for i, a in enumerate(arms)}
+    for j, (name, res) in enumerate(series.items()):
+        ys = [index.get(c, -1) + (j - len(series) / 2) * 0.05 for c in res["choices"]]
+        ax2.scatter(range(len(ys)), ys, s=1, label=name)
+    ax2.set_yticks(range(len(arms)), arms, fontsize=7)
+    ax2.set_xlabel("request")
+    ax2.set_title("arm chosen")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

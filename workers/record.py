@@ -1,0 +1,130 @@
+"""`draftpick record`: full-information traces of real requests, for offline replay of policies.
+
+Greedy output does not depend on the arm (the engine is lossless), so one plain
+generation per request fixes the output tokens out[0..N-1]. Then, for every
+drafter and every position g (tokens generated so far), the trace stores how many
+tokens the drafter would propose from prompt + out[:g] (up to k_max) and how
+many of them match out[g:]. Model drafters are read teacher-forced in one
+forward (with their top-1 confidence at each position). Costs are measured on the
+request's own context: one target forward of k + 1 tokens for k = 0..k_max, and
+each drafter's seconds per drafted token. Any arm's rounds, time and tokens on the
+request follow exactly (see controller.replay).
+
+Trace format: one JSON object per line (one request), documented in the README.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from policies.features import prompt_features
+from policies.types import Arm
+from workers.drafters.model import ModelDrafter
+from workers.engine import SpeculativeEngine
+from workers.models import forward, new_cache, rollback
+from workers.sampling import SamplingParams
+
+TRACE_VERSION = 1
+
+
+def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: str, max_tokens: int,
+                   k_max: int, tenant: str = "", repeats: int = 3) -> dict:
+    res = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0), tenant=tenant)
+    out = res.token_ids
+    seq = ids + out
+    n = len(out)
+    drafters = {}
+    draft_cost = {}
+    for name, d in engine.drafters.items():
+        if name == "none":
+            continue
+        if isinstance(d, ModelDrafter):
+            drafters[name], draft_cost[name] = _model_drafter_trace(d, ids, out, k_max, repeats)
+        else:
+            drafters[name], draft_cost[name] = _lookup_drafter_trace(d, ids, out, k_max, tenant)
+    return {
+        "version": TRACE_VERSION,
+        "id": item.get("id"),
+        "domain": item.get("domain", ""),
+        "tag": item.get("tag", ""),
+        "features": list(prompt_features(text, ids)),
+        "prompt_tokens": len(ids),
+        "max_tokens": max_tokens,
+        "num_tokens": n,
+        "finish_reason": res.finish_reason,
+        "k_max": k_max,
+        "prefill_s": res.prefill_s,
+        "plain_generate_s": res.generate_s,
+        "verify_s": _verify_costs(engine.target, seq[: len(ids) + n // 2], k_max, repeats),
+        "draft_s_per_token": draft_cost,
+        "drafters": drafters,
+    }
+
+
+def _lookup_drafter_trace(drafter, ids, out, k_max, tenant):
+    """proposed[g-1], matched[g-1] for g = 1..n-1, and mean seconds per lookup token."""
+    session = drafter.session(tenant, len(ids))
+    proposed, matched = [], []
+    t0 = time.perf_counter()
+    calls = 0
+    for g in range(1, len(out)):
+        draft = session._lookup(ids + out[:g], k_max)
+        calls += 1
+        proposed.append(len(draft))
+        matched.append(_run(draft, out[g:]))
+    spent = time.perf_counter() - t0
+    session.close(ids + out)  # index the output, as the live engine does when a request ends
+    return {"proposed": proposed, "matched": matched}, spent / max(calls, 1) / max(k_max, 1)
+
+
+def _run(draft, truth) -> int:
+    m = 0
+    while m < len(draft) and m < len(truth) and draft[m] == truth[m]:
+        m += 1
+    return m
+
+
+@torch.inference_mode()
+def _model_drafter_trace(drafter, ids, out, k_max, repeats):
+    seq = ids + out
+    logits = forward(drafter.model, new_cache(drafter.model), seq[:-1])  # [L - 1, vocab]
+    probs = logits[len(ids) - 1 :].softmax(-1)  # rows predict out[0..n-1]
+    conf, pred = probs.max(-1)
+    hit = (pred == torch.tensor(out)).tolist()
+    matched, proposed, confidence = [], [], conf.tolist()
+    for g in range(1, len(out)):
+        m = 0
+        while m < k_max and g + m < len(out) and hit[g + m]:
+            m += 1
+        matched.append(m)
+        proposed.append(k_max)
+    # cost of one drafted token: a one-token forward with the context in cache
+    cache = new_cache(drafter.model)
+    forward(drafter.model, cache, seq[:-1], last_only=True)
+    times = []
+    for _ in range(max(repeats, 3)):
+        t = time.perf_counter()
+        forward(drafter.model, cache, [seq[-1]], last_only=True)
+        times.append(time.perf_counter() - t)
+        rollback(cache, len(seq) - 1)
+    return {"proposed": proposed, "matched": matched, "confidence": confidence}, statistics.median(times)
+
+
+@torch.inference_mode()
+def _verify_costs(target, context, k_max, repeats) -> list[float]:
+    """Median seconds of one target forward over k + 1 tokens after `context`, k = 0..k_max."""
+    cache = new_cache(target)
+    forward(target, cache, context[:-1], last_only=True)
+    base = len(context) - 1
+    costs = []
+    for k in range(k_max + 1):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            forward(target, cache, [context[-1]] * (k + 1))
+            times.append(time.perf_counter() - t)
+            rollback(cache, base)
+        costs.append(statistics.median(times))
+    return costs
