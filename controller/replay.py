@@ -9,8 +9,9 @@ Replay mirrors the controller: a policy chooses (once per request, or every roun
 for round-level policies), the rounds are simulated, their feedback is folded into a
 plain dict of statistics through the policy's `increments`, and the next request
 sees the updated statistics. Request-level policies receive one aggregated record
-per request (sums of the rounds: the same statistics as round by round, see
-policies.types.aggregate), which is what makes 100,000 requests take seconds.
+per request (its rounds summed, see policies.types.aggregate: one observation per
+request), which is what makes 100,000 requests take seconds; round-level
+policies are simulated and folded round by round.
 """
 from __future__ import annotations
 

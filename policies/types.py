@@ -86,8 +86,9 @@ def expected_tokens(per_pos: list[float], k: int) -> float:
 def aggregate(records: list[RoundRecord], arms: list[Arm]) -> RoundRecord:
     """One record summing rounds of the same arm (a request's feedback), with arm_tokens filled.
 
-    The counters (emitted, accepted, seconds, rounds) add up; a policy whose statistics are sums of
-    these therefore learns the same from the aggregate as from the rounds one by one.
+    The counters (emitted, accepted, seconds, rounds) add up, so statistics that are sums of them
+    (hedge's) are the same whether folded from the aggregate or round by round; a policy that
+    counts observations counts one per aggregate (the replay folds one per request).
     """
     first = records[0]
     arm_tokens = {str(a): 0.0 for a in arms}

@@ -172,3 +172,31 @@ def test_unknown_drafter_and_empty_prompt_are_refused(engine):
         engine.start([1, 2], SamplingParams(), Arm("nope", 2))
     with pytest.raises(ValueError, match="empty"):
         engine.start([], SamplingParams(), Arm("none", 0))
+
+
+def test_confidence_threshold_stops_drafting_early_and_stays_exact(engine, target, tok):
+    from policies.types import Choice
+
+    ids = tok(PROMPTS[0]).input_ids
+    ref = hf_greedy(target, ids, 40)
+    drafted = {}
+    for thr in (None, 0.5, 0.99):
+        res = engine.generate(ids, SamplingParams(max_tokens=40), Arm("close", 8),
+                              chooser=lambda g, t=thr: Choice(Arm("close", 8), 1.0, threshold=t))
+        assert res.token_ids == ref
+        assert all(r.threshold == thr for r in res.records)
+        drafted[thr] = sum(r.num_drafted for r in res.records) / len(res.records)
+    assert drafted[0.99] < drafted[0.5] <= drafted[None]
+    assert drafted[0.99] >= 1  # the first token is always drafted
+
+
+def test_round_chooser_can_switch_drafter_and_k_every_round(engine, target, tok):
+    from policies.types import Choice
+
+    ids = tok(PROMPTS[0]).input_ids
+    cycle = [Arm("close", 3), Arm("ngram", 2), Arm("none", 0), Arm("suffix", 5), Arm("far", 1)]
+    res = engine.generate(ids, SamplingParams(max_tokens=48), Arm("none", 0),
+                          chooser=lambda g: Choice(cycle[len(g.records) % len(cycle)], 0.5))
+    assert res.token_ids == hf_greedy(target, ids, 48)
+    assert [r.drafter for r in res.records[:5]] == [a.drafter for a in cycle]
+    assert all(r.propensity == 0.5 for r in res.records)

@@ -19,15 +19,15 @@ from typing import Callable
 
 import torch
 
-from policies.types import Arm, RoundRecord
+from policies.types import Arm, Choice, RoundRecord
 from workers.drafters.base import Drafter
 from workers.drafters.none import NoneDrafter
 from workers.models import forward, new_cache, rollback
 from workers.sampling import SamplingParams, probs_from_logits, sample
 from workers.verify import acceptance_probability, verify
 
-# (generation in progress) -> (arm for the next round, its propensity)
-RoundChooser = Callable[["Generation"], tuple[Arm, float]]
+# (generation in progress) -> the next round's choice: arm, propensity, optional confidence threshold
+RoundChooser = Callable[["Generation"], Choice]
 
 
 @dataclass
@@ -182,14 +182,17 @@ class Generation:
         return int(p.argmax()) if self.params.greedy else int(sample(p, self.generator))
 
     def _round(self) -> list[int]:
-        arm, propensity = self.chooser(self) if self.chooser else (self.arm, 1.0)
+        choice = self.chooser(self) if self.chooser else Choice(self.arm, 1.0)
+        arm = choice.arm
+        if arm.drafter not in self.sessions:
+            raise ValueError(f"the round chooser picked unknown drafter {arm.drafter!r}")
         ids = self.ids
         L = len(ids)
         k = min(arm.k, self.params.max_tokens - len(self.out) - 1)  # drafts past max_tokens are wasted
         # 1. draft
         t0 = time.perf_counter()
         session = self.sessions[arm.drafter]
-        draft, q = session.propose(ids, k, self.params, self.generator) if k > 0 else (torch.empty(0, dtype=torch.long), None)
+        draft, q = session.propose(ids, k, self.params, self.generator, choice.threshold) if k > 0 else (torch.empty(0, dtype=torch.long), None)
         d = len(draft)
         t1 = time.perf_counter()
         # 2. verify: one target forward over the pending token and the drafts
@@ -217,7 +220,7 @@ class Generation:
             RoundRecord(
                 drafter=arm.drafter, k=arm.k, num_drafted=d, accepted=n,
                 emitted=len(emitted), draft_s=t1 - t0, verify_s=t2 - t1, sync_s=t3 - t2,
-                propensity=propensity, accepted_per_pos=[1] * n + ([0] if n < d else []),
+                propensity=choice.propensity, threshold=choice.threshold, accepted_per_pos=[1] * n + ([0] if n < d else []),
                 per_drafter=per_drafter, load=self.load(), tenant=self.tenant, context=self.context,
             )
         )

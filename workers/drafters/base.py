@@ -22,9 +22,12 @@ from workers.sampling import SamplingParams
 
 class DraftSession(Protocol):
     def propose(
-        self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+        self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None,
+        threshold: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """ids: the verified sequence (prompt + output). Returns ([n] int64, [n, vocab] or None), n <= k."""
+        """ids: the verified sequence (prompt + output). Returns ([n] int64, [n, vocab] or None), n <= k.
+        threshold: stop after a drafted token whose probability under the drafter is below it
+        (model drafters only; deterministic drafters have no confidence and ignore it)."""
         ...
 
     def sync(self, ids: list[int], start: int, p: torch.Tensor | None, params: SamplingParams) -> list[float] | None:
@@ -49,7 +52,7 @@ class LookupSession:
     def _lookup(self, ids: list[int], k: int) -> list[int]:
         raise NotImplementedError
 
-    def propose(self, ids, k, params, generator):
+    def propose(self, ids, k, params, generator, threshold=None):
         return torch.tensor(self._lookup(ids, k), dtype=torch.long), None
 
     def sync(self, ids, start, p, params):

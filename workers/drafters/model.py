@@ -44,7 +44,7 @@ class ModelSession:
         self.fed.extend(tokens)
         return logits
 
-    def propose(self, ids, k, params: SamplingParams, generator):
+    def propose(self, ids, k, params: SamplingParams, generator, threshold: float | None = None):
         if k <= 0:
             return torch.empty(0, dtype=torch.long), None
         self._align(ids)
@@ -55,6 +55,10 @@ class ModelSession:
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))
             tokens.append(x)
             qs.append(q)
+            # confidence stop (SpecDec++ / transformers' assistant_confidence_threshold): the drafter's
+            # own probability of its token, before any greedy one-hot warp
+            if threshold is not None and float(logits.float().softmax(-1)[x]) < threshold:
+                break
             if i + 1 < k:
                 logits = self._feed([x], last_only=True)[-1]
         return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)  # [k], [k, vocab]

@@ -13,7 +13,7 @@ class NoneDrafter:
 
 
 class _NoneSession:
-    def propose(self, ids, k, params, generator):
+    def propose(self, ids, k, params, generator, threshold=None):
         return torch.empty(0, dtype=torch.long), None
 
     def sync(self, ids, start, p, params):

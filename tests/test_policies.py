@@ -1,0 +1,187 @@
+"""Built-in policies on seeded synthetic environments with known optima."""
+import numpy as np
+import pytest
+
+from policies.base import BasePolicy
+from policies.registry import builtins, create
+from policies.types import Arm, Context, RoundRecord
+from synthetic import arms_of, run, ucb1_bound
+
+T = 3000
+MEANS = [0.3, 0.5, 0.45, 0.2, 0.6]
+
+
+def stationary(arms, values):
+    table = dict(zip(arms, values))
+    return lambda t, ctx: table
+
+
+@pytest.mark.parametrize("name", ["ucb1", "thompson"])
+def test_stochastic_regret_is_sublinear_and_below_the_ucb1_bound(name):
+    arms = arms_of(len(MEANS))
+    policy = create(name, arms, {"scale": 1.0})
+    _, regret = run(policy, stationary(arms, MEANS), T, seed=1)
+    assert regret.sum() < ucb1_bound(MEANS, T)
+    assert sublinear(regret)
+
+
+def sublinear(regret) -> bool:
+    """The second half of the run adds less than half the regret of the first half."""
+    return regret[len(regret) // 2 :].sum() < 0.5 * regret[: len(regret) // 2].sum()
+
+
+def test_uniform_choice_is_not_sublinear():
+    """The growth check above can fail: a policy that never learns has linear regret."""
+    arms = arms_of(len(MEANS))
+    _, regret = run(create("epsilon-greedy", arms, {"scale": 1.0, "epsilon": 1.0}), stationary(arms, MEANS), T)
+    assert not sublinear(regret)
+
+
+def switching(arms, t_switch):
+    def means(t, ctx):
+        return dict(zip(arms, [0.7, 0.3, 0.4] if t < t_switch else [0.3, 0.7, 0.4]))
+    return means
+
+
+@pytest.mark.parametrize("name,full_info", [("exp3", False), ("hedge", True)])
+def test_adversarial_switch_is_tracked(name, full_info):
+    arms = arms_of(3)
+    chosen, _ = run(create(name, arms, {"scale": 1.0}), switching(arms, 1000), 4000, seed=2, full_info=full_info)
+    before = np.mean([a == arms[0] for a in chosen[500:1000]])
+    after = np.mean([a == arms[1] for a in chosen[3000:]])
+    assert before > 0.6 and after > 0.6
+
+
+def drifting(arms):
+    # the best arm degrades below a steady one at t = 3000: a stationary mean needs ~1500 more steps
+    def means(t, ctx):
+        return dict(zip(arms, [0.6, 0.5, 0.2] if t < 3000 else [0.3, 0.5, 0.2]))
+    return means
+
+
+def test_sliding_window_ucb_recovers_from_drift_and_ucb1_lags():
+    arms = arms_of(3)
+    sw, _ = run(create("sw-ucb", arms, {"scale": 1.0, "c": 0.5, "bucket": 10, "window": 60}), drifting(arms), 5000, seed=3)
+    plain, _ = run(create("ucb1", arms, {"scale": 1.0, "c": 0.5}), drifting(arms), 5000, seed=3)
+    sw_rate = np.mean([a == arms[1] for a in sw[3600:]])
+    plain_rate = np.mean([a == arms[1] for a in plain[3600:]])
+    assert sw_rate > 0.8 and sw_rate > plain_rate + 0.2
+
+
+CODE = Context(tag="code", features=(1.0, 0.5, 0.8, 0.9, 0.5, 0.0, 0.0))
+CHAT = Context(tag="chat", features=(1.0, 0.6, 0.1, 0.05, 0.1, 0.0, 0.0))
+
+
+def two_contexts(arms):
+    table = {"code": [0.7, 0.3, 0.5], "chat": [0.3, 0.7, 0.5]}
+    return lambda t, ctx: dict(zip(arms, table[ctx.tag]))
+
+
+def pick_context(t, rng):
+    from dataclasses import replace
+
+    return replace(CODE if rng.random() < 0.5 else CHAT, time=float(t))
+
+
+def test_contextual_policy_learns_a_different_arm_per_context():
+    arms = arms_of(3)
+    chosen, regret = run(create("contextual", arms, {"scale": 1.0}), two_contexts(arms), 2000, seed=4,
+                         contexts=pick_context)
+    # replay the same context sequence to know which context each step had
+    rng = np.random.default_rng(4)
+    tags = []
+    for t in range(2000):
+        tags.append(pick_context(t, rng).tag)
+        rng.standard_normal(3)  # run() draws one noise value per arm after the context
+    last = range(1500, 2000)
+    code_rate = np.mean([chosen[t] == arms[0] for t in last if tags[t] == "code"])
+    chat_rate = np.mean([chosen[t] == arms[1] for t in last if tags[t] == "chat"])
+    assert code_rate > 0.85 and chat_rate > 0.85
+    free, free_regret = run(create("ucb1", arms, {"scale": 1.0}), two_contexts(arms), 2000, seed=4, contexts=pick_context)
+    assert regret.sum() < 0.5 * free_regret.sum()  # context-free learning cannot do this
+
+
+def test_full_information_hedge_beats_bandit_feedback_with_many_drafters():
+    arms = arms_of(40)
+    rng = np.random.default_rng(5)
+    values = list(rng.uniform(0.2, 0.55, len(arms)))
+    values[17] = 0.7
+    env = stationary(arms, values)
+    _, hedge = run(create("hedge", arms, {"scale": 1.0}), env, 800, seed=5, full_info=True)
+    for bandit in ("ucb1", "exp3", "thompson"):
+        _, other = run(create(bandit, arms, {"scale": 1.0}), env, 800, seed=5)
+        assert hedge.sum() < 0.5 * other.sum(), bandit
+
+
+@pytest.mark.parametrize("name", ["thompson", "exp3", "hedge", "epsilon-greedy"])
+def test_reported_propensity_matches_choice_frequency_and_keeps_a_floor(name):
+    arms = arms_of(4)
+    policy = create(name, arms, {"scale": 1.0})
+    stats = {}
+    for a, (n, r) in zip(arms, [(20, 12), (20, 8), (5, 2), (30, 25)]):
+        stats.update({f"n|{a}": n, f"r|{a}": r, f"G|{a}": r * 3, f"tok|{a}": r * 1.06, f"rnd|{a}": n,
+                      "vs|1": 100 * 1.06, "vn|1": 100, "obs": 75})
+    rng = np.random.default_rng(0)
+    picks, props = {}, {}
+    N = 4000
+    for _ in range(N):
+        c = policy.select(Context(), stats, rng)
+        picks[c.arm] = picks.get(c.arm, 0) + 1
+        props.setdefault(c.arm, []).append(c.propensity)
+    for a in picks:
+        assert picks[a] / N == pytest.approx(np.mean(props[a]), abs=0.03)
+    floor = policy.cfg.epsilon if name == "epsilon-greedy" else policy.cfg.floor
+    assert min(min(p) for p in props.values()) >= floor / len(arms) - 1e-12
+
+
+def test_hf_heuristic_follows_transformers_rule():
+    arms = [Arm("ngram", k) for k in range(1, 12)]
+    p = create("hf-heuristic", arms, {})
+    assert p.level == "round"
+    first = p.select(Context(), {}, None).arm
+    assert first == Arm("ngram", 5)
+    full = RoundRecord("ngram", 5, num_drafted=5, accepted=5, emitted=6, draft_s=0, verify_s=1)
+    part = RoundRecord("ngram", 5, num_drafted=5, accepted=2, emitted=3, draft_s=0, verify_s=1)
+    one = RoundRecord("ngram", 1, num_drafted=1, accepted=0, emitted=1, draft_s=0, verify_s=1)
+    assert p.select(Context(last=full), {}, None).arm == Arm("ngram", 7)
+    assert p.select(Context(last=part), {}, None).arm == Arm("ngram", 4)
+    assert p.select(Context(last=one), {}, None).arm == Arm("ngram", 1)
+
+
+def test_increments_are_pure():
+    arms = arms_of(3) + [Arm("none", 0)]
+    rec = RoundRecord("d01", 1, num_drafted=1, accepted=1, emitted=2, draft_s=0.01, verify_s=0.05, propensity=0.5,
+                      per_drafter={"d00": [1.0, 0.0], "d01": [1.0, 1.0], "d02": [0.0]}, features=[1, 0.2], context="x")
+    before = rec.to_dict()
+    for name in builtins():
+        if name in ("confidence",):
+            continue
+        p = create(name, arms, {})
+        assert p.increments(rec) == p.increments(rec), name
+        assert rec.to_dict() == before, name
+
+
+def test_every_builtin_is_registered_and_selects_a_valid_arm():
+    arms = [Arm("none", 0), Arm("ngram", 2), Arm("ngram", 4), Arm("model", 3)]
+    expected = {"fixed", "hf-heuristic", "epsilon-greedy", "ucb1", "sw-ucb", "thompson", "exp3", "hedge",
+                "contextual", "draft-length", "confidence"}
+    assert expected <= set(builtins())
+    for name in expected:
+        p = create(name, arms, {})
+        c = p.select(Context(features=(1.0, 0.5)), {}, np.random.default_rng(0))
+        assert c.arm in arms + [Arm("none", 0)] and 0 < c.propensity <= 1
+    assert create("confidence", arms, {"drafter": "model"}).select(Context(), {}, None).threshold is not None
+
+
+@pytest.mark.parametrize("name,config,message", [
+    ("ucb1", {"c": 1, "bogus": 2}, "unknown option(s) bogus"),
+    ("epsilon-greedy", {"epsilon": 0}, "epsilon must be in (0, 1]"),
+    ("ucb1", {"reward": "speed"}, "reward must be one of"),
+    ("fixed", {"arm": "eagle:3"}, "arm eagle:3 is not among the arms"),
+    ("hf-heuristic", {"drafter": "eagle"}, "drafter 'eagle' is not among the arms"),
+])
+def test_bad_policy_configuration_names_the_problem(name, config, message):
+    from policies.registry import PolicyError
+
+    with pytest.raises(PolicyError, match=f"policy '{name}': bad configuration: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        create(name, [Arm("ngram", 2), Arm("none", 0)], config)
