@@ -70,7 +70,7 @@ def _lookup_drafter_trace(drafter, ids, out, k_max, tenant):
     t0 = time.perf_counter()
     calls = 0
     for g in range(1, len(out)):
-        draft = session._lookup(ids + out[:g], k_max)
+        draft = session.lookup(ids + out[:g], k_max)
         calls += 1
         proposed.append(len(draft))
         matched.append(_run(draft, out[g:]))

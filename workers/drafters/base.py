@@ -49,17 +49,17 @@ class Drafter(Protocol):
 class LookupSession:
     """Shared logic of deterministic (model-free) drafters: acceptance is measured by re-proposing."""
 
-    def _lookup(self, ids: list[int], k: int) -> list[int]:
+    def lookup(self, ids: list[int], k: int) -> list[int]:
         raise NotImplementedError
 
     def propose(self, ids, k, params, generator, threshold=None):
-        return torch.tensor(self._lookup(ids, k), dtype=torch.long), None
+        return torch.tensor(self.lookup(ids, k), dtype=torch.long), None
 
     def sync(self, ids, start, p, params):
         if p is None:
             return None
         emitted = ids[start:]
-        draft = self._lookup(ids[:start], len(emitted))
+        draft = self.lookup(ids[:start], len(emitted))
         out: list[float] = []
         # a deterministic draft is accepted with probability p(draft); under greedy that is 0 or 1.
         # After the first draft that differs from the verified token, later drafts were made on a

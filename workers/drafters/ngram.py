@@ -11,7 +11,7 @@ import numpy as np
 from workers.drafters.base import LookupSession
 
 
-def lookup(ids: np.ndarray, k: int, min_ngram: int, max_ngram: int) -> list[int]:
+def prompt_lookup(ids: np.ndarray, k: int, min_ngram: int, max_ngram: int) -> list[int]:
     """ids: [L] int64. Returns up to k tokens that followed the latest earlier match of a suffix."""
     L = len(ids)
     if k <= 0:
@@ -43,5 +43,5 @@ class _NgramSession(LookupSession):
     def __init__(self, drafter: NgramDrafter):
         self.d = drafter
 
-    def _lookup(self, ids, k):
-        return lookup(np.asarray(ids, dtype=np.int64), k, self.d.min_ngram, self.d.max_ngram)
+    def lookup(self, ids, k):
+        return prompt_lookup(np.asarray(ids, dtype=np.int64), k, self.d.min_ngram, self.d.max_ngram)

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from workers.drafters.base import LookupSession
-from workers.drafters.ngram import lookup
+from workers.drafters.ngram import prompt_lookup
 
 
 class SuffixIndex:
@@ -86,14 +86,14 @@ class _SuffixSession(LookupSession):
     def __init__(self, drafter: SuffixDrafter, tenant: str, prompt_len: int):
         self.d, self.tenant, self.prompt_len = drafter, tenant, prompt_len
 
-    def _lookup(self, ids, k):
+    def lookup(self, ids, k):
         with self.d._lock:
             idx = self.d._indexes.get(self.tenant)
             n, draft = idx.lookup(ids, k) if idx is not None else (0, [])
         # the request's own output so far can also repeat itself
         own = np.asarray(ids[self.prompt_len :], dtype=np.int64)
         if len(own) > n:
-            own_draft = lookup(own, k, max(self.d.min_ngram, n + 1), self.d.max_ngram)
+            own_draft = prompt_lookup(own, k, max(self.d.min_ngram, n + 1), self.d.max_ngram)
             if own_draft:
                 return own_draft
         return draft
