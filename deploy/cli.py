@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one raw completion prompt")
     src.add_argument("--prompts", help='JSONL file: {"prompt": ...} or {"messages": [...]} per line, optional "id"')
-    s.add_argument("--drafter", help="drafter name (default: engine.default_drafter; `none` = plain decoding)")
+    s.add_argument("--drafter", help="drafter name (default: engine.default_drafter, else the first drafter; `none` = plain decoding)")
     s.add_argument("--num-speculative-tokens", "-k", type=int, help="draft length k (default: engine.default_k)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -78,6 +78,26 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", required=True, dest="json_out", help="OUT.json")
     s.add_argument("--plot", help="OUT.png: cumulative regret and arm choices")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("distill", help="train a small drafter from the target (token-level distillation)")
+    s.add_argument("--config", help="the target comes from this configuration (default: the embedded one)")
+    s.add_argument("--target", help="target model path (HF id, directory, .gguf, builtin:NAME); overrides --config")
+    s.add_argument("--prompts", required=True,
+                   help="training text: sharegpt, humaneval, mtbench, stdlib (comma-separated) or a JSONL file "
+                        "(text / prompt / messages / captured traffic)")
+    s.add_argument("--max-items", type=int, default=2000, help="items read from each source")
+    s.add_argument("--held-out", type=int, default=8, help="items kept out of training for the validation figure")
+    s.add_argument("--out", required=True, help="drafter directory (resumes from its checkpoint if present)")
+    s.add_argument("--init", default="target-layers:2", help="target-layers:N: the target's embeddings and first N layers")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--minutes", type=float)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--vocab", type=int, default=8192, help="size of the drafter's reduced output vocabulary")
+    s.add_argument("--teacher-dtype", default="fp32", choices=["fp32", "bf16"])
+    s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
+    s.set_defaults(func=cmd_distill)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCH")
     s = b.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
@@ -213,10 +233,43 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from bench.prompts import training_items
+    from workers.distill import DistillSettings, Distiller, validate
+    from workers.drafters.model import ModelDrafter
+    from workers.engine import SpeculativeEngine
+    from workers.factory import kept_vocabulary
+    from workers.inputs import encode_input
+    from workers.models import check_same_vocabulary, load_model, load_tokenizer, place
+
+    settings = DistillSettings(
+        out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
+        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype)
+    target_path = args.target or load_config(args.config).target.path
+    placement = place("cpu", "fp32")  # training runs in fp32; the teacher may autocast to bf16
+    tokenizer = load_tokenizer(target_path)
+    items = training_items(args.prompts, args.max_items, tokenizer)
+    if len(items) <= args.held_out:
+        raise ValueError(f"--prompts {args.prompts!r} gave {len(items)} items: need more than --held-out {args.held_out}")
+    train, held = items[: len(items) - args.held_out], items[len(items) - args.held_out :]
+    target = load_model(target_path, placement)
+    print(f"distill: {len(train)} training items, {len(held)} held out; target {target_path}", file=sys.stderr)
+    distiller = Distiller(target, tokenizer, [it["text"] for it in train], settings)
+    summary = distiller.run()
+    if args.validate_tokens:
+        drafter = load_model(args.out, placement)
+        check_same_vocabulary(tokenizer, target, "distilled", drafter, args.out)
+        engine = SpeculativeEngine(target, tokenizer, {"distilled": ModelDrafter("distilled", drafter, kept_vocabulary(args.out))})
+        prompts = [encode_input(tokenizer, it["input"])[-512:] for it in held]
+        summary["validation"] = validate(engine, "distilled", prompts, args.validate_tokens)
+    print(json.dumps(summary))
+    return 0
+
+
 def resolve_arm(cfg, drafter: str | None, k: int | None):
     from policies.types import Arm
 
-    drafter = drafter or cfg.engine.default_drafter
+    drafter = drafter or cfg.default_drafter()
     if drafter not in cfg.drafter_names():
         raise ValueError(f"--drafter {drafter!r} is not configured; choose from {', '.join(cfg.drafter_names())}")
     k = cfg.engine.default_k if k is None else k

@@ -51,9 +51,14 @@ class EngineConfig(_Strict):
         "auto", description="auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster but not lossless there)"
     )
     full_information: bool = Field(True, description="feed verified tokens to every model drafter each round")
-    default_drafter: str = "ngram"
+    default_drafter: str | None = Field(None, description="drafter used when a request names none "
+                                        "(default: the first configured drafter, or `none`)")
     default_k: int = Field(3, ge=0, le=64)
     max_k: int = Field(16, ge=0, le=64, description="largest draft length a request or policy may ask for")
+    capture_path: str | None = Field(
+        None, description="opt-in: append each request's prompt and verified output (token ids) to this JSONL "
+        "file, for `draftpick distill --prompts FILE`")
+    capture_max_bytes: int = Field(100_000_000, ge=1, description="stop capturing once the file is this large")
 
 
 class WorkerConfig(_Strict):
@@ -87,7 +92,7 @@ class DraftpickConfig(_Strict):
     @model_validator(mode="after")
     def _default_drafter_exists(self):
         names = {"none"} | {d.name for d in self.drafters}
-        if self.engine.default_drafter not in names:
+        if self.engine.default_drafter is not None and self.engine.default_drafter not in names:
             raise ValueError(
                 f"engine.default_drafter {self.engine.default_drafter!r} is not a configured drafter "
                 f"({', '.join(sorted(names))})"
@@ -98,3 +103,6 @@ class DraftpickConfig(_Strict):
 
     def drafter_names(self) -> list[str]:
         return [d.name for d in self.drafters] + ["none"]
+
+    def default_drafter(self) -> str:
+        return self.engine.default_drafter or self.drafter_names()[0]

@@ -92,8 +92,10 @@ def spec_decode_metrics(records: list[RoundRecord]) -> dict:
 
 
 class SpeculativeEngine:
-    def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True):
+    def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True,
+                 capture=None):
         self.target, self.tokenizer = target, tokenizer
+        self.capture = capture  # workers.capture.TrafficCapture, opt-in
         self.drafters: dict[str, Drafter] = {"none": NoneDrafter(), **(drafters or {})}
         self.full_information = full_information
         self.eos_ids = _eos_ids(target, tokenizer)
@@ -257,6 +259,8 @@ class Generation:
         for s in self.sessions.values():
             s.close(self.ids)
         self.cache = None
+        if self.engine.capture is not None:
+            self.engine.capture.write(self.prompt_ids, self.out, self.tenant)
 
     def _decode(self) -> str:
         return self.engine.tokenizer.decode(self.out, skip_special_tokens=True)

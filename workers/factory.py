@@ -1,7 +1,12 @@
 """Build a `SpeculativeEngine` from a validated configuration (loads the models)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from workers.capture import TrafficCapture
 from workers.config import DraftpickConfig, ModelDrafterConfig, NgramConfig, SuffixConfig
+from workers.distill import VOCAB_FILE
 from workers.drafters.model import ModelDrafter
 from workers.drafters.ngram import NgramDrafter
 from workers.drafters.suffix import SuffixDrafter
@@ -22,5 +27,12 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
         elif isinstance(d, ModelDrafterConfig):
             model = load_model(d.path, placement, d.gguf_file)
             check_same_vocabulary(tokenizer, target, d.name, model, d.path, d.gguf_file)
-            drafters[d.name] = ModelDrafter(d.name, model)
-    return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information)
+            drafters[d.name] = ModelDrafter(d.name, model, kept_vocabulary(d.path))
+    capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes) if cfg.engine.capture_path else None
+    return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information, capture=capture)
+
+
+def kept_vocabulary(path: str) -> list[int] | None:
+    """The reduced output vocabulary a distilled drafter was trained on, if it has one."""
+    f = Path(path) / VOCAB_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -94,6 +94,23 @@ def forward(model, cache: DynamicCache, tokens: list[int], last_only: bool = Fal
     return out.logits[0].float()  # [n, vocab]
 
 
+@torch.inference_mode()
+def forward_trimmed(model, cache: DynamicCache, tokens: list[int], head: torch.Tensor, kept: torch.Tensor,
+                    last_only: bool = False) -> torch.Tensor:
+    """Like `forward`, but computes logits only for the `kept` token ids (a reduced output vocabulary).
+
+    head: [len(kept), d] output rows of the kept ids. Returns float32 [n, vocab] with -inf elsewhere.
+    """
+    ids = torch.tensor([tokens], device=model.device)  # [1, n]
+    hidden = model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # [n, d]
+    if last_only:
+        hidden = hidden[-1:]
+    small = (hidden @ head.T).float()  # [n, len(kept)]
+    full = torch.full((small.shape[0], model.config.vocab_size), float("-inf"), device=small.device)
+    full[:, kept] = small
+    return full
+
+
 def rollback(cache: DynamicCache, keep: int) -> None:
     """Drop cached positions beyond the first `keep` (rejected drafts)."""
     extra = cache.get_seq_length() - keep

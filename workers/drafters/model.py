@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import torch
 
-from workers.models import forward, new_cache, rollback
+from workers.models import forward, forward_trimmed, new_cache, rollback
 from workers.sampling import SamplingParams, probs_from_logits, sample
 from workers.verify import acceptance_probability
 
 
 class ModelDrafter:
+    """kept: optional token ids the drafter may propose (a distilled drafter's reduced output
+    vocabulary, see workers.distill); only their logits are computed."""
+
     is_model = True
 
-    def __init__(self, name: str, model):
+    def __init__(self, name: str, model, kept: list[int] | None = None):
         self.name, self.model = name, model
+        self.kept = torch.tensor(kept, device=model.device) if kept else None
+        self.head = model.get_output_embeddings().weight[self.kept].detach().contiguous() if kept else None
 
     def session(self, tenant: str, prompt_len: int):
-        return ModelSession(self.model)
+        return ModelSession(self)
 
 
 class ModelSession:
-    def __init__(self, model):
-        self.model = model
-        self.cache = new_cache(model)
+    def __init__(self, drafter: ModelDrafter):
+        self.d = drafter
+        self.model = drafter.model
+        self.cache = new_cache(drafter.model)
         self.fed: list[int] = []
 
     def _align(self, ids: list[int]) -> None:
@@ -40,7 +46,10 @@ class ModelSession:
         del self.fed[n:]
 
     def _feed(self, tokens: list[int], last_only: bool) -> torch.Tensor:
-        logits = forward(self.model, self.cache, tokens, last_only=last_only)
+        if self.d.kept is not None:
+            logits = forward_trimmed(self.model, self.cache, tokens, self.d.head, self.d.kept, last_only=last_only)
+        else:
+            logits = forward(self.model, self.cache, tokens, last_only=last_only)
         self.fed.extend(tokens)
         return logits
 

@@ -1,0 +1,119 @@
+"""Distillation on tiny models: the loss falls, the drafter stays lossless, bad inputs are refused."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from deploy.cli import main
+from policies.types import Arm
+from tiny import tiny_model
+from workers.config import DraftpickConfig
+from workers.distill import VOCAB_FILE, DistillSettings, Distiller
+from workers.factory import build_engine
+from workers.sampling import SamplingParams
+
+TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "the cat sat on the mat. " * 6, "x = 1\ny = 2\nz = x + y\n" * 4] * 4
+
+
+@pytest.fixture(scope="module")
+def target4(tok):
+    return tiny_model(seed=0, layers=4)
+
+
+def test_loss_decreases_over_a_few_steps(target4, tok, tmp_path):
+    d = Distiller(target4, tok, TEXTS, DistillSettings(out=str(tmp_path / "d"), init="target-layers:1", steps=40,
+                                                       seq_len=32, batch=4, lr=3e-3, vocab=24), progress=False)
+    summary = d.run()
+    assert summary["steps"] == 40
+    first, last = sum(d.losses[:5]) / 5, sum(d.losses[-5:]) / 5
+    assert last < 0.7 * first
+    kept = json.loads((tmp_path / "d" / VOCAB_FILE).read_text())
+    assert len(kept) == 24 and tok.eos_token_id in kept
+
+
+def test_distilled_drafter_loads_shares_the_tokenizer_and_keeps_output_exact(target4, tok, tmp_path, capsys):
+    root = tmp_path
+    target4.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    code = main(["distill", "--target", str(root / "target"), "--prompts", _jsonl(root, TEXTS), "--held-out", "2",
+                 "--out", str(root / "drafter"), "--init", "target-layers:2", "--steps", "30", "--seq-len", "32",
+                 "--batch", "4", "--lr", "3e-3", "--vocab", "24", "--validate-tokens", "24"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["validation"]["k"] == 4 and summary["validation"]["mean_acceptance_length"] >= 1.0
+    cfg = DraftpickConfig.model_validate({
+        "target": {"name": "t", "path": str(root / "target")},
+        "drafters": [{"type": "model", "name": "distilled", "path": str(root / "drafter")}],
+        "engine": {"device": "cpu"}})
+    engine = build_engine(cfg)
+    kept = set(json.loads((root / "drafter" / VOCAB_FILE).read_text()))
+    for text in ["def add(a", "the cat", "qq"]:
+        ids = tok(text).input_ids
+        ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
+        g = engine.start(ids, SamplingParams(max_tokens=30), Arm("distilled", 4))
+        drafts = []
+        orig = g.sessions["distilled"].propose
+
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            drafts.extend(out[0].tolist())
+            return out
+
+        g.sessions["distilled"].propose = spy
+        while not g.done:
+            g.step()
+        assert g.result().token_ids == ref
+        assert drafts and set(drafts) <= kept  # it drafts only from its reduced vocabulary
+
+
+def _jsonl(root, texts):
+    path = root / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    return str(path)
+
+
+def test_resume_continues_from_the_checkpoint(target4, tok, tmp_path):
+    s = dict(out=str(tmp_path / "d"), init="target-layers:1", seq_len=32, batch=2, vocab=24, checkpoint_every=2)
+    Distiller(target4, tok, TEXTS, DistillSettings(steps=4, **s), progress=False).run()
+    again = Distiller(target4, tok, TEXTS, DistillSettings(steps=7, **s), progress=False)
+    assert again.step == 4
+    assert again.run()["steps"] == 7 and len(again.losses) == 3
+
+
+def test_bad_inputs_fail_with_clear_messages(target4, tok, tmp_path, capsys):
+    target4.save_pretrained(tmp_path / "target")
+    tok.save_pretrained(tmp_path / "target")
+    base = ["distill", "--target", str(tmp_path / "target"), "--out", str(tmp_path / "o"), "--steps", "1"]
+    assert main(base + ["--prompts", str(tmp_path / "missing.jsonl")]) == 2
+    assert "neither a file nor a set" in capsys.readouterr().err
+    assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--held-out", "100"]) == 2
+    assert "need more than --held-out 100" in capsys.readouterr().err
+    tiny_model(seed=1, vocab=50).save_pretrained(tmp_path / "other")  # another vocabulary
+    assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--init", str(tmp_path / "other")]) == 2
+    assert "has a vocabulary of 50 tokens but the target has" in capsys.readouterr().err
+    assert main(["distill", "--target", str(tmp_path / "target"), "--out", str(tmp_path / "o"),
+                 "--prompts", _jsonl(tmp_path, TEXTS)]) == 2
+    assert "give --steps or --minutes" in capsys.readouterr().err
+    assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--init", "layers:2"]) == 2
+    assert "--init 'layers:2' is not a model directory (and not target-layers:N)" in capsys.readouterr().err
+
+
+def test_traffic_capture_is_opt_in_and_bounded(target4, tok, tmp_path):
+    target4.save_pretrained(tmp_path / "target")
+    tok.save_pretrained(tmp_path / "target")
+    cap = tmp_path / "cap" / "traffic.jsonl"
+    cfg = DraftpickConfig.model_validate({
+        "target": {"name": "t", "path": str(tmp_path / "target")}, "drafters": [{"type": "ngram"}],
+        "engine": {"device": "cpu", "capture_path": str(cap), "capture_max_bytes": 600}})
+    engine = build_engine(cfg)
+    outs = [engine.generate(tok(p).input_ids, SamplingParams(max_tokens=20, ignore_eos=True), Arm("ngram", 3)).token_ids
+            for p in ["abc", "def", "ghi", "jkl", "mno", "pqr"]]
+    lines = [json.loads(l) for l in cap.read_text().splitlines()]
+    assert 0 < len(lines) < 6 and cap.stat().st_size <= 600
+    assert lines[0]["token_ids"] == outs[0] and lines[0]["prompt_token_ids"] == tok("abc").input_ids
+    # and distill reads captured traffic as training text
+    from bench.prompts import training_items
+
+    items = training_items(str(cap), 10, tok)
+    assert items[0]["text"] == tok.decode(lines[0]["prompt_token_ids"] + lines[0]["token_ids"])

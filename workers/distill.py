@@ -1,0 +1,255 @@
+"""`draftpick distill`: train a small drafter from the target (token-level distillation).
+
+The student starts from the target itself (LayerSkip-like): its token embeddings
+(frozen), its first `n` decoder layers and final norm, and an output head made of
+the target's embedding rows for the `vocab` most frequent tokens of the training
+text (a reduced output vocabulary: the 49,152-wide output layer would otherwise
+dominate a small drafter's cost). Training minimises KL(teacher || student) on
+that reduced vocabulary, over real text run through the teacher in batches
+(token-level distillation on the target's logits). Text can be the installed
+prompt sets, any JSONL of prompts, or traffic captured by the service (the
+target's own outputs: sequence-level distillation on what users ask).
+
+The output directory is a transformers model directory (loadable by
+`from_pretrained`, sharing the target's tokenizer) plus `draftpick_vocab.json`,
+the kept token ids, which the engine's model drafter uses to compute only those
+logits. Checkpoints (`checkpoint.pt`) make a run resumable; the final line of a run
+is an honest validation figure: mean acceptance length at k = 4 on held-out prompts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VOCAB_FILE = "draftpick_vocab.json"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    out: str
+    init: str = "target-layers:2"  # or a directory holding an earlier distilled drafter
+    steps: int | None = None
+    minutes: float | None = None
+    seq_len: int = 256
+    batch: int = 8
+    lr: float = 1e-3
+    vocab: int = 8192
+    teacher_dtype: str = "fp32"  # bf16 is ~3x faster on CPUs with avx512_bf16 (top-1 agrees ~98 %)
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps is None and self.minutes is None:
+            raise ValueError("give --steps or --minutes")
+        if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
+            raise ValueError("--steps must be >= 1 and --minutes > 0")
+        if self.seq_len < 8 or self.batch < 1 or self.vocab < 16:
+            raise ValueError("need --seq-len >= 8, --batch >= 1, --vocab >= 16")
+        if self.teacher_dtype not in ("fp32", "bf16"):
+            raise ValueError("--teacher-dtype must be fp32 or bf16")
+
+
+def token_stream(tokenizer, texts: list[str]) -> list[int]:
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t).input_ids)
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def kept_vocabulary(stream: list[int], size: int, always: list[int]) -> list[int]:
+    """The `size` most frequent token ids of the training text (plus special tokens), sorted."""
+    counts = Counter(stream)
+    kept = set(always)
+    for tok, _ in counts.most_common():
+        if len(kept) >= size:
+            break
+        kept.add(tok)
+    return sorted(kept)
+
+
+def build_student(target, n_layers: int, kept: list[int]):
+    """Embeddings (frozen) + first n_layers + norm of the target, head = target embedding rows."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = target.config.__class__.from_dict(target.config.to_dict())
+    cfg.num_hidden_layers = n_layers
+    cfg.tie_word_embeddings = False
+    if hasattr(cfg, "layer_types") and cfg.layer_types:
+        cfg.layer_types = cfg.layer_types[:n_layers]
+    cfg.quantization_config = None
+    student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    src = target.state_dict()
+    own = student.state_dict()
+    for name in own:
+        if name == "lm_head.weight":
+            own[name].copy_(target.get_output_embeddings().weight.detach().float())
+        elif name in src:
+            own[name].copy_(src[name].float())
+    student.model.embed_tokens.weight.requires_grad_(False)
+    return student
+
+
+def trimmed_logits(model, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """hidden [..., d] -> logits over the kept ids [..., len(kept)]."""
+    return hidden @ model.lm_head.weight[kept].T
+
+
+class Distiller:
+    def __init__(self, target, tokenizer, texts: list[str], settings: DistillSettings, progress=True):
+        self.s, self.target, self.tok, self.progress = settings, target, tokenizer, progress
+        torch.manual_seed(settings.seed)
+        self.stream = token_stream(tokenizer, texts)
+        if len(self.stream) < settings.seq_len + 1:
+            raise ValueError(f"training text too short: {len(self.stream)} tokens < --seq-len {settings.seq_len}")
+        self.out = Path(settings.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt = self.out / "checkpoint.pt"
+        self._check_out_dir(tokenizer, target)
+        init_dir = Path(settings.init) if not settings.init.startswith("target-layers:") else None
+        if ckpt.exists():  # resume
+            state = torch.load(ckpt, weights_only=False)
+            self.kept = state["kept"]
+            self.student = build_student(target, state["n_layers"], self.kept)
+            self.student.load_state_dict(state["model"])
+            self.step, self.elapsed, self.pos = state["step"], state["elapsed"], state["pos"]
+            self.n_layers = state["n_layers"]
+        elif init_dir is not None:  # continue from an earlier distilled drafter
+            self.student, self.kept = _load_drafter(init_dir, tokenizer, target)
+            self.student.model.embed_tokens.weight.requires_grad_(False)
+            self.n_layers = self.student.config.num_hidden_layers
+            self.step, self.elapsed, self.pos = 0, 0.0, 0
+        else:
+            specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
+            self.kept = kept_vocabulary(self.stream, settings.vocab, specials)
+            self.n_layers = _init_layers(settings.init)
+            self.student = build_student(target, self.n_layers, self.kept)
+            self.step, self.elapsed, self.pos = 0, 0.0, 0
+        self.kept_t = torch.tensor(self.kept)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        if ckpt.exists():
+            self.opt.load_state_dict(state["opt"])
+        self.teacher_dtype = torch.bfloat16 if settings.teacher_dtype == "bf16" else torch.float32
+        self.losses: list[float] = []
+
+    def _check_out_dir(self, tokenizer, target) -> None:
+        """Refuse to resume into a directory that holds a drafter for another tokenizer."""
+        if (self.out / "config.json").exists():
+            _load_drafter(self.out, tokenizer, target)
+
+    def batch(self) -> torch.Tensor:
+        T, B = self.s.seq_len, self.s.batch
+        rows = []
+        for _ in range(B):
+            if self.pos + T > len(self.stream):
+                self.pos = 0
+            rows.append(self.stream[self.pos : self.pos + T])
+            self.pos += T
+        return torch.tensor(rows)  # [B, T]
+
+    def train_step(self) -> float:
+        x = self.batch()  # [B, T]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=self.teacher_dtype, enabled=self.teacher_dtype != torch.float32):
+            t_logits = self.target(input_ids=x).logits[..., self.kept_t].float()  # [B, T, V']
+        t_logp = torch.log_softmax(t_logits, -1).clone()
+        hidden = self.student.model(input_ids=x).last_hidden_state  # [B, T, d]
+        s_logp = torch.log_softmax(trimmed_logits(self.student, hidden, self.kept_t), -1)  # [B, T, V']
+        loss = torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") / x.shape[1]
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        s = self.s
+        total = s.steps
+        bar = tqdm(total=total, initial=min(self.step, total or 0) if total else 0, desc="distill", unit="step",
+                   file=sys.stderr, disable=not self.progress)
+        start = time.perf_counter() - self.elapsed
+        while True:
+            if s.steps is not None and self.step >= s.steps:
+                break
+            if s.minutes is not None and time.perf_counter() - start >= s.minutes * 60:
+                break
+            loss = self.train_step()
+            self.step += 1
+            self.losses.append(loss)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}", tok=self.step * s.batch * s.seq_len)
+            self.elapsed = time.perf_counter() - start
+            if self.step % s.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.elapsed = time.perf_counter() - start
+        self.save_checkpoint()
+        self.save()
+        return {"steps": self.step, "tokens": self.step * s.batch * s.seq_len, "seconds": self.elapsed,
+                "first_loss": self.losses[0] if self.losses else None, "last_loss": self.losses[-1] if self.losses else None}
+
+    def save_checkpoint(self) -> None:
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save({"model": self.student.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                    "elapsed": self.elapsed, "pos": self.pos, "kept": self.kept, "n_layers": self.n_layers}, tmp)
+        tmp.replace(self.out / "checkpoint.pt")
+
+    def save(self) -> None:
+        self.student.save_pretrained(self.out)
+        self.tok.save_pretrained(self.out)
+        (self.out / VOCAB_FILE).write_text(json.dumps(self.kept))
+
+
+def _load_drafter(path: Path, tokenizer, target):
+    from transformers import AutoModelForCausalLM
+
+    from workers.models import check_same_vocabulary
+
+    if not (path / "config.json").exists():
+        raise ValueError(f"--init {str(path)!r} is not a model directory (and not target-layers:N)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    check_same_vocabulary(tokenizer, target, str(path), model, str(path))
+    f = path / VOCAB_FILE
+    kept = json.loads(f.read_text()) if f.is_file() else list(range(model.config.vocab_size))
+    return model, kept
+
+
+def _init_layers(init: str) -> int:
+    if init.startswith("target-layers:"):
+        try:
+            n = int(init.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    raise ValueError(f"--init must be target-layers:N with N >= 1 (or resume from --out), got {init!r}")
+
+
+def validate(engine, drafter_name: str, prompts: list[list[int]], max_tokens: int = 64, k: int = 4) -> dict:
+    """Mean acceptance length at k (greedy, counting the bonus token) and speed vs plain decoding."""
+    from policies.types import Arm
+    from workers.sampling import SamplingParams
+
+    spec = plain = 0.0
+    steps = accepted = tokens = 0
+    for ids in prompts:
+        a = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm(drafter_name, k))
+        b = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0))
+        assert a.token_ids == b.token_ids, "distilled drafter changed the output: verification is broken"
+        m = a.metrics()
+        steps += m["num_spec_steps"]
+        accepted += m["num_accepted_draft_tokens"]
+        spec += a.generate_s
+        plain += b.generate_s
+        tokens += len(a.token_ids)
+    return {"k": k, "prompts": len(prompts), "mean_acceptance_length": 1 + accepted / max(steps, 1),
+            "speedup_vs_plain": plain / spec if spec else math.nan, "tokens": tokens}
