@@ -208,17 +208,21 @@ def _fold(stats: dict, inc: dict) -> None:
 
 
 def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, scale: float | None = None,
-           configs: dict | None = None) -> tuple[dict, dict]:
+           configs: dict | None = None, ignore_tags: bool = False) -> tuple[dict, dict]:
     """Returns (the documented OUT.json object, per-policy series for the plot)."""
     from policies.registry import create
 
     reqs = load_trace(trace)
+    if ignore_tags:  # policies then see only the prompt features
+        for r in reqs:
+            r.data["tag"] = ""
     rp = Replayer(reqs)
     ref = rp.oracle()
     # reward scale: the oracle's tokens/s (so rewards are in [0, 1] with room to spare)
     scale = scale or 1.5 * ref["oracle"]["tokens_per_s"]
     out = {"policies": {}, **{k: ref[k] for k in ("oracle", "best_fixed")}, "fixed_arms": ref["fixed"],
-           "arms": [str(a) for a in rp.arms], "requests_in_trace": len(reqs), "repeat": repeat, "seed": seed}
+           "arms": [str(a) for a in rp.arms], "requests_in_trace": len(reqs), "repeat": repeat, "seed": seed,
+           "tags": not ignore_tags, "reward_scale": scale}
     series = {}
     for spec in policy_specs:
         cfg = {"scale": scale, **(configs or {}).get(spec, {})}

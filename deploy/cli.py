@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", required=True, dest="json_out", help="OUT.json")
     s.add_argument("--plot", help="OUT.png: cumulative regret and arm choices")
+    s.add_argument("--ignore-tags", action="store_true", help="hide the requests' context tags (features only)")
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("distill", help="train a small drafter from the target (token-level distillation)")
@@ -219,7 +220,7 @@ def cmd_replay(args) -> int:
     if args.repeat < 1:
         raise ValueError("--repeat must be >= 1")
     specs = [p for p in args.policies.split(",") if p]
-    out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs)
+    out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs, ignore_tags=args.ignore_tags)
     with open(args.json_out, "w") as f:
         json.dump(out, f, indent=1)
     if args.plot:

@@ -25,6 +25,7 @@ class GenerateRequest:
     tenant: str = ""
     context: str = ""
     request_id: str | None = None
+    features: tuple[float, ...] = ()
 
 
 class EngineWorker:
@@ -53,7 +54,7 @@ class EngineWorker:
         if req.arm.k > self.cfg.engine.max_k:
             raise ValueError(f"k = {req.arm.k} exceeds engine.max_k = {self.cfg.engine.max_k}")
         g = self.engine.start(req.prompt_ids, req.params, req.arm, tenant=req.tenant, context=req.context,
-                              load=lambda: self.in_flight)
+                              load=lambda: self.in_flight, features=req.features)
         self.in_flight += 1
         try:
             while not g.done:

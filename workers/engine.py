@@ -109,12 +109,13 @@ class SpeculativeEngine:
         context: str = "",
         chooser: RoundChooser | None = None,
         load: Callable[[], int] = lambda: 1,
+        features: tuple[float, ...] = (),
     ) -> "Generation":
         if arm.drafter not in self.drafters:
             raise ValueError(f"unknown drafter {arm.drafter!r}; known: {', '.join(self.drafters)}")
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        return Generation(self, list(prompt_ids), params, arm, tenant, context, chooser, load)
+        return Generation(self, list(prompt_ids), params, arm, tenant, context, chooser, load, tuple(features))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, arm: Arm = Arm("none", 0), **kw) -> GenerationResult:
         g = self.start(prompt_ids, params, arm, **kw)
@@ -143,6 +144,7 @@ class Generation:
     context: str
     chooser: RoundChooser | None
     load: Callable[[], int]
+    features: tuple[float, ...] = ()  # the prompt features the policy saw, copied into each record
     out: list[int] = field(default_factory=list)
     records: list[RoundRecord] = field(default_factory=list)
     done: bool = False
@@ -224,6 +226,7 @@ class Generation:
                 emitted=len(emitted), draft_s=t1 - t0, verify_s=t2 - t1, sync_s=t3 - t2,
                 propensity=choice.propensity, threshold=choice.threshold, accepted_per_pos=[1] * n + ([0] if n < d else []),
                 per_drafter=per_drafter, load=self.load(), tenant=self.tenant, context=self.context,
+                features=list(self.features), temperature=self.params.temperature, time=time.time(),
             )
         )
         return emitted
