@@ -6,7 +6,6 @@ format of `draftpick generate --prompts`.
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 import json
 from pathlib import Path
 
@@ -136,14 +135,10 @@ def _file_items(path: str, limit: int, tokenizer) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts: {path!r} is neither a file nor a set ({', '.join(TRAINING_SETS)})")
+    from workers.inputs import iter_jsonl
+
     items = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, d in iter_jsonl(p):
         if "token_ids" in d and "prompt_token_ids" in d:
             text = tokenizer.decode(d["prompt_token_ids"] + d["token_ids"])
             items.append({"text": text, "input": {"prompt": tokenizer.decode(d["prompt_token_ids"])}})

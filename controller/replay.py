@@ -15,7 +15,6 @@ policies are simulated and folded round by round.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,18 +38,10 @@ class TraceRequest:
 
 
 def load_trace(path: str | Path) -> list[TraceRequest]:
+    from workers.inputs import iter_jsonl
+
     reqs = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise TraceError(f"trace not found: {path}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, d in iter_jsonl(path, "trace", TraceError):
         missing = {"num_tokens", "max_tokens", "k_max", "prefill_s", "verify_s", "draft_s_per_token", "drafters"} - set(d)
         if missing:
             raise TraceError(f"{path}:{i}: trace line lacks {', '.join(sorted(missing))}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from policies.base import BasePolicy, PolicyConfig, key
 from policies.registry import register
-from policies.types import Choice, aggregate
+from policies.types import aggregate
 
 VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32, 2-core CPU)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig, key, record_arm
+from policies.base import BasePolicy, PolicyConfig
 from policies.registry import register
 from policies.types import Choice
 from policies.ucb1 import ucb_index

@@ -10,7 +10,6 @@ import numpy as np
 
 from policies.base import BasePolicy, PolicyConfig
 from policies.registry import register
-from policies.types import Choice
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ import pytest
 import ray
 
 from policies.types import Arm
-from tiny import noisy_copy
+from tiny import save_models
 from workers.actor import GenerateRequest, worker_actor
 from workers.config import DraftpickConfig
 from workers.sampling import SamplingParams
@@ -11,10 +11,7 @@ from workers.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, target, tok):
-    root = tmp_path_factory.mktemp("models")
-    target.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    noisy_copy(target, 0.05).save_pretrained(root / "close")
+    root = save_models(tmp_path_factory.mktemp("models"), target, tok)
     return root
 
 

@@ -1,7 +1,6 @@
 """The CLI contract (`info --json`, `generate --json`) and start-up validation, on tiny models."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,15 +9,12 @@ from transformers import AutoModelForCausalLM
 
 from deploy.cli import main
 from deploy.config import ConfigError, default_config_path, load_config
-from tiny import noisy_copy, tiny_model
+from tiny import save_models, tiny_model
 
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory, target, tok):
-    root = tmp_path_factory.mktemp("cli")
-    target.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    noisy_copy(target, 0.05).save_pretrained(root / "close")
+    root = save_models(tmp_path_factory.mktemp("cli"), target, tok)
     tiny_model(seed=3, vocab=50).save_pretrained(root / "othervocab")
     cfg = {
         "target": {"name": "tiny", "path": str(root / "target")},

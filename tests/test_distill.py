@@ -3,11 +3,10 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from deploy.cli import main
 from policies.types import Arm
-from tiny import tiny_model
+from tiny import save_models, tiny_model
 from workers.config import DraftpickConfig
 from workers.distill import VOCAB_FILE, DistillSettings, Distiller
 from workers.factory import build_engine
@@ -34,8 +33,7 @@ def test_loss_decreases_over_a_few_steps(target4, tok, tmp_path):
 
 def test_distilled_drafter_loads_shares_the_tokenizer_and_keeps_output_exact(target4, tok, tmp_path, capsys):
     root = tmp_path
-    target4.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
+    save_models(root, target4, tok, close_noise=None)
     code = main(["distill", "--target", str(root / "target"), "--prompts", _jsonl(root, TEXTS), "--held-out", "2",
                  "--out", str(root / "drafter"), "--init", "target-layers:2", "--steps", "30", "--seq-len", "32",
                  "--batch", "4", "--lr", "3e-3", "--vocab", "24", "--validate-tokens", "24"])
@@ -82,8 +80,7 @@ def test_resume_continues_from_the_checkpoint(target4, tok, tmp_path):
 
 
 def test_bad_inputs_fail_with_clear_messages(target4, tok, tmp_path, capsys):
-    target4.save_pretrained(tmp_path / "target")
-    tok.save_pretrained(tmp_path / "target")
+    save_models(tmp_path, target4, tok, close_noise=None)
     base = ["distill", "--target", str(tmp_path / "target"), "--out", str(tmp_path / "o"), "--steps", "1"]
     assert main(base + ["--prompts", str(tmp_path / "missing.jsonl")]) == 2
     assert "neither a file nor a set" in capsys.readouterr().err
@@ -100,8 +97,7 @@ def test_bad_inputs_fail_with_clear_messages(target4, tok, tmp_path, capsys):
 
 
 def test_traffic_capture_is_opt_in_and_bounded(target4, tok, tmp_path):
-    target4.save_pretrained(tmp_path / "target")
-    tok.save_pretrained(tmp_path / "target")
+    save_models(tmp_path, target4, tok, close_noise=None)
     cap = tmp_path / "cap" / "traffic.jsonl"
     cfg = DraftpickConfig.model_validate({
         "target": {"name": "t", "path": str(tmp_path / "target")}, "drafters": [{"type": "ngram"}],

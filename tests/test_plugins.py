@@ -4,7 +4,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -96,12 +95,6 @@ def test_policy_state_round_trips_through_redis_exactly(redis_server, name):
     arms = arms_of(4)
     policy = create(name, arms, {"scale": 1.0})
     stats = {}
-
-    def capture(t, ctx):
-        return dict(zip(arms, [0.3, 0.6, 0.1 + t % 7 / 10, 0.5]))
-
-    from synthetic import run as play
-
     # learn a little, keeping the statistics
     rng = np.random.default_rng(0)
     for t in range(200):

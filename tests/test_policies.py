@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from policies.base import BasePolicy
 from policies.registry import builtins, create
 from policies.types import Arm, Context, RoundRecord
 from synthetic import arms_of, run, ucb1_bound

@@ -1,14 +1,13 @@
 """record -> replay on tiny models: the simulator reproduces the engine, and the report's contract."""
 import json
 
-import numpy as np
 import pytest
 import yaml
 
 from controller.replay import Replayer, load_trace, simulate
 from deploy.cli import main
 from policies.types import Arm, Choice
-from tiny import noisy_copy
+from tiny import save_models
 from workers.config import DraftpickConfig
 from workers.factory import build_engine
 from workers.sampling import SamplingParams
@@ -23,10 +22,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, target, tok):
-    root = tmp_path_factory.mktemp("rec")
-    target.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    noisy_copy(target, 0.05).save_pretrained(root / "close")
+    root = save_models(tmp_path_factory.mktemp("rec"), target, tok)
     cfg = {"target": {"name": "tiny", "path": str(root / "target")},
            "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")}],
            "engine": {"device": "cpu"}}

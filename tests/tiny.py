@@ -67,3 +67,12 @@ def chi2_pvalue(counts, probs) -> float:
     if len(counts) < 2:
         return 1.0
     return float(chisquare(counts, expected).pvalue)
+
+
+def save_models(root, target, tokenizer, close_noise: float | None = 0.05):
+    """Write the target (with its tokenizer) and, optionally, a close drafter under root."""
+    target.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    if close_noise is not None:
+        noisy_copy(target, close_noise).save_pretrained(root / "close")
+    return root

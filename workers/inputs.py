@@ -30,20 +30,26 @@ def encode_input(tokenizer, item: dict) -> list[int]:
     return list(ids)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Input lines as dicts; a bad line is reported with its number."""
-    items = []
+def iter_jsonl(path: str | Path, what: str = "file", error=ValueError):
+    """(line number, object) for each non-empty line; a missing file or bad line raises `error`
+    with the path and line number."""
     try:
         lines = Path(path).read_text().splitlines()
     except FileNotFoundError:
-        raise InputError(f"prompts file not found: {path}") from None
+        raise error(f"{what} not found: {path}") from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield i, json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            raise error(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Input lines as dicts; a bad line is reported with its number."""
+    items = []
+    for i, obj in iter_jsonl(path, "prompts file", InputError):
         if not isinstance(obj, dict) or not ("prompt" in obj or "messages" in obj):
             raise InputError(f"{path}:{i}: expected an object with `prompt` or `messages`")
         items.append(obj)
