@@ -23,7 +23,7 @@ def engine(target, tok):
         "close": ModelDrafter("close", noisy_copy(target, 0.05)),  # agrees often
         "far": ModelDrafter("far", tiny_model(seed=7)),  # an unrelated model
     }
-    return SpeculativeEngine(target, tok, drafters)
+    return SpeculativeEngine(target, tok, drafters, verify_pad_multiple=4)  # the CPU default
 
 
 def hf_greedy(model, ids, n):
@@ -200,3 +200,20 @@ def test_round_chooser_can_switch_drafter_and_k_every_round(engine, target, tok)
     assert res.token_ids == hf_greedy(target, ids, 48)
     assert [r.drafter for r in res.records[:5]] == [a.drafter for a in cycle]
     assert all(r.propensity == 0.5 for r in res.records)
+
+
+def test_padded_verify_forward_gives_the_same_logits_and_cache(target, tok):
+    from workers.models import rollback, verify_forward
+
+    ids = tok(PROMPTS[0]).input_ids
+    for n in (2, 3, 5, 6, 7):
+        a, b = new_cache(target), new_cache(target)
+        forward(target, a, ids[:-n])
+        forward(target, b, ids[:-n])
+        plain = verify_forward(target, a, ids[-n:], 1)
+        padded = verify_forward(target, b, ids[-n:], 4)
+        assert padded.shape == plain.shape == (n, target.config.vocab_size)
+        torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-4)
+        assert b.get_seq_length() == len(ids) + (-n) % 4  # the padding went into the cache...
+        rollback(b, len(ids))  # ...and is cropped like rejected drafts
+        torch.testing.assert_close(forward(target, b, [1])[-1], forward(target, a, [1])[-1], rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ PROMPTS = [
 def recorded(tmp_path_factory, target, tok):
     root = save_models(tmp_path_factory.mktemp("rec"), target, tok)
     cfg = {"target": {"name": "tiny", "path": str(root / "target")},
-           "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")}],
+           "drafters": [{"type": "ngram"}, {"type": "suffix"}, {"type": "model", "name": "close", "path": str(root / "close")}],
            "engine": {"device": "cpu"}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
@@ -44,6 +44,20 @@ def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm):
         sim, _ = simulate(req, lambda r, last: Choice(arm, 1.0), [arm])
         assert [(r.num_drafted, r.emitted) for r in sim] == [(r.num_drafted, r.emitted) for r in res.records]
         # accepted counts agree too, except where the last round's drafts ran past EOS
+        assert [r.accepted for r in sim[:-1]] == [r.accepted for r in res.records[:-1]]
+
+
+def test_suffix_trace_sees_only_earlier_outputs(recorded, tok):
+    """A fresh engine serving the requests in the recorded order drafts exactly what the trace says:
+    the trace must not let a request's suffix lookups see its own output."""
+    root, cfg = recorded
+    engine = build_engine(cfg)
+    from workers.inputs import encode_input
+
+    for req, item in zip(load_trace(root / "trace.jsonl"), PROMPTS):
+        res = engine.generate(encode_input(tok, item), SamplingParams(max_tokens=40), Arm("suffix", 3))
+        sim, _ = simulate(req, lambda r, last: Choice(Arm("suffix", 3), 1.0), [])
+        assert [(r.num_drafted, r.emitted) for r in sim] == [(r.num_drafted, r.emitted) for r in res.records]
         assert [r.accepted for r in sim[:-1]] == [r.accepted for r in res.records[:-1]]
 
 

@@ -55,6 +55,9 @@ class EngineConfig(_Strict):
                                         "(default: the first configured drafter, or `none`)")
     default_k: int = Field(3, ge=0, le=64)
     max_k: int = Field(16, ge=0, le=64, description="largest draft length a request or policy may ask for")
+    verify_pad_multiple: int | None = Field(
+        None, ge=1, le=16, description="pad multi-token verify forwards to a multiple of this many tokens "
+        "(default: 4 on CPU, where 2-, 3-, 6- and 7-row fp32 matmuls are slow; 1 on CUDA)")
     capture_path: str | None = Field(
         None, description="opt-in: append each request's prompt and verified output (token ids) to this JSONL "
         "file, for `draftpick distill --prompts FILE`")

@@ -22,7 +22,7 @@ import torch
 from policies.types import Arm, Choice, RoundRecord
 from workers.drafters.base import Drafter
 from workers.drafters.none import NoneDrafter
-from workers.models import forward, new_cache, rollback
+from workers.models import forward, new_cache, rollback, verify_forward
 from workers.sampling import SamplingParams, probs_from_logits, sample
 from workers.verify import acceptance_probability, verify
 
@@ -93,8 +93,9 @@ def spec_decode_metrics(records: list[RoundRecord]) -> dict:
 
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True,
-                 capture=None):
+                 capture=None, verify_pad_multiple: int = 1):
         self.target, self.tokenizer = target, tokenizer
+        self.verify_pad_multiple = verify_pad_multiple  # see workers.models.verify_forward
         self.capture = capture  # workers.capture.TrafficCapture, opt-in
         self.drafters: dict[str, Drafter] = {"none": NoneDrafter(), **(drafters or {})}
         self.full_information = full_information
@@ -200,11 +201,13 @@ class Generation:
         d = len(draft)
         t1 = time.perf_counter()
         # 2. verify: one target forward over the pending token and the drafts
-        logits = forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist())  # [d + 1, vocab]
+        logits = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
+                                self.engine.verify_pad_multiple)  # [d + 1, vocab]
         p = probs_from_logits(logits, self.params)  # [d + 1, vocab]
         res = verify(p, draft, q, self.generator)
         n = res.num_accepted
         # 3. roll the target's cache back to the verified tokens but the new pending one
+        #    (this drops rejected drafts and any padding)
         rollback(self.cache, L + n)
         t2 = time.perf_counter()
         # 4. keep drafters in sync; measure everyone's acceptance on the verified tokens

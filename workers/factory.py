@@ -29,7 +29,9 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
             check_same_vocabulary(tokenizer, target, d.name, model, d.path, d.gguf_file)
             drafters[d.name] = ModelDrafter(d.name, model, kept_vocabulary(d.path))
     capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes) if cfg.engine.capture_path else None
-    return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information, capture=capture)
+    pad = cfg.engine.verify_pad_multiple or (4 if placement.device == "cpu" else 1)
+    return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
+                             capture=capture, verify_pad_multiple=pad)
 
 
 def kept_vocabulary(path: str) -> list[int] | None:

@@ -23,7 +23,7 @@ from policies.features import prompt_features
 from policies.types import Arm
 from workers.drafters.model import ModelDrafter
 from workers.engine import SpeculativeEngine
-from workers.models import forward, new_cache, rollback
+from workers.models import forward, new_cache, rollback, verify_forward
 from workers.sampling import SamplingParams
 
 TRACE_VERSION = 1
@@ -31,7 +31,9 @@ TRACE_VERSION = 1
 
 def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: str, max_tokens: int,
                    k_max: int, tenant: str = "", repeats: int = 3) -> dict:
-    res = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0), tenant=tenant)
+    # the plain run indexes its output under a throwaway tenant: the suffix drafter must not see
+    # this request's own output before its lookups below are recorded
+    res = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0), tenant="\0record-plain")
     out = res.token_ids
     seq = ids + out
     n = len(out)
@@ -57,7 +59,7 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
         "k_max": k_max,
         "prefill_s": res.prefill_s,
         "plain_generate_s": res.generate_s,
-        "verify_s": _verify_costs(engine.target, seq[: len(ids) + n // 2], k_max, repeats),
+        "verify_s": _verify_costs(engine, seq[: len(ids) + n // 2], k_max, repeats),
         "draft_s_per_token": draft_cost,
         "drafters": drafters,
     }
@@ -113,18 +115,19 @@ def _model_drafter_trace(drafter, ids, out, k_max, repeats):
 
 
 @torch.inference_mode()
-def _verify_costs(target, context, k_max, repeats) -> list[float]:
-    """Median seconds of one target forward over k + 1 tokens after `context`, k = 0..k_max."""
+def _verify_costs(engine, context, k_max, repeats) -> list[float]:
+    """Median seconds of the engine's verify forward over k + 1 tokens after `context`, k = 0..k_max."""
+    target = engine.target
     cache = new_cache(target)
     forward(target, cache, context[:-1], last_only=True)
     base = len(context) - 1
     costs = []
     for k in range(k_max + 1):
         times = []
-        for _ in range(repeats):
+        for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
             t = time.perf_counter()
-            forward(target, cache, [context[-1]] * (k + 1))
+            verify_forward(target, cache, [context[-1]] * (k + 1), engine.verify_pad_multiple)
             times.append(time.perf_counter() - t)
             rollback(cache, base)
-        costs.append(statistics.median(times))
+        costs.append(statistics.median(times[1:]))
     return costs
