@@ -104,11 +104,12 @@ def _confident(conf: list[float], g: int, k: int, threshold: float) -> int:
 
 
 def _per_drafter(d: dict, g: int, verified: int) -> dict[str, list[float]]:
-    """Every drafter's acceptance on the round's verified positions (censored there, as live)."""
+    """Every drafter's acceptance on the round's verified positions (censored there, as live).
+    A proposal that ends inside them counts as rejected after its end (nothing more to accept)."""
     out = {}
     for name, tr in d["drafters"].items():
         p, m = tr["proposed"][g - 1], tr["matched"][g - 1]
-        out[name] = ([1.0] * min(m, p) + ([0.0] if m < p else []))[:verified]
+        out[name] = ([1.0] * min(m, p) + ([0.0] if m < p or p < verified else []))[:verified]
     return out
 
 
@@ -127,7 +128,7 @@ class Replayer:
             from policies.types import Choice
 
             recs, secs = simulate(self.reqs[i], lambda r, last: Choice(arm, 1.0), self.arms)
-            agg = aggregate(recs, self.arms) if recs else None
+            agg = aggregate(recs) if recs else None
             self._fixed[key] = (agg, secs, self.reqs[i].n)
         return self._fixed[key]
 

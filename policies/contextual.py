@@ -1,29 +1,41 @@
-"""`contextual`: LinUCB (Li et al. 2010), one linear model per arm over the request's context.
+"""`contextual`: per-context statistics plus a linear model over the request's features.
 
-Context vector x = the request's cheap prompt features (policies.features: bias, length,
-repetition, code punctuation, newlines, temperature, load) followed by a one-hot of its
-explicit tag (hashed into `tag_buckets`), so that each tag also gets statistics of its own.
-Statistics per arm: A = sum x x^T (upper triangle) and b = sum r x; the score is
-theta^T x + alpha * sqrt(x^T A^-1 x) with theta = A^-1 b, A regularised by `ridge`.
+Both learn from full-information feedback when the engine records it (every drafter's
+acceptance on the verified tokens gives every arm's tokens per round, see
+policies.types.aggregate), so neither needs to explore to compare arms; costs per round come
+from policies.costs.
+
+- A request with an explicit context tag (e.g. "code", "chat", a tenant's workload name) is
+  decided from its tag's own statistics: the arm with the best estimated throughput in that tag
+  (follow the leader, which full information makes safe; arms never measured count as best).
+- A request without a tag (or with a tag never seen) is decided by linear models over the cheap
+  prompt features (policies.features: bias, length, repetition, code punctuation, newlines,
+  temperature, load): for each drafter and draft position, a weighted ridge regression of its
+  acceptance on the features (weights: how often the position was judged), plus a LinUCB bonus
+  alpha * sqrt(x^T A^-1 x) where the data are thin; the positions' acceptances give each arm's
+  tokens per round.
+Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; A|<drafter>|j|p|q (upper
+triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); the costs of policies.costs.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig, key, record_arm
+from policies.base import BasePolicy, PolicyConfig, key
+from policies.costs import cost_increments, round_costs
 from policies.features import NAMES
+from policies.hedge import arm_tokens_per_round, position_increments
 from policies.registry import register
-from policies.types import Choice
+from policies.types import Choice, aggregate, tokens_per_round
 
 
 @dataclass(frozen=True)
 class ContextualConfig(PolicyConfig):
-    alpha: float = 0.3  # exploration bonus weight
-    ridge: float = 1.0
-    tag_buckets: int = 8
+    alpha: float = 0.1  # LinUCB exploration weight (tokens per round)
+    ridge: float = 1.0  # regularisation of the linear models
+    prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
 
 
 @register("contextual")
@@ -32,40 +44,59 @@ class Contextual(BasePolicy):
 
     def __init__(self, arms, **config):
         super().__init__(arms, **config)
-        self.d = len(NAMES) + self.cfg.tag_buckets
+        self.d = len(NAMES)
         self.iu = np.triu_indices(self.d)
+        self.drafters = sorted({a.drafter for a in self.arms if a.k})
 
-    def vector(self, features, tag: str) -> np.ndarray:
+    def vector(self, features) -> np.ndarray:
         x = np.zeros(self.d)
-        f = np.asarray(features, dtype=float)[: len(NAMES)] if len(features) else np.array([1.0])
+        f = np.asarray(features, dtype=float)[: self.d] if len(features) else np.array([1.0])
         x[: len(f)] = f
-        if tag:
-            x[len(NAMES) + zlib.crc32(tag.encode()) % self.cfg.tag_buckets] = 1.0
         return x
 
     def select(self, context, stats, rng):
-        x = self.vector(context.features, context.tag)  # [d]
-        K, d = len(self.arms), self.d
-        A = np.zeros((K, d, d))
-        b = np.zeros((K, d))
-        for i, arm in enumerate(self.arms):
-            upper = np.array([stats.get(key("A", arm, p, q), 0.0) for p, q in zip(*self.iu)])
-            A[i][self.iu] = upper
-            b[i] = [stats.get(key("b", arm, p), 0.0) for p in range(d)]
-        A = A + np.triu(A, 1).transpose(0, 2, 1) + self.cfg.ridge * np.eye(d)  # symmetric [K, d, d]
-        sol = np.linalg.solve(A, np.concatenate([b[..., None], np.broadcast_to(x, (K, d))[..., None]], -1))
-        theta, Ainv_x = sol[..., 0], sol[..., 1]  # [K, d] each
-        score = theta @ x + self.cfg.alpha * np.sqrt(np.maximum(Ainv_x @ x, 0))
-        return Choice(self.arms[int(np.argmax(score))], 1.0)
+        if context.tag and stats.get(key("obs", context.tag), 0.0) > 0:
+            tpr = arm_tokens_per_round(stats, self.arms, prefix=context.tag)
+            cost = round_costs(stats, self.arms, self.cfg.prior_rounds, tag=context.tag)
+        else:
+            tpr = self.linear(context.features, stats)
+            cost = round_costs(stats, self.arms, self.cfg.prior_rounds)
+        return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0)
+
+    def linear(self, features, stats) -> np.ndarray:
+        """[K] optimistic tokens per round of each arm predicted from the features."""
+        x = self.vector(features)  # [d]
+        cols = [(X, j) for X in self.drafters for j in range(self.max_k)]
+        n, d = len(cols), self.d
+        A = np.zeros((n, d, d))
+        b = np.zeros((n, d))
+        for i, (X, j) in enumerate(cols):
+            A[i][self.iu] = [stats.get(key("A", X, j, p, q), 0.0) for p, q in zip(*self.iu)]
+            b[i] = [stats.get(key("b", X, j, p), 0.0) for p in range(d)]
+        A = A + np.triu(A, 1).transpose(0, 2, 1) + self.cfg.ridge * np.eye(d)  # symmetric [n, d, d]
+        rhs = np.concatenate([b[..., None], np.broadcast_to(x, (n, d))[..., None]], -1)  # [n, d, 2]
+        sol = np.linalg.solve(A, rhs)
+        theta, ainv_x = sol[..., 0], sol[..., 1]  # [n, d] each
+        acc = np.clip(theta @ x + self.cfg.alpha * np.sqrt(np.maximum(ainv_x @ x, 0)), 0.0, 1.0)  # [n]
+        a = dict(zip(cols, acc))
+        return np.array([tokens_per_round([1.0] * arm.k, [a[(arm.drafter, j)] for j in range(arm.k)], arm.k)
+                         for arm in self.arms])
 
     def increments(self, record):
-        x = self.vector(record.features, record.context)
-        arm = record_arm(record)
-        r = self.reward(record)
-        inc = {}
+        if not record.reach:
+            record = aggregate([record])
+        inc = cost_increments(record, tag=record.context)
+        if record.context:
+            inc[key("obs", record.context)] = 1.0
+            inc.update(position_increments(record, prefix=record.context))
+        x = self.vector(record.features)
         nz = np.flatnonzero(x)
-        for p in nz:
-            inc[key("b", arm, p)] = r * x[p]
-            for q in nz[nz >= p]:
-                inc[key("A", arm, p, q)] = x[p] * x[q]
+        for X, reach in record.reach.items():
+            for j, (r, h) in enumerate(zip(reach, record.hits[X])):
+                if not r or j >= self.max_k:
+                    continue
+                for p in nz:
+                    inc[key("b", X, j, p)] = h * x[p]
+                    for q in nz[nz >= p]:
+                        inc[key("A", X, j, p, q)] = r * x[p] * x[q]
         return inc

@@ -2,10 +2,10 @@
 
 Every round measures every drafter's per-position acceptance on the verified
 tokens, so every arm (drafter, k) gets a reward estimate from every round, not
-only the arm that was played: arm_tokens[a] is the tokens arm a would have
-emitted. Costs per round are estimated from what was played: verify seconds by
-k (with a prior v(k) = v(0) * (1 + 0.06 k) for draft lengths not yet seen, as
-measured for fp32 on CPU) and draft seconds per drafted token by drafter.
+only the arm that was played: each drafter's acceptance at each draft position is
+estimated from its reach/hit counts (censoring-aware, see
+policies.types.position_counts), which gives every k's tokens per round. Costs
+per round are estimated from what was played (policies.costs).
 
 Weights: p_a proportional to exp(eta * N * mu_a), mu_a the estimated reward of a,
 N the records folded, eta = sqrt(8 ln K / N) (anytime Hedge). Statistics are sums, so
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import BasePolicy, PolicyConfig, key
+from policies.costs import cost_increments, round_costs
 from policies.registry import register
-from policies.types import aggregate
-
-VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32, 2-core CPU)
+from policies.types import Arm, aggregate, tokens_per_round
 
 
 @dataclass(frozen=True)
@@ -36,28 +35,8 @@ class Hedge(BasePolicy):
 
     def estimates(self, stats) -> np.ndarray:
         """[K] estimated reward in [0, 1] of every arm."""
-        tok = np.array([stats.get(key("tok", a), 0.0) for a in self.arms])
-        rnd = np.array([stats.get(key("rnd", a), 0.0) for a in self.arms])
-        cost = np.array([self._cost(stats, a) for a in self.arms])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            thr = (tok / rnd) / cost
-        mu = np.minimum(thr / self.cfg.scale, 1.0)
-        known = (rnd > 0) & np.isfinite(mu)
-        return np.where(known, mu, mu[known].max() if known.any() else 1.0)  # unmeasured: optimistic
-
-    def _cost(self, stats, arm) -> float:
-        ks = {a.k for a in self.arms}
-        seen = {k: (stats.get(key("vs", k), 0.0), stats.get(key("vn", k), 0.0)) for k in ks}
-        base = [s / n / (1 + VERIFY_SLOPE * k) for k, (s, n) in seen.items() if n > 0]
-        if not base:
-            return 1.0  # nothing played yet: every arm looks alike
-        prior = float(np.mean(base)) * (1 + VERIFY_SLOPE * arm.k)
-        s, n = seen[arm.k]
-        verify = (s + self.cfg.prior_rounds * prior) / (n + self.cfg.prior_rounds)
-        if arm.k == 0:
-            return verify
-        ds, dn = stats.get(key("ds", arm.drafter), 0.0), stats.get(key("dn", arm.drafter), 0.0)
-        return verify + (ds / dn if dn else 0.0) * arm.k
+        tpr = arm_tokens_per_round(stats, self.arms)
+        return np.minimum(tpr / round_costs(stats, self.arms, self.cfg.prior_rounds) / self.cfg.scale, 1.0)
 
     def select(self, context, stats, rng):
         n = stats.get("obs", 0.0)
@@ -69,13 +48,28 @@ class Hedge(BasePolicy):
         return self.with_floor(w, rng)
 
     def increments(self, record):
-        if not record.arm_tokens:
-            record = aggregate([record], self.arms)
-        inc = {"obs": 1.0, key("vs", record.k): record.verify_s, key("vn", record.k): float(record.rounds)}
-        if record.k:
-            inc[key("ds", record.drafter)] = record.draft_s
-            inc[key("dn", record.drafter)] = float(record.num_drafted)
-        for arm, tokens in record.arm_tokens.items():
-            inc[key("tok", arm)] = tokens
-            inc[key("rnd", arm)] = float(record.rounds)
-        return inc
+        return {"obs": 1.0, **cost_increments(record), **position_increments(record)}
+
+
+def position_increments(record, prefix: str = "") -> dict[str, float]:
+    """reach|[prefix|]drafter|j and hit|... deltas from a record's full-information feedback."""
+    if not record.reach:
+        record = aggregate([record])
+    inc = {}
+    for name, reach in record.reach.items():
+        for j, (r, h) in enumerate(zip(reach, record.hits[name])):
+            if r:
+                inc[key("reach", *([prefix] if prefix else []), name, j)] = r
+                inc[key("hit", *([prefix] if prefix else []), name, j)] = h
+    return inc
+
+
+def arm_tokens_per_round(stats, arms: list[Arm], prefix: str = "") -> np.ndarray:
+    """[K] estimated tokens per round of each arm from the reach/hit statistics (k = 0: 1 token)."""
+    p = [prefix] if prefix else []
+    out = []
+    for a in arms:
+        reach = [stats.get(key("reach", *p, a.drafter, j), 0.0) for j in range(a.k)]
+        hits = [stats.get(key("hit", *p, a.drafter, j), 0.0) for j in range(a.k)]
+        out.append(tokens_per_round(reach, hits, a.k))
+    return np.array(out)

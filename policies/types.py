@@ -61,8 +61,9 @@ class RoundRecord:
     time: float = 0.0  # when the round ended (seconds; virtual time in replay)
     threshold: float | None = None  # confidence-threshold stop used while drafting, if any
     rounds: int = 1  # rounds this record sums (1 for the engine's records; more once aggregated)
-    arm_tokens: dict[str, float] = field(default_factory=dict)  # full information: "drafter:k" ->
-    # tokens that arm would have emitted over these rounds (expected, from per_drafter)
+    # full information summed over rounds, per drafter and draft position j (see position_counts):
+    reach: dict[str, list[float]] = field(default_factory=dict)  # rounds whose position j was judged
+    hits: dict[str, list[float]] = field(default_factory=dict)  # ... and accepted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,36 +73,62 @@ class RoundRecord:
         return cls(**data)
 
 
-def expected_tokens(per_pos: list[float], k: int) -> float:
-    """Tokens a round emits when drafting k tokens whose per-position acceptance is per_pos:
-    1 + sum_j prod_{i<=j} a_i (the bonus / recovered token plus accepted drafts). Positions that
-    were not measured (censored) count as rejected."""
-    total, run = 1.0, 1.0
-    for a in per_pos[:k]:
+def position_counts(per_pos: list[float]) -> tuple[list[float], list[float]]:
+    """(reach, hits) of one round's per-position acceptance list: reach[j] = prod_{i<j} a_i (the
+    chance position j was judged), hits[j] = prod_{i<=j} a_i (and accepted).
+
+    A list shorter than the draft is censored there (positions beyond were not verified this
+    round), so those positions are simply not counted: estimating each position's acceptance as
+    sum(hits) / sum(reach) over many rounds (a Kaplan-Meier-style hazard) is then unbiased,
+    where counting censored positions as rejections would favour short drafts.
+    """
+    reach, hits, run = [], [], 1.0
+    for a in per_pos:
+        reach.append(run)
+        run *= a
+        hits.append(run)
+    return reach, hits
+
+
+def tokens_per_round(reach: list[float], hits: list[float], k: int) -> float:
+    """Expected tokens a round emits with k drafts: 1 + sum_j prod_{i<=j} a_i, a_i = hits_i / reach_i.
+    Positions never judged take the last estimated acceptance (1.0 if none: optimism)."""
+    total, run, a = 1.0, 1.0, 1.0
+    for j in range(k):
+        if j < len(reach) and reach[j] > 0:
+            a = hits[j] / reach[j]
         run *= a
         total += run
     return total
 
 
-def aggregate(records: list[RoundRecord], arms: list[Arm]) -> RoundRecord:
-    """One record summing rounds of the same arm (a request's feedback), with arm_tokens filled.
+def _add(acc: dict[str, list[float]], name: str, values: list[float]) -> None:
+    cur = acc.setdefault(name, [])
+    cur.extend([0.0] * (len(values) - len(cur)))
+    for j, v in enumerate(values):
+        cur[j] += v
 
-    The counters (emitted, accepted, seconds, rounds) add up, so statistics that are sums of them
-    (hedge's) are the same whether folded from the aggregate or round by round; a policy that
+
+def aggregate(records: list[RoundRecord]) -> RoundRecord:
+    """One record summing rounds (a request's feedback), with the full-information counts filled.
+
+    The counters (emitted, accepted, seconds, rounds, reach, hits) add up, so statistics that are
+    sums of them are the same whether folded from the aggregate or round by round; a policy that
     counts observations counts one per aggregate (the replay folds one per request).
     """
     first = records[0]
-    arm_tokens = {str(a): 0.0 for a in arms}
+    reach: dict[str, list[float]] = {}
+    hits: dict[str, list[float]] = {}
     for r in records:
-        for a in arms:
-            if a.k == 0:
-                arm_tokens[str(a)] += 1.0
-            elif a.drafter in r.per_drafter:
-                arm_tokens[str(a)] += expected_tokens(r.per_drafter[a.drafter], a.k)
-            elif a.drafter == r.drafter and a.k == r.k:
-                arm_tokens[str(a)] += r.emitted
-    arm_tokens = {a: v for a, v in arm_tokens.items() if v > 0 or a.endswith(":0")}
-    measured = {a for a in arms if a.k == 0 or all(a.drafter in r.per_drafter for r in records)}
+        if r.reach:  # already aggregated
+            for name in r.reach:
+                _add(reach, name, r.reach[name])
+                _add(hits, name, r.hits[name])
+            continue
+        for name, per_pos in r.per_drafter.items():
+            rc, ht = position_counts(per_pos)
+            _add(reach, name, rc)
+            _add(hits, name, ht)
     return RoundRecord(
         drafter=first.drafter, k=first.k, num_drafted=sum(r.num_drafted for r in records),
         accepted=sum(r.accepted for r in records), emitted=sum(r.emitted for r in records),
@@ -109,7 +136,7 @@ def aggregate(records: list[RoundRecord], arms: list[Arm]) -> RoundRecord:
         sync_s=sum(r.sync_s for r in records), propensity=first.propensity, load=first.load,
         tenant=first.tenant, context=first.context, features=first.features, temperature=first.temperature,
         time=records[-1].time, threshold=first.threshold, rounds=sum(r.rounds for r in records),
-        arm_tokens={a: v for a, v in arm_tokens.items() if Arm.parse(a) in measured},
+        reach=reach, hits=hits,
     )
 
 

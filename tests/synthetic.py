@@ -16,7 +16,10 @@ def run(policy, means, T: int, seed: int = 0, noise: float = 0.1, contexts=None,
     """Play T steps. means(t, ctx) -> {arm: mean reward in [0, 1]}. Returns (chosen arms, regret per step, choices).
 
     A step is one observation: reward r for arm (drafter, k) is encoded as a round of
-    verify_s = 1 + 0.06 k seconds that emitted r * verify_s tokens (so tokens/s = r with scale 1).
+    verify_s = 1 + 0.06 k seconds that emitted r * verify_s tokens (so tokens/s = r with scale 1),
+    and, for the policies that read per-position acceptance (hedge, contextual), as acceptance r
+    at the arm's one draft position (tokens per round 1 + r: the same order of arms). The chosen
+    arm's acceptance is always recorded, as the engine does; full_info adds every other arm's.
     """
     rng = np.random.default_rng(seed)
     prng = np.random.default_rng(seed + 1)
@@ -32,7 +35,7 @@ def run(policy, means, T: int, seed: int = 0, noise: float = 0.1, contexts=None,
         rec = RoundRecord(
             drafter=a.drafter, k=a.k, num_drafted=a.k, accepted=0, emitted=draws[a] * cost, draft_s=0.0,
             verify_s=cost, propensity=choice.propensity, context=ctx.tag, features=list(ctx.features), time=float(t),
-            arm_tokens={str(b): draws[b] * (1 + SLOPE * b.k) for b in mu} if full_info else {},
+            per_drafter={b.drafter: [draws[b]] for b in mu if full_info or b == a},
         )
         for key, delta in policy.increments(rec).items():
             stats[key] = stats.get(key, 0.0) + delta

@@ -101,7 +101,7 @@ def test_policy_state_round_trips_through_redis_exactly(redis_server, name):
         c = policy.select(Context(features=(1.0, 0.3 * (t % 3)), tag="t%d" % (t % 2), time=float(t)), stats, rng)
         rec = RoundRecord(c.arm.drafter, c.arm.k, 1, 1, 1 + rng.random(), 0.0, 1.06, propensity=c.propensity,
                           features=[1.0, 0.3 * (t % 3)], context="t%d" % (t % 2), time=float(t),
-                          arm_tokens={str(a): rng.random() for a in arms})
+                          per_drafter={a.drafter: [rng.random(), rng.random()] for a in arms})
         for k, v in policy.increments(rec).items():
             stats[k] = stats.get(k, 0.0) + v
     key = f"draftpick:test:{name}"

@@ -45,7 +45,8 @@ def switching(arms, t_switch):
 @pytest.mark.parametrize("name,full_info", [("exp3", False), ("hedge", True)])
 def test_adversarial_switch_is_tracked(name, full_info):
     arms = arms_of(3)
-    chosen, _ = run(create(name, arms, {"scale": 1.0}), switching(arms, 1000), 4000, seed=2, full_info=full_info)
+    scale = 2.0 if full_info else 1.0  # hedge values tokens per round, 1 + r
+    chosen, _ = run(create(name, arms, {"scale": scale}), switching(arms, 1000), 4000, seed=2, full_info=full_info)
     before = np.mean([a == arms[0] for a in chosen[500:1000]])
     after = np.mean([a == arms[1] for a in chosen[3000:]])
     assert before > 0.6 and after > 0.6
@@ -84,7 +85,7 @@ def pick_context(t, rng):
 
 def test_contextual_policy_learns_a_different_arm_per_context():
     arms = arms_of(3)
-    chosen, regret = run(create("contextual", arms, {"scale": 1.0}), two_contexts(arms), 2000, seed=4,
+    chosen, regret = run(create("contextual", arms, {"scale": 2.0}), two_contexts(arms), 2000, seed=4,
                          contexts=pick_context)
     # replay the same context sequence to know which context each step had
     rng = np.random.default_rng(4)
@@ -106,7 +107,7 @@ def test_full_information_hedge_beats_bandit_feedback_with_many_drafters():
     values = list(rng.uniform(0.2, 0.55, len(arms)))
     values[17] = 0.7
     env = stationary(arms, values)
-    _, hedge = run(create("hedge", arms, {"scale": 1.0}), env, 800, seed=5, full_info=True)
+    _, hedge = run(create("hedge", arms, {"scale": 2.0}), env, 800, seed=5, full_info=True)
     for bandit in ("ucb1", "exp3", "thompson"):
         _, other = run(create(bandit, arms, {"scale": 1.0}), env, 800, seed=5)
         assert hedge.sum() < 0.5 * other.sum(), bandit
@@ -118,7 +119,7 @@ def test_reported_propensity_matches_choice_frequency_and_keeps_a_floor(name):
     policy = create(name, arms, {"scale": 1.0})
     stats = {}
     for a, (n, r) in zip(arms, [(20, 12), (20, 8), (5, 2), (30, 25)]):
-        stats.update({f"n|{a}": n, f"r|{a}": r, f"G|{a}": r * 3, f"tok|{a}": r * 1.06, f"rnd|{a}": n,
+        stats.update({f"n|{a}": n, f"r|{a}": r, f"G|{a}": r * 3, f"reach|{a.drafter}|0": n, f"hit|{a.drafter}|0": r,
                       "vs|1": 100 * 1.06, "vn|1": 100, "obs": 75})
     rng = np.random.default_rng(0)
     picks, props = {}, {}
@@ -184,3 +185,43 @@ def test_bad_policy_configuration_names_the_problem(name, config, message):
 
     with pytest.raises(PolicyError, match=f"policy '{name}': bad configuration: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         create(name, [Arm("ngram", 2), Arm("none", 0)], config)
+
+
+def test_censoring_aware_acceptance_estimate_is_unbiased():
+    """Positions beyond what a round verified are censored, not rejected: the estimate stays at the truth."""
+    from policies.types import aggregate, tokens_per_round
+
+    rng = np.random.default_rng(7)
+    a, k = 0.8, 6
+    recs = []
+    for _ in range(4000):
+        accepted = 0
+        while accepted < k and rng.random() < a:
+            accepted += 1
+        per_pos = ([1.0] * accepted + ([0.0] if accepted < k else []))[: rng.integers(1, k + 1)]  # censored
+        recs.append(RoundRecord("x", k, k, 0, 1, 0, 1, per_drafter={"x": per_pos}))
+    agg = aggregate(recs)
+    hazards = [h / r for h, r in zip(agg.hits["x"], agg.reach["x"])]
+    assert all(abs(h - a) < 0.03 for h in hazards)
+    truth = (1 - a ** (k + 1)) / (1 - a)
+    assert tokens_per_round(agg.reach["x"], agg.hits["x"], k) == pytest.approx(truth, rel=0.03)
+    naive = np.mean([1 + sum(np.cumprod(r.per_drafter["x"])) for r in recs])  # censored counted as rejected
+    assert naive < 0.8 * truth  # what the censoring-aware estimate avoids
+
+
+def test_contextual_uses_features_when_requests_carry_no_tag():
+    arms = arms_of(3)
+    code = Context(features=(1.0, 0.5, 0.8, 0.9, 0.5, 0.0, 0.0))
+    chat = Context(features=(1.0, 0.6, 0.1, 0.05, 0.1, 0.0, 0.0))
+
+    def contexts(t, rng):
+        from dataclasses import replace
+
+        return replace(code if rng.random() < 0.5 else chat, time=float(t))
+
+    def means(t, ctx):
+        return dict(zip(arms, [0.7, 0.3, 0.5] if ctx.features[2] > 0.5 else [0.3, 0.7, 0.5]))
+
+    chosen, regret = run(create("contextual", arms, {"scale": 2.0}), means, 1500, seed=6, contexts=contexts,
+                         full_info=True)
+    assert regret[1000:].mean() < 0.05  # the best arm of each context, almost always

@@ -212,7 +212,7 @@ class Generation:
         t2 = time.perf_counter()
         # 4. keep drafters in sync; measure everyone's acceptance on the verified tokens
         new_ids = ids + res.tokens
-        per_drafter = {arm.drafter: _own_acceptance(p, draft, q, n)} if d else {}
+        per_drafter = {arm.drafter: _own_acceptance(p, draft, q, n, exhausted=d < k and choice.threshold is None)} if k else {}
         for name, s in self.sessions.items():
             if name == arm.drafter or name == "none":
                 s.sync(new_ids, L, None, self.params)
@@ -282,12 +282,18 @@ class Generation:
         )
 
 
-def _own_acceptance(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, n: int) -> list[float]:
+def _own_acceptance(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, n: int, exhausted: bool) -> list[float]:
     """The chosen drafter's acceptance probability at each position up to the first rejection.
 
     p: [d + 1, vocab], draft: [d], q: [d, vocab] or None (deterministic). Under greedy: [1] * n (+ [0]).
+    exhausted: the drafter proposed fewer tokens than asked, so a longer draft would have had
+    nothing more to accept (a 0 closes the list; otherwise a fully accepted list is censored).
     """
     m = min(n + 1, len(draft))
     if q is None:
-        return p[torch.arange(m), draft[:m]].tolist()
-    return acceptance_probability(p[:m], q[:m]).tolist()
+        out = p[torch.arange(m), draft[:m]].tolist()
+    else:
+        out = acceptance_probability(p[:m], q[:m]).tolist()
+    if exhausted and n == len(draft):
+        out.append(0.0)
+    return out

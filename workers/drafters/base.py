@@ -67,7 +67,9 @@ class LookupSession:
         for j, tok in enumerate(draft):
             out.append(float(p[j, tok]))
             if tok != emitted[j]:
-                break
+                return out
+        if len(draft) < len(emitted):
+            out.append(0.0)  # the proposal ended: nothing more would have been accepted
         return out
 
     def close(self, ids):
