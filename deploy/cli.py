@@ -127,6 +127,7 @@ def cmd_info(args) -> int:
         "drafter_types": {d.name: d.type for d in cfg.drafters} | {"none": "none"},
         "engine": cfg.engine.model_dump(),
         "worker": cfg.worker.model_dump(),
+        "policy": {"name": cfg.policy.name, "options": cfg.policy.options, "arms": [str(a) for a in cfg.arms()]},
         "config": str(args.config or default_config_path()),
     }
     if args.json:

@@ -96,6 +96,10 @@ def test_generate_none_drafter_counts_plain_rounds(setup_dir, capsys):
     (lambda c: c["drafters"].append({"type": "lookahead", "name": "x"}), "field `drafters.3`"),
     (lambda c: c["engine"].update(default_k=-1), "field `engine.default_k`"),
     (lambda c: c.pop("target"), "field `target`: Field required"),
+    (lambda c: c.update(policy={"name": "nope"}), "policy: unknown policy 'nope'"),
+    (lambda c: c.update(policy={"name": "ucb1", "options": {"c": 1, "gamma": 2}}), "policy: policy 'ucb1': bad configuration: unknown option(s) gamma"),
+    (lambda c: c.update(policy={"name": "no_such_module:P"}), "cannot import module 'no_such_module'"),
+    (lambda c: c.update(policy={"ks": [3, 99]}), "policy.ks go up to 99 > engine.max_k (16)"),
 ])
 def test_bad_configuration_fails_at_start_up_naming_the_field(setup_dir, capsys, mutate, message):
     root, cfg = setup_dir

@@ -72,11 +72,25 @@ class WorkerConfig(_Strict):
     max_concurrency: int = Field(16, ge=1, description="requests served at once per actor")
 
 
+class PolicySection(_Strict):
+    name: str = Field("contextual", description="built-in name, `draftpick.policies` entry point, or module:Class")
+    options: dict = Field(default_factory=dict, description="keyword options of the policy")
+    ks: list[int] = Field([1, 2, 3, 5, 8], description="draft lengths offered for every drafter (k = 0 is always offered)")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, ks):
+        if not ks or any(k < 1 for k in ks):
+            raise ValueError("ks must be a non-empty list of draft lengths >= 1")
+        return sorted(set(ks))
+
+
 class DraftpickConfig(_Strict):
     target: TargetConfig
     drafters: list[DrafterConfig] = Field(default_factory=list)
     engine: EngineConfig = EngineConfig()
     worker: WorkerConfig = WorkerConfig()
+    policy: PolicySection = PolicySection()
 
     @field_validator("drafters")
     @classmethod
@@ -102,7 +116,24 @@ class DraftpickConfig(_Strict):
             )
         if self.engine.default_k > self.engine.max_k:
             raise ValueError(f"engine.default_k ({self.engine.default_k}) > engine.max_k ({self.engine.max_k})")
+        if max(self.policy.ks) > self.engine.max_k:
+            raise ValueError(f"policy.ks go up to {max(self.policy.ks)} > engine.max_k ({self.engine.max_k})")
+        self.build_policy()  # a bad plug-in or option fails here, at start-up
         return self
+
+    def arms(self) -> list:
+        from policies.types import Arm
+
+        return [Arm("none", 0)] + [Arm(d.name, k) for d in self.drafters for k in self.policy.ks]
+
+    def build_policy(self):
+        """The configured policy over the configured arms (policies are named here, never in a request)."""
+        from policies.registry import PolicyError, create
+
+        try:
+            return create(self.policy.name, self.arms(), self.policy.options)
+        except PolicyError as e:
+            raise ValueError(f"policy: {e}") from None
 
     def drafter_names(self) -> list[str]:
         return [d.name for d in self.drafters] + ["none"]

@@ -1,0 +1,30 @@
+"""`draftpick bench engine` end to end on tiny models (fast): every row present, outputs lossless."""
+import json
+
+import yaml
+
+from deploy.cli import main
+from tiny import save_models
+
+
+def test_bench_engine_writes_side_by_side_results(tmp_path, target, tok, capsys):
+    save_models(tmp_path, target, tok)
+    cfg = {"target": {"name": "tiny", "path": str(tmp_path / "target")},
+           "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(tmp_path / "close")}],
+           "engine": {"device": "cpu"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code = main(["bench", "engine", "--config", str(tmp_path / "cfg.yaml"), "--domains", "humaneval,mtbench-coding",
+                 "--prompts-per-domain", "1", "--max-tokens", "12", "--ks", "0,2", "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads(next((tmp_path / "out").glob("engine-*.json")).read_text())
+    rows = report["configs"]
+    assert set(rows) == {"hf:target-only", "engine:none:0", "hf:pld:2", "engine:ngram:2", "hf:assist:close:2",
+                         "engine:close:2", "hf:assist:close:heur"}
+    for name, row in rows.items():
+        assert row["all"]["mismatches"] == 0, name  # greedy: every configuration equals plain generate
+        assert row["all"]["prompts"] == 2 and row["all"]["tokens"] > 0
+    assert rows["hf:target-only"]["all"]["ratio_vs_target_only"] == 1.0
+    close = rows["engine:close:2"]["all"]
+    assert close["mean_acceptance_length"] > 1 and len(close["per_position_acceptance"]) == 2
+    md = next((tmp_path / "out").glob("engine-*.md")).read_text()
+    assert "| engine:close:2 |" in md and "formula" in md
