@@ -1,0 +1,1 @@
+"""Ray worker actors, the speculative engine and its drafters."""

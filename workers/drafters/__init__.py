@@ -1,0 +1,1 @@
+"""Drafters: propose tokens, stay in sync with what was verified (see base.py)."""
