@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from policies.types import Arm, Context, RoundRecord, aggregate
+from policies.base import record_arm
+from policies.types import Arm, Choice, Context, RoundRecord, aggregate
 
 
 class TraceError(ValueError):
@@ -125,8 +126,6 @@ class Replayer:
         """(aggregated record, seconds, tokens) of request i under a fixed arm."""
         key = (i, arm)
         if key not in self._fixed:
-            from policies.types import Choice
-
             recs, secs = simulate(self.reqs[i], lambda r, last: Choice(arm, 1.0), self.arms)
             agg = aggregate(recs) if recs else None
             self._fixed[key] = (agg, secs, self.reqs[i].n)
@@ -151,7 +150,7 @@ class Replayer:
                 ctx = Context(tag=req.data.get("tag", ""), features=tuple(req.data.get("features", ())), time=t)
                 if policy.level == "round":
                     recs, secs = self._per_round(policy, req, ctx, stats, rng, t)
-                    arm = recs[0].drafter + ":" + str(recs[0].k) if recs else "none:0"
+                    arm = str(record_arm(recs[0])) if recs else "none:0"
                 else:
                     choice = policy.select(ctx, stats, rng)
                     agg, secs, _ = self.fixed(i, choice.arm)

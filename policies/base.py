@@ -59,8 +59,9 @@ class PolicyConfig:
 
 
 def key(*parts) -> str:
-    """Statistic names: parts joined by '|', e.g. key('n', arm) -> 'n|ngram:3'."""
-    return "|".join(str(p) for p in parts)
+    """Statistic names: parts joined by '|', e.g. key('n', arm) -> 'n|ngram:3'. Empty parts are left
+    out, so an optional prefix or tag can be passed as "" (key("", "n", arm) == key("n", arm))."""
+    return "|".join(str(p) for p in parts if p != "")
 
 
 class BasePolicy:
@@ -85,14 +86,13 @@ class BasePolicy:
 
     def arm_stats(self, stats: Stats, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
         """(observations [K], summed reward [K]) per arm, under an optional key prefix."""
-        n = np.array([stats.get(key(prefix, "n", a) if prefix else key("n", a), 0.0) for a in self.arms])
-        r = np.array([stats.get(key(prefix, "r", a) if prefix else key("r", a), 0.0) for a in self.arms])
+        n = np.array([stats.get(key(prefix, "n", a), 0.0) for a in self.arms])
+        r = np.array([stats.get(key(prefix, "r", a), 0.0) for a in self.arms])
         return n, r
 
     def mean_increments(self, record: RoundRecord, prefix: str = "") -> dict[str, float]:
         arm = record_arm(record)
-        p = (lambda *x: key(prefix, *x)) if prefix else key
-        return {p("n", arm): 1.0, p("r", arm): self.reward(record)}
+        return {key(prefix, "n", arm): 1.0, key(prefix, "r", arm): self.reward(record)}
 
     def with_floor(self, probs: np.ndarray, rng: np.random.Generator) -> Choice:
         """Mix in the exploration floor, draw an arm, report its propensity."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.base import key
+from policies.base import key, record_arm
 from policies.types import Arm, RoundRecord
 
 VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32, 2-core CPU)
@@ -20,7 +20,7 @@ VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32
 
 def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
     """With a tag, the played arm's seconds are also counted under it (cs|tag|arm, cn|tag|arm)."""
-    arm = Arm(record.drafter, record.k) if record.k else Arm("none", 0)
+    arm = record_arm(record)
     seconds, rounds = record.verify_s + record.draft_s, float(record.rounds)
     inc = {key("vs", record.k): record.verify_s, key("vn", record.k): rounds,
            key("cs", arm): seconds, key("cn", arm): rounds}

@@ -59,17 +59,16 @@ def position_increments(record, prefix: str = "") -> dict[str, float]:
     for name, reach in record.reach.items():
         for j, (r, h) in enumerate(zip(reach, record.hits[name])):
             if r:
-                inc[key("reach", *([prefix] if prefix else []), name, j)] = r
-                inc[key("hit", *([prefix] if prefix else []), name, j)] = h
+                inc[key("reach", prefix, name, j)] = r
+                inc[key("hit", prefix, name, j)] = h
     return inc
 
 
 def arm_tokens_per_round(stats, arms: list[Arm], prefix: str = "") -> np.ndarray:
     """[K] estimated tokens per round of each arm from the reach/hit statistics (k = 0: 1 token)."""
-    p = [prefix] if prefix else []
     out = []
     for a in arms:
-        reach = [stats.get(key("reach", *p, a.drafter, j), 0.0) for j in range(a.k)]
-        hits = [stats.get(key("hit", *p, a.drafter, j), 0.0) for j in range(a.k)]
+        reach = [stats.get(key("reach", prefix, a.drafter, j), 0.0) for j in range(a.k)]
+        hits = [stats.get(key("hit", prefix, a.drafter, j), 0.0) for j in range(a.k)]
         out.append(tokens_per_round(reach, hits, a.k))
     return np.array(out)
