@@ -7,7 +7,8 @@ import yaml
 from controller.replay import Replayer, load_trace, simulate
 from deploy.cli import main
 from policies.types import Arm, Choice
-from tiny import save_models
+from tiny import VOCAB, noisy_copy, save_models
+from workers.distill import VOCAB_FILE
 from workers.config import DraftpickConfig
 from workers.factory import build_engine
 from workers.sampling import SamplingParams
@@ -23,8 +24,12 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, target, tok):
     root = save_models(tmp_path_factory.mktemp("rec"), target, tok)
+    # a drafter with a reduced output vocabulary (as distilled ones have): every other token id
+    noisy_copy(target, 0.05).save_pretrained(root / "trimmed")
+    (root / "trimmed" / VOCAB_FILE).write_text(json.dumps(list(range(0, VOCAB, 2))))
     cfg = {"target": {"name": "tiny", "path": str(root / "target")},
-           "drafters": [{"type": "ngram"}, {"type": "suffix"}, {"type": "model", "name": "close", "path": str(root / "close")}],
+           "drafters": [{"type": "ngram"}, {"type": "suffix"}, {"type": "model", "name": "close", "path": str(root / "close")},
+                          {"type": "model", "name": "trimmed", "path": str(root / "trimmed")}],
            "engine": {"device": "cpu"}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
@@ -33,7 +38,7 @@ def recorded(tmp_path_factory, target, tok):
     return root, DraftpickConfig.model_validate(cfg)
 
 
-@pytest.mark.parametrize("arm", [Arm("ngram", 3), Arm("close", 2), Arm("close", 6), Arm("none", 0)])
+@pytest.mark.parametrize("arm", [Arm("ngram", 3), Arm("close", 2), Arm("close", 6), Arm("trimmed", 3), Arm("none", 0)])
 def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm):
     root, cfg = recorded
     engine = build_engine(cfg)

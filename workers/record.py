@@ -91,7 +91,8 @@ def _run(draft, truth) -> int:
 @torch.inference_mode()
 def _model_drafter_trace(drafter, ids, out, k_max, repeats):
     seq = ids + out
-    logits = forward(drafter.model, new_cache(drafter.model), seq[:-1])  # [L - 1, vocab]
+    # the drafter's own logits (only its kept vocabulary for a distilled drafter), as the engine drafts
+    logits = drafter.logits(new_cache(drafter.model), seq[:-1])  # [L - 1, vocab]
     probs = logits[len(ids) - 1 :].softmax(-1)  # rows predict out[0..n-1]
     conf, pred = probs.max(-1)
     hit = (pred == torch.tensor(out)).tolist()
@@ -105,13 +106,9 @@ def _model_drafter_trace(drafter, ids, out, k_max, repeats):
     # cost of one drafted token: a one-token forward with the context in cache
     cache = new_cache(drafter.model)
     forward(drafter.model, cache, seq[:-1], last_only=True)
-    times = []
-    for _ in range(max(repeats, 3)):
-        t = time.perf_counter()
-        forward(drafter.model, cache, [seq[-1]], last_only=True)
-        times.append(time.perf_counter() - t)
-        rollback(cache, len(seq) - 1)
-    return {"proposed": proposed, "matched": matched, "confidence": confidence}, statistics.median(times)
+    seconds = _median_seconds(lambda: drafter.logits(cache, [seq[-1]], last_only=True), cache, len(seq) - 1,
+                              max(repeats, 3))
+    return {"proposed": proposed, "matched": matched, "confidence": confidence}, seconds
 
 
 @torch.inference_mode()
@@ -120,14 +117,18 @@ def _verify_costs(engine, context, k_max, repeats) -> list[float]:
     target = engine.target
     cache = new_cache(target)
     forward(target, cache, context[:-1], last_only=True)
-    base = len(context) - 1
-    costs = []
-    for k in range(k_max + 1):
-        times = []
-        for _ in range(repeats + 1):  # the first call of a new shape is a warm-up
-            t = time.perf_counter()
-            verify_forward(target, cache, [context[-1]] * (k + 1), engine.verify_pad_multiple)
-            times.append(time.perf_counter() - t)
-            rollback(cache, base)
-        costs.append(statistics.median(times[1:]))
-    return costs
+    return [_median_seconds(lambda k=k: verify_forward(target, cache, [context[-1]] * (k + 1), engine.verify_pad_multiple),
+                            cache, len(context) - 1, repeats)
+            for k in range(k_max + 1)]
+
+
+def _median_seconds(run, cache, keep: int, repeats: int) -> float:
+    """Median wall seconds of run() over `repeats` calls after one warm-up (a new shape's first call
+    is slower), rolling `cache` back to `keep` positions after each."""
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+        rollback(cache, keep)
+    return statistics.median(times[1:])

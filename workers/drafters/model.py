@@ -28,6 +28,12 @@ class ModelDrafter:
     def session(self, tenant: str, prompt_len: int):
         return ModelSession(self)
 
+    def logits(self, cache, tokens: list[int], last_only: bool = False) -> torch.Tensor:
+        """float32 [n (or 1), vocab] after `cache`; -inf outside the kept vocabulary, if any."""
+        if self.kept is not None:
+            return forward_trimmed(self.model, cache, tokens, self.head, self.kept, last_only=last_only)
+        return forward(self.model, cache, tokens, last_only=last_only)
+
 
 class ModelSession:
     def __init__(self, drafter: ModelDrafter):
@@ -46,10 +52,7 @@ class ModelSession:
         del self.fed[n:]
 
     def _feed(self, tokens: list[int], last_only: bool) -> torch.Tensor:
-        if self.d.kept is not None:
-            logits = forward_trimmed(self.model, self.cache, tokens, self.d.head, self.d.kept, last_only=last_only)
-        else:
-            logits = forward(self.model, self.cache, tokens, last_only=last_only)
+        logits = self.d.logits(self.cache, tokens, last_only=last_only)
         self.fed.extend(tokens)
         return logits
 
