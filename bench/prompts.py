@@ -6,6 +6,7 @@ format of `draftpick generate --prompts`.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -91,19 +92,21 @@ def load_domain(domain: str, n: int) -> list[dict]:
 
 
 TRAINING_SETS = ("sharegpt", "humaneval", "mtbench", "stdlib")
+# training text skips the first ShareGPT conversations: benchmarks and records prompt from those
+SHAREGPT_HELD_FOR_BENCH = 1000
 
 
 def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
     """Items {"text": training text, "input": {"prompt"|"messages"}} from a prompt set or a JSONL file.
 
     Sets: sharegpt (a conversation's turns), humaneval (prompt + canonical solution), mtbench
-    (questions), stdlib (Python standard library modules). A JSONL file may hold `text`, `prompt`,
+    (questions), stdlib (Python standard library modules, tests left out). A JSONL file may hold `text`, `prompt`,
     `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`).
     """
     out: list[dict] = []
     for part in source.split(","):
         if part == "sharegpt":
-            for conv in sharegpt_conversations():
+            for conv in itertools.islice(sharegpt_conversations(), SHAREGPT_HELD_FOR_BENCH, None):
                 turns = conv.get("conversations") or []
                 if len(turns) < 2 or turns[0].get("from") != "human" or not turns[0].get("value"):
                     continue
@@ -121,7 +124,10 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
         elif part == "stdlib":
             import sysconfig
 
-            files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]
+            root = Path(sysconfig.get_paths()["stdlib"])
+            files = sorted(f for f in root.rglob("*.py")
+                           if not any("test" in part or part == "site-packages" for part in f.relative_to(root).parts))
+            files = files[:limit]
             for f in files:
                 text = f.read_text(errors="ignore")
                 head = text[:600]

@@ -75,7 +75,9 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
             if tr is None:
                 raise TraceError(f"request {d.get('id')}: the trace has no drafter {arm.drafter!r}")
             proposed = min(k, tr["proposed"][g - 1])
-            if choice.threshold is not None and "confidence" in tr:
+            if choice.threshold is not None and "draft_confidence" in tr:  # per round start (feature drafters)
+                proposed = min(proposed, _confident(tr["draft_confidence"][g - 1], 0, proposed, choice.threshold))
+            elif choice.threshold is not None and "confidence" in tr:
                 proposed = min(proposed, _confident(tr["confidence"], g, proposed, choice.threshold))
             matched = min(tr["matched"][g - 1], proposed)
         emitted = min(matched + 1, n - g)

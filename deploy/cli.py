@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-items", type=int, default=2000, help="items read from each source")
     s.add_argument("--held-out", type=int, default=8, help="items kept out of training for the validation figure")
     s.add_argument("--out", required=True, help="drafter directory (resumes from its checkpoint if present)")
-    s.add_argument("--init", default="target-layers:2", help="target-layers:N: the target's embeddings and first N layers")
+    s.add_argument("--init", default="feature",
+                   help="feature: a one-layer head on the target's hidden states (EAGLE-like, the default); "
+                        "target-layers:N: a small LM made of the target's embeddings and first N layers; "
+                        "or a drafter directory to continue from")
     s.add_argument("--steps", type=int)
     s.add_argument("--minutes", type=float)
     s.add_argument("--seq-len", type=int, default=256)
@@ -238,11 +241,10 @@ def cmd_replay(args) -> int:
 def cmd_distill(args) -> int:
     from bench.prompts import training_items
     from workers.distill import DistillSettings, Distiller, validate
-    from workers.drafters.model import ModelDrafter
     from workers.engine import SpeculativeEngine
-    from workers.factory import kept_vocabulary
+    from workers.factory import load_drafter
     from workers.inputs import encode_input
-    from workers.models import check_same_vocabulary, load_model, load_tokenizer, place
+    from workers.models import load_model, load_tokenizer, place
 
     settings = DistillSettings(
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
@@ -259,9 +261,8 @@ def cmd_distill(args) -> int:
     distiller = Distiller(target, tokenizer, [it["text"] for it in train], settings)
     summary = distiller.run()
     if args.validate_tokens:
-        drafter = load_model(args.out, placement)
-        check_same_vocabulary(tokenizer, target, "distilled", drafter, args.out)
-        engine = SpeculativeEngine(target, tokenizer, {"distilled": ModelDrafter("distilled", drafter, kept_vocabulary(args.out))})
+        drafter = load_drafter("distilled", args.out, target, tokenizer, placement)
+        engine = SpeculativeEngine(target, tokenizer, {"distilled": drafter}, verify_pad_multiple=4)
         prompts = [encode_input(tokenizer, it["input"])[-512:] for it in held]
         summary["validation"] = validate(engine, "distilled", prompts, args.validate_tokens)
     print(json.dumps(summary))

@@ -30,10 +30,21 @@ def load_config(path: str | Path | None = None) -> DraftpickConfig:
         raise ConfigError(f"config {path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level")
+    _resolve_drafter_paths(data, path.parent)
     try:
         return DraftpickConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(f"config {path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _resolve_drafter_paths(data: dict, base: Path) -> None:
+    """A drafter `path` that names a directory relative to the config file is read from there (the
+    embedded config ships its feature drafters beside it); anything else is left as written."""
+    for d in data.get("drafters") or []:
+        if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
+            candidate = base / d["path"]
+            if candidate.exists() and not Path(d["path"]).exists():
+                d["path"] = str(candidate)
 
 
 def _describe(err: dict) -> str:

@@ -6,7 +6,7 @@ import torch
 
 from deploy.cli import main
 from policies.types import Arm
-from tiny import save_models, tiny_model
+from tiny import feature_drafter, save_models, tiny_model
 from workers.config import DraftpickConfig
 from workers.distill import VOCAB_FILE, DistillSettings, Distiller
 from workers.factory import build_engine
@@ -71,8 +71,51 @@ def _jsonl(root, texts):
     return str(path)
 
 
-def test_resume_continues_from_the_checkpoint(target4, tok, tmp_path):
-    s = dict(out=str(tmp_path / "d"), init="target-layers:1", seq_len=32, batch=2, vocab=24, checkpoint_every=2)
+def test_feature_head_distils_loads_and_keeps_output_exact(target4, tok, tmp_path, capsys):
+    """`--init feature` (the default): an EAGLE-like head on the target's hidden states."""
+    root = tmp_path
+    save_models(root, target4, tok, close_noise=None)
+    d = Distiller(target4, tok, TEXTS, DistillSettings(out=str(root / "f0"), init="feature", steps=40, seq_len=32,
+                                                       batch=4, lr=3e-3, vocab=24), progress=False)
+    d.run()
+    assert sum(d.losses[-5:]) / 5 < 0.7 * sum(d.losses[:5]) / 5
+    code = main(["distill", "--target", str(root / "target"), "--prompts", _jsonl(root, TEXTS), "--held-out", "2",
+                 "--out", str(root / "feat"), "--steps", "30", "--seq-len", "32", "--batch", "4", "--lr", "3e-3",
+                 "--vocab", "24", "--validate-tokens", "24"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["validation"]["k"] == 4 and summary["validation"]["mean_acceptance_length"] >= 1.0
+    assert not (root / "feat" / "config.json").exists()  # only the head is stored, not a model
+    cfg = DraftpickConfig.model_validate({
+        "target": {"name": "t", "path": str(root / "target")},
+        "drafters": [{"type": "feature", "name": "feat", "path": str(root / "feat")}], "engine": {"device": "cpu"}})
+    engine = build_engine(cfg)
+    for text in ["def add(a", "the cat", "qq"]:
+        ids = tok(text).input_ids
+        ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
+        assert engine.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
+
+
+def test_feature_head_for_another_target_is_refused(target4, tok, tmp_path, capsys):
+    save_models(tmp_path, target4, tok, close_noise=None)
+    other = tiny_model(seed=3, layers=2, hidden=32)
+    feature_drafter(other, tok, tmp_path / "other-head", steps=2)
+    cfg = {"target": {"name": "t", "path": str(tmp_path / "target")},
+           "drafters": [{"type": "feature", "name": "feat", "path": str(tmp_path / "other-head")}],
+           "engine": {"device": "cpu"}}
+    with pytest.raises(ValueError, match="was made for a target with .*hidden_size.*32"):
+        build_engine(DraftpickConfig.model_validate(cfg))
+    cfg["drafters"][0]["path"] = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is not a feature drafter directory"):
+        build_engine(DraftpickConfig.model_validate(cfg))
+    assert main(["distill", "--target", str(tmp_path / "target"), "--out", str(tmp_path / "o"), "--steps", "1",
+                 "--prompts", _jsonl(tmp_path, TEXTS), "--init", str(tmp_path / "other-head")]) == 2
+    assert "was made for a target with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["target-layers:1", "feature"])
+def test_resume_continues_from_the_checkpoint(target4, tok, tmp_path, init):
+    s = dict(out=str(tmp_path / "d"), init=init, seq_len=32, batch=2, vocab=24, checkpoint_every=2)
     Distiller(target4, tok, TEXTS, DistillSettings(steps=4, **s), progress=False).run()
     again = Distiller(target4, tok, TEXTS, DistillSettings(steps=7, **s), progress=False)
     assert again.step == 4
@@ -93,7 +136,7 @@ def test_bad_inputs_fail_with_clear_messages(target4, tok, tmp_path, capsys):
                  "--prompts", _jsonl(tmp_path, TEXTS)]) == 2
     assert "give --steps or --minutes" in capsys.readouterr().err
     assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--init", "layers:2"]) == 2
-    assert "--init 'layers:2' is not a model directory (and not target-layers:N)" in capsys.readouterr().err
+    assert "--init 'layers:2' is not a drafter directory (and not feature or target-layers:N)" in capsys.readouterr().err
 
 
 def test_traffic_capture_is_opt_in_and_bounded(target4, tok, tmp_path):

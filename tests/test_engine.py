@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from policies.types import Arm
-from tiny import chi2_pvalue, noisy_copy, tiny_model
+from tiny import chi2_pvalue, feature_drafter, noisy_copy, tiny_model
+from workers.drafters.feature import FeatureDrafter
 from workers.drafters.model import ModelDrafter
 from workers.drafters.ngram import NgramDrafter
 from workers.drafters.suffix import SuffixDrafter
@@ -16,14 +17,24 @@ PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat 
 
 
 @pytest.fixture(scope="module")
-def engine(target, tok):
+def engine(target, tok, tmp_path_factory):
+    # the feature head is distilled on the target's own text after these prompts (tests/tiny.py)
+    head = feature_drafter(target, tok, tmp_path_factory.mktemp("feature") / "head",
+                           PROMPTS + [tok.decode(sampling_context(target, tok))])
     drafters = {
         "ngram": NgramDrafter(),
         "suffix": SuffixDrafter(),
         "close": ModelDrafter("close", noisy_copy(target, 0.05)),  # agrees often
         "far": ModelDrafter("far", tiny_model(seed=7)),  # an unrelated model
+        "feat": FeatureDrafter.load("feat", str(head), target),  # drafts from the target's hidden states
     }
     return SpeculativeEngine(target, tok, drafters, verify_pad_multiple=4)  # the CPU default
+
+
+def sampling_context(target, tok):
+    """The target's own greedy text, then its start again: the n-gram drafter proposes what followed."""
+    base = tok("ab").input_ids
+    return base + hf_greedy(target, base, 30) + base
 
 
 def hf_greedy(model, ids, n):
@@ -31,7 +42,7 @@ def hf_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "suffix", "close", "far"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "suffix", "close", "far", "feat"])
 def test_greedy_output_equals_transformers_generate(engine, target, tok, drafter):
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
@@ -91,6 +102,34 @@ def test_full_information_matches_each_drafters_own_predictions(engine, tok):
         pos += r.accepted + 1
 
 
+def test_feature_drafter_drafts_from_the_targets_hidden_states(engine, target, tok):
+    """The engine keeps the target's hidden states of the verified tokens; the feature drafter's
+    draft at each round (k = 1) and its full-information acceptance when another drafter plays
+    both equal the head run teacher-forced on the final sequence."""
+    feat = engine.drafters["feat"]
+    ids = tok(PROMPTS[0]).input_ids
+    g = engine.start(ids, SamplingParams(max_tokens=40), Arm("feat", 1))
+    while not g.done:
+        g.step()
+        if not g.done:
+            fresh = forward(target, new_cache(target), g.ids[:-1], hidden=True)[1]
+            torch.testing.assert_close(g.target_features.rows, fresh, rtol=1e-4, atol=1e-4)
+    for arm in (Arm("feat", 1), Arm("close", 1)):
+        res = engine.generate(ids, SamplingParams(max_tokens=40), arm)
+        seq = res.prompt_token_ids + res.token_ids
+        with torch.no_grad():
+            f = target.model(input_ids=torch.tensor([seq])).last_hidden_state
+            emb = target.get_input_embeddings()(torch.tensor([seq])).float()
+            drafts = feat.logits(feat.head(f[:, :-1], emb[:, 1:])[0]).argmax(-1).tolist()  # [j] drafts seq[j + 2]
+        pos, hits = len(ids) + 1, 0
+        for r in res.records[:-1]:
+            want = float(drafts[pos - 2] == seq[pos])
+            assert r.per_drafter["feat"][0] == want
+            hits += want
+            pos += r.emitted
+        assert hits > 0  # the head was trained: some drafts are right
+
+
 def test_full_information_can_be_switched_off(target, tok):
     eng = SpeculativeEngine(target, tok, {"far": ModelDrafter("far", tiny_model(seed=7)), "ngram": NgramDrafter()}, full_information=False)
     res = eng.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=30), Arm("ngram", 3))
@@ -98,12 +137,10 @@ def test_full_information_can_be_switched_off(target, tok):
     assert res.token_ids == hf_greedy(target, tok(PROMPTS[0]).input_ids, 30)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "close"])
+@pytest.mark.parametrize("drafter", ["ngram", "close", "feat"])
 def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
     """Three sampled tokens (the last two from one speculative round) vs the exact target law."""
-    # the target's own greedy text, then its start again: the n-gram drafter proposes what followed
-    base = tok("ab").input_ids
-    ids = base + hf_greedy(target, base, 30) + base
+    ids = sampling_context(target, tok)
     params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3)
     # exact law of (t1, t2, t3) under the target with the same warp: 27 outcomes
     law = {}

@@ -7,7 +7,7 @@ import yaml
 from controller.replay import Replayer, load_trace, simulate
 from deploy.cli import main
 from policies.types import Arm, Choice
-from tiny import VOCAB, noisy_copy, save_models
+from tiny import VOCAB, feature_drafter, noisy_copy, save_models
 from workers.distill import VOCAB_FILE
 from workers.config import DraftpickConfig
 from workers.factory import build_engine
@@ -27,9 +27,12 @@ def recorded(tmp_path_factory, target, tok):
     # a drafter with a reduced output vocabulary (as distilled ones have): every other token id
     noisy_copy(target, 0.05).save_pretrained(root / "trimmed")
     (root / "trimmed" / VOCAB_FILE).write_text(json.dumps(list(range(0, VOCAB, 2))))
+    # a feature (EAGLE-like) head: drafts beyond the first token from its own predicted features
+    feature_drafter(target, tok, root / "feat", [p.get("prompt", "hello there") for p in PROMPTS])
     cfg = {"target": {"name": "tiny", "path": str(root / "target")},
            "drafters": [{"type": "ngram"}, {"type": "suffix"}, {"type": "model", "name": "close", "path": str(root / "close")},
-                          {"type": "model", "name": "trimmed", "path": str(root / "trimmed")}],
+                          {"type": "model", "name": "trimmed", "path": str(root / "trimmed")},
+                          {"type": "feature", "name": "feat", "path": str(root / "feat")}],
            "engine": {"device": "cpu"}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
@@ -38,18 +41,25 @@ def recorded(tmp_path_factory, target, tok):
     return root, DraftpickConfig.model_validate(cfg)
 
 
-@pytest.mark.parametrize("arm", [Arm("ngram", 3), Arm("close", 2), Arm("close", 6), Arm("trimmed", 3), Arm("none", 0)])
-def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm):
+@pytest.mark.parametrize("arm,threshold", [(Arm("ngram", 3), None), (Arm("close", 2), None), (Arm("close", 6), None),
+                                           (Arm("trimmed", 3), None), (Arm("feat", 1), None), (Arm("feat", 4), None),
+                                           (Arm("feat", 6), 0.3), (Arm("none", 0), None)])
+def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm, threshold):
     root, cfg = recorded
     engine = build_engine(cfg)
     from workers.inputs import encode_input
 
+    stopped_early = 0
     for req, item in zip(load_trace(root / "trace.jsonl"), PROMPTS):
-        res = engine.generate(encode_input(tok, item), SamplingParams(max_tokens=40), arm)
-        sim, _ = simulate(req, lambda r, last: Choice(arm, 1.0), [arm])
+        res = engine.generate(encode_input(tok, item), SamplingParams(max_tokens=40), arm,
+                              chooser=lambda g: Choice(arm, 1.0, threshold))
+        sim, _ = simulate(req, lambda r, last: Choice(arm, 1.0, threshold), [arm])
         assert [(r.num_drafted, r.emitted) for r in sim] == [(r.num_drafted, r.emitted) for r in res.records]
         # accepted counts agree too, except where the last round's drafts ran past EOS
         assert [r.accepted for r in sim[:-1]] == [r.accepted for r in res.records[:-1]]
+        stopped_early += sum(0 < r.num_drafted < arm.k for r in res.records[:-1])
+    if threshold is not None:
+        assert stopped_early > 0  # the confidence stop was exercised
 
 
 def test_suffix_trace_sees_only_earlier_outputs(recorded, tok):

@@ -76,3 +76,24 @@ def save_models(root, target, tokenizer, close_noise: float | None = 0.05):
     if close_noise is not None:
         noisy_copy(target, close_noise).save_pretrained(root / "close")
     return root
+
+
+FEATURE_PROMPTS = ["def add(a, b):\n", "the cat sat", "x = 1\n", "hello there", "ab", "q", "import os\n"]
+
+
+def feature_drafter(target, tokenizer, out, prompts=FEATURE_PROMPTS, steps: int = 300, seed: int = 0):
+    """Distil a feature (EAGLE-like) head for `target` on its own greedy text; returns `out`.
+
+    The text is what the target writes after a few prompts, so the head learns what the engine
+    will ask of it; a couple of seconds on a tiny model."""
+    from workers.distill import DistillSettings, Distiller
+
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt).input_ids
+        gen = target.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=120, min_new_tokens=120)[0]
+        texts.append(tokenizer.decode(gen))
+    settings = DistillSettings(out=str(out), init="feature", steps=steps, seq_len=48, batch=8, lr=1e-2,
+                               vocab=VOCAB, seed=seed, checkpoint_every=10_000)
+    Distiller(target, tokenizer, texts * 4, settings, progress=False).run()
+    return out

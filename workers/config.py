@@ -42,7 +42,15 @@ class ModelDrafterConfig(_Strict):
     gguf_file: str | None = None
 
 
-DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig], Field(discriminator="type")]
+class FeatureDrafterConfig(_Strict):
+    type: Literal["feature"]
+    name: str
+    path: str = Field(description="directory written by `draftpick distill --init feature` for this target "
+                      "(a relative path is read from the working directory, else beside the config file)")
+
+
+DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig, FeatureDrafterConfig],
+                          Field(discriminator="type")]
 
 
 class EngineConfig(_Strict):
@@ -102,7 +110,7 @@ class DraftpickConfig(_Strict):
         if dup:
             raise ValueError(f"drafter names must be unique; repeated: {', '.join(sorted(dup))}")
         for d in drafters:
-            if d.type != "model" and d.min_ngram > d.max_ngram:
+            if d.type in ("ngram", "suffix") and d.min_ngram > d.max_ngram:
                 raise ValueError(f"drafter {d.name!r}: min_ngram ({d.min_ngram}) > max_ngram ({d.max_ngram})")
         return drafters
 

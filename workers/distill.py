@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 
+from workers.drafters.feature import FeatureHead, is_feature_drafter, load_head, save_head
+
 VOCAB_FILE = "draftpick_vocab.json"
 
 
 @dataclass(frozen=True)
 class DistillSettings:
     out: str
-    init: str = "target-layers:2"  # or a directory holding an earlier distilled drafter
+    init: str = "feature"  # EAGLE-like head; or "target-layers:N", or a directory holding an earlier drafter
     steps: int | None = None
     minutes: float | None = None
     seq_len: int = 256
@@ -43,6 +45,7 @@ class DistillSettings:
     vocab: int = 8192
     teacher_dtype: str = "fp32"  # bf16 is ~3x faster on CPUs with avx512_bf16 (top-1 agrees ~98 %)
     checkpoint_every: int = 50
+    unroll: int = 1  # feature heads: extra training steps that feed the head its own predictions
     seed: int = 0
 
     def __post_init__(self):
@@ -52,6 +55,8 @@ class DistillSettings:
             raise ValueError("--steps must be >= 1 and --minutes > 0")
         if self.seq_len < 8 or self.batch < 1 or self.vocab < 16:
             raise ValueError("need --seq-len >= 8, --batch >= 1, --vocab >= 16")
+        if self.unroll < 1:
+            raise ValueError("--unroll must be >= 1")
         if self.teacher_dtype not in ("fp32", "bf16"):
             raise ValueError("--teacher-dtype must be fp32 or bf16")
 
@@ -114,26 +119,33 @@ class Distiller:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / "checkpoint.pt"
         self._check_out_dir(tokenizer, target)
-        init_dir = Path(settings.init) if not settings.init.startswith("target-layers:") else None
+        fresh = settings.init == "feature" or settings.init.startswith("target-layers:")
+        self.step, self.elapsed, self.pos = 0, 0.0, 0
         if ckpt.exists():  # resume
             state = torch.load(ckpt, weights_only=False)
-            self.kept = state["kept"]
-            self.student = build_student(target, state["n_layers"], self.kept)
+            self.kept, self.n_layers = state["kept"], state["n_layers"]
+            self.kind = state.get("kind", "layers")
+            self.student = self._new_student(target)
             self.student.load_state_dict(state["model"])
             self.step, self.elapsed, self.pos = state["step"], state["elapsed"], state["pos"]
-            self.n_layers = state["n_layers"]
-        elif init_dir is not None:  # continue from an earlier distilled drafter
-            self.student, self.kept = _load_drafter(init_dir, tokenizer, target)
+        elif not fresh and is_feature_drafter(settings.init):  # continue from an earlier feature drafter
+            self.kind, self.n_layers = "feature", 1
+            self.student, self.kept = load_head(settings.init, target)
+        elif not fresh:  # continue from an earlier distilled drafter
+            self.kind = "layers"
+            self.student, self.kept = _load_drafter(Path(settings.init), tokenizer, target)
             self.student.model.embed_tokens.weight.requires_grad_(False)
             self.n_layers = self.student.config.num_hidden_layers
-            self.step, self.elapsed, self.pos = 0, 0.0, 0
         else:
             specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
             self.kept = kept_vocabulary(self.stream, settings.vocab, specials)
-            self.n_layers = _init_layers(settings.init)
-            self.student = build_student(target, self.n_layers, self.kept)
-            self.step, self.elapsed, self.pos = 0, 0.0, 0
+            self.kind = "feature" if settings.init == "feature" else "layers"
+            self.n_layers = 1 if self.kind == "feature" else _init_layers(settings.init)
+            self.student = self._new_student(target)
         self.kept_t = torch.tensor(self.kept)
+        # the teacher's output rows of the kept ids: its logits there are hidden @ rows.T
+        self.teacher_rows = target.get_output_embeddings().weight[self.kept_t].detach().float()
+        self.embed = target.get_input_embeddings()
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         if ckpt.exists():
@@ -141,9 +153,16 @@ class Distiller:
         self.teacher_dtype = torch.bfloat16 if settings.teacher_dtype == "bf16" else torch.float32
         self.losses: list[float] = []
 
+    def _new_student(self, target):
+        if self.kind == "feature":
+            return FeatureHead.from_target(target)
+        return build_student(target, self.n_layers, self.kept)
+
     def _check_out_dir(self, tokenizer, target) -> None:
-        """Refuse to resume into a directory that holds a drafter for another tokenizer."""
-        if (self.out / "config.json").exists():
+        """Refuse to resume into a directory that holds a drafter for another tokenizer or target."""
+        if is_feature_drafter(self.out):
+            load_head(self.out, target)
+        elif (self.out / "config.json").exists():
             _load_drafter(self.out, tokenizer, target)
 
     def batch(self) -> torch.Tensor:
@@ -159,15 +178,34 @@ class Distiller:
     def train_step(self) -> float:
         x = self.batch()  # [B, T]
         with torch.inference_mode(), torch.autocast("cpu", dtype=self.teacher_dtype, enabled=self.teacher_dtype != torch.float32):
-            t_logits = self.target(input_ids=x).logits[..., self.kept_t].float()  # [B, T, V']
-        t_logp = torch.log_softmax(t_logits, -1).clone()
-        hidden = self.student.model(input_ids=x).last_hidden_state  # [B, T, d]
-        s_logp = torch.log_softmax(trimmed_logits(self.student, hidden, self.kept_t), -1)  # [B, T, V']
-        loss = torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean") / x.shape[1]
+            t_hidden = self.target.model(input_ids=x).last_hidden_state  # [B, T, d]
+        t_hidden = t_hidden.float().clone()  # out of inference mode
+        t_logp = torch.log_softmax(t_hidden @ self.teacher_rows.T, -1)  # [B, T, V'] on the kept ids
+        if self.kind == "feature":
+            loss = self._feature_loss(x, t_hidden, t_logp)
+        else:
+            hidden = self.student.model(input_ids=x).last_hidden_state  # [B, T, d]
+            loss = _kl(trimmed_logits(self.student, hidden, self.kept_t), t_logp)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         return loss.item()
+
+    def _feature_loss(self, x, t_hidden, t_logp) -> torch.Tensor:
+        """EAGLE-style: from (f_j, x_{j+1}) predict f_{j+1}; KL of its logits to the teacher's at j + 1,
+        plus a small smooth-L1 pull toward the true feature. With --unroll > 1, further steps feed the
+        head its own predictions back (as drafting does beyond the first token), scored the same way."""
+        with torch.no_grad():
+            emb = self.embed(x).float()  # [B, T, d], the target's frozen embeddings
+        loss = 0.0
+        feats = t_hidden[:, :-1]
+        for step in range(1, self.s.unroll + 1):
+            pred = self.student(feats, emb[:, step:])  # [B, T - step, d] predicts f_{j+step}
+            true = t_hidden[:, step:]
+            loss = loss + _kl(pred @ self.teacher_rows.T, t_logp[:, step:]) + \
+                0.1 * torch.nn.functional.smooth_l1_loss(pred, true)
+            feats = pred[:, :-1]
+        return loss / self.s.unroll
 
     def run(self) -> dict:
         from tqdm import tqdm
@@ -200,13 +238,24 @@ class Distiller:
     def save_checkpoint(self) -> None:
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save({"model": self.student.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                    "elapsed": self.elapsed, "pos": self.pos, "kept": self.kept, "n_layers": self.n_layers}, tmp)
+                    "elapsed": self.elapsed, "pos": self.pos, "kept": self.kept, "n_layers": self.n_layers,
+                    "kind": self.kind}, tmp)
         tmp.replace(self.out / "checkpoint.pt")
 
     def save(self) -> None:
+        if self.kind == "feature":
+            save_head(self.out, self.student, self.kept, self.target)
+            return
         self.student.save_pretrained(self.out)
         self.tok.save_pretrained(self.out)
         (self.out / VOCAB_FILE).write_text(json.dumps(self.kept))
+
+
+def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) summed over the (kept) vocabulary, averaged over tokens."""
+    s_logp = torch.log_softmax(student_logits, -1)
+    per_token = torch.nn.functional.kl_div(s_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
+    return per_token.mean()
 
 
 def _load_drafter(path: Path, tokenizer, target):
@@ -215,7 +264,7 @@ def _load_drafter(path: Path, tokenizer, target):
     from workers.models import check_same_vocabulary
 
     if not (path / "config.json").exists():
-        raise ValueError(f"--init {str(path)!r} is not a model directory (and not target-layers:N)")
+        raise ValueError(f"--init {str(path)!r} is not a drafter directory (and not feature or target-layers:N)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     check_same_vocabulary(tokenizer, target, str(path), model, str(path))
     f = path / VOCAB_FILE
@@ -231,7 +280,8 @@ def _init_layers(init: str) -> int:
             n = 0
         if n >= 1:
             return n
-    raise ValueError(f"--init must be target-layers:N with N >= 1 (or resume from --out), got {init!r}")
+    raise ValueError(f"--init must be feature, target-layers:N with N >= 1, or a drafter directory "
+                     f"(or resume from --out), got {init!r}")
 
 
 def validate(engine, drafter_name: str, prompts: list[list[int]], max_tokens: int = 64, k: int = 4) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from policies.types import Arm, Choice, RoundRecord
 from workers.drafters.base import Drafter
+from workers.drafters.feature import TargetFeatures
 from workers.drafters.none import NoneDrafter
 from workers.models import forward, new_cache, rollback, verify_forward
 from workers.sampling import SamplingParams, probs_from_logits, sample
@@ -160,7 +161,14 @@ class Generation:
         else:
             self.generator.seed()
         self.cache = new_cache(self.engine.target)
-        self.sessions = {n: d.session(self.tenant, len(self.prompt_ids)) for n, d in self.engine.drafters.items()}
+        # the target's hidden states of the verified tokens, kept only when a feature drafter needs them
+        uses = [getattr(d, "uses_target_features", False) for d in self.engine.drafters.values()]
+        self.target_features = TargetFeatures() if any(uses) else None
+        self.sessions = {
+            n: d.session(self.tenant, len(self.prompt_ids), self.target_features) if use
+            else d.session(self.tenant, len(self.prompt_ids))
+            for (n, d), use in zip(self.engine.drafters.items(), uses)
+        }
         self.started = None
         self.prefill_s = 0.0
 
@@ -178,7 +186,11 @@ class Generation:
 
     def _prefill(self) -> list[int]:
         self.started = time.perf_counter()
-        logits = forward(self.engine.target, self.cache, self.prompt_ids, last_only=True)  # [1, vocab]
+        logits = forward(self.engine.target, self.cache, self.prompt_ids, last_only=True,
+                         hidden=self.target_features is not None)  # [1, vocab]
+        if self.target_features is not None:
+            logits, hidden = logits
+            self.target_features.append(hidden)  # [prompt, d]
         token = self._pick(probs_from_logits(logits[-1], self.params))
         self.prefill_s = time.perf_counter() - self.started
         return self._append([token])
@@ -202,13 +214,17 @@ class Generation:
         t1 = time.perf_counter()
         # 2. verify: one target forward over the pending token and the drafts
         logits = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
-                                self.engine.verify_pad_multiple)  # [d + 1, vocab]
+                                self.engine.verify_pad_multiple, hidden=self.target_features is not None)  # [d + 1, vocab]
+        if self.target_features is not None:
+            logits, hidden = logits
         p = probs_from_logits(logits, self.params)  # [d + 1, vocab]
         res = verify(p, draft, q, self.generator)
         n = res.num_accepted
         # 3. roll the target's cache back to the verified tokens but the new pending one
         #    (this drops rejected drafts and any padding)
         rollback(self.cache, L + n)
+        if self.target_features is not None:
+            self.target_features.append(hidden[: n + 1])  # the pending token and the accepted drafts
         t2 = time.perf_counter()
         # 4. keep drafters in sync; measure everyone's acceptance on the verified tokens
         new_ids = ids + res.tokens

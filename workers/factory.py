@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 from workers.capture import TrafficCapture
-from workers.config import DraftpickConfig, ModelDrafterConfig, NgramConfig, SuffixConfig
+from workers.config import DraftpickConfig, FeatureDrafterConfig, ModelDrafterConfig, NgramConfig, SuffixConfig
 from workers.distill import VOCAB_FILE
+from workers.drafters.feature import FeatureDrafter, is_feature_drafter
 from workers.drafters.model import ModelDrafter
 from workers.drafters.ngram import NgramDrafter
 from workers.drafters.suffix import SuffixDrafter
@@ -24,14 +25,29 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
             drafters[d.name] = NgramDrafter(d.name, d.min_ngram, d.max_ngram)
         elif isinstance(d, SuffixConfig):
             drafters[d.name] = SuffixDrafter(d.name, d.min_ngram, d.max_ngram, d.max_tokens_per_tenant)
-        elif isinstance(d, ModelDrafterConfig):
-            model = load_model(d.path, placement, d.gguf_file)
-            check_same_vocabulary(tokenizer, target, d.name, model, d.path, d.gguf_file)
-            drafters[d.name] = ModelDrafter(d.name, model, kept_vocabulary(d.path))
+        elif isinstance(d, (ModelDrafterConfig, FeatureDrafterConfig)):
+            drafters[d.name] = load_drafter(d.name, d.path, target, tokenizer, placement,
+                                            getattr(d, "gguf_file", None), feature=isinstance(d, FeatureDrafterConfig))
     capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes) if cfg.engine.capture_path else None
     pad = cfg.engine.verify_pad_multiple or (4 if placement.device == "cpu" else 1)
     return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
                              capture=capture, verify_pad_multiple=pad)
+
+
+def load_drafter(name: str, path: str, target, tokenizer, placement, gguf_file: str | None = None,
+                 feature: bool | None = None):
+    """A neural drafter from a directory: a feature head (EAGLE-like) or a causal LM sharing the
+    target's tokenizer. feature=None: decided by the directory's contents."""
+    if feature is None:
+        feature = is_feature_drafter(path)
+    if feature:
+        try:
+            return FeatureDrafter.load(name, path, target)
+        except FileNotFoundError as e:
+            raise ValueError(f"drafter {name!r}: cannot load feature drafter {path!r}: {e}") from None
+    model = load_model(path, placement, gguf_file)
+    check_same_vocabulary(tokenizer, target, name, model, path, gguf_file)
+    return ModelDrafter(name, model, kept_vocabulary(path))
 
 
 def kept_vocabulary(path: str) -> list[int] | None:

@@ -87,14 +87,20 @@ def new_cache(model) -> DynamicCache:
 
 
 @torch.inference_mode()
-def forward(model, cache: DynamicCache, tokens: list[int], last_only: bool = False) -> torch.Tensor:
-    """Run `tokens` after what `cache` holds; returns float32 logits [len(tokens) or 1, vocab]."""
+def forward(model, cache: DynamicCache, tokens: list[int], last_only: bool = False, hidden: bool = False):
+    """Run `tokens` after what `cache` holds; returns float32 logits [len(tokens) or 1, vocab].
+
+    hidden: also return the last hidden states [len(tokens), d] (what the output layer reads;
+    feature drafters draft from them), as (logits, hidden).
+    """
     ids = torch.tensor([tokens], device=model.device)  # [1, n]
-    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
-    return out.logits[0].float()  # [n, vocab]
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1 if last_only else 0,
+                output_hidden_states=hidden)
+    logits = out.logits[0].float()  # [n, vocab]
+    return (logits, out.hidden_states[-1][0]) if hidden else logits
 
 
-def verify_forward(model, cache: DynamicCache, tokens: list[int], pad_multiple: int = 1) -> torch.Tensor:
+def verify_forward(model, cache: DynamicCache, tokens: list[int], pad_multiple: int = 1, hidden: bool = False):
     """The target's verification forward: logits [len(tokens), vocab] for `tokens` after the cache.
 
     With pad_multiple > 1, a forward of more than one token is padded (by repeating the last
@@ -107,6 +113,9 @@ def verify_forward(model, cache: DynamicCache, tokens: list[int], pad_multiple: 
     n = len(tokens)
     if pad_multiple > 1 and n > 1 and n % pad_multiple:
         tokens = tokens + [tokens[-1]] * (pad_multiple - n % pad_multiple)
+    if hidden:
+        logits, h = forward(model, cache, tokens, hidden=True)
+        return logits[:n], h[:n]
     return forward(model, cache, tokens)[:n]
 
 

@@ -21,6 +21,7 @@ import torch
 
 from policies.features import prompt_features
 from policies.types import Arm
+from workers.drafters.feature import FeatureDrafter, TargetFeatures
 from workers.drafters.model import ModelDrafter
 from workers.engine import SpeculativeEngine
 from workers.models import forward, new_cache, rollback, verify_forward
@@ -39,10 +40,15 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
     n = len(out)
     drafters = {}
     draft_cost = {}
+    hidden = None
     for name, d in engine.drafters.items():
         if name == "none":
             continue
-        if isinstance(d, ModelDrafter):
+        if isinstance(d, FeatureDrafter):
+            if hidden is None:  # the target's hidden states of the verified tokens
+                _, hidden = forward(engine.target, new_cache(engine.target), seq[:-1], hidden=True)
+            drafters[name], draft_cost[name] = _feature_drafter_trace(d, hidden, ids, out, k_max, repeats)
+        elif isinstance(d, ModelDrafter):
             drafters[name], draft_cost[name] = _model_drafter_trace(d, ids, out, k_max, repeats)
         else:
             drafters[name], draft_cost[name] = _lookup_drafter_trace(d, ids, out, k_max, tenant)
@@ -109,6 +115,36 @@ def _model_drafter_trace(drafter, ids, out, k_max, repeats):
     seconds = _median_seconds(lambda: drafter.logits(cache, [seq[-1]], last_only=True), cache, len(seq) - 1,
                               max(repeats, 3))
     return {"proposed": proposed, "matched": matched, "confidence": confidence}, seconds
+
+
+@torch.inference_mode()
+def _feature_drafter_trace(drafter, hidden, ids, out, k_max, repeats):
+    """A feature drafter drafts from predicted features beyond the verified token, so teacher forcing
+    would overstate it: each position's greedy draft of k_max tokens is run as the engine runs it.
+    draft_confidence[g - 1][j]: the drafter's probability of its j-th drafted token (its own path)."""
+    features = TargetFeatures()
+    session = drafter.session("", len(ids), features)
+    proposed, matched, confidence = [], [], []
+    for g in range(1, len(out)):
+        verified = ids + out[:g]
+        features.rows = hidden[: len(verified) - 1]
+        confs: list[float] = []
+
+        def choose(i, logits):
+            probs = logits.softmax(-1)
+            confs.append(float(probs.max()))
+            return int(probs.argmax())
+
+        draft, _ = session.draft(verified, len(verified) - 1, k_max, choose)
+        proposed.append(len(draft))
+        matched.append(_run(draft, out[g:]))
+        confidence.append(confs)
+    # cost of one drafted token: one head step on a predicted feature, plus its logits
+    cache = session.cache
+    keep = cache.get_seq_length()
+    h = hidden[-1:]
+    seconds = _median_seconds(lambda: drafter.logits(drafter.step(cache, h, [out[-1]])), cache, keep, max(repeats, 3))
+    return {"proposed": proposed, "matched": matched, "draft_confidence": confidence}, seconds
 
 
 @torch.inference_mode()

@@ -1,0 +1,254 @@
+"""Feature drafters (EAGLE-like): a one-layer head that drafts from the target's own hidden states.
+
+The target's last hidden state f_j (the vector its output layer turns into the
+logits for token j + 1) carries most of what the next tokens will be. The head
+reads pairs (f_j, embedding of x_{j+1}), runs one decoder layer with its own KV
+cache, and predicts f_{j+1}; the target's output rows for a reduced vocabulary
+turn that into a draft of x_{j+2}. Further drafts feed the head's own predicted
+feature with the drafted token (Li et al., EAGLE, 2024).
+
+Only the head is trained and stored (`workers.distill`, `--init feature`): the
+token embeddings and output rows are the target's, so a feature drafter loads
+against the target it was distilled from and shares its tokenizer by construction.
+
+Per request, the engine keeps the target's hidden states of the verified tokens
+(`TargetFeatures`, one row per verified token but the pending last one); the
+session feeds each true pair once into the head's cache and rolls back the
+speculative entries of a draft, so rejected drafts cost nothing to undo.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.models import new_cache, rollback
+from workers.sampling import probs_from_logits, sample
+from workers.verify import acceptance_probability
+
+HEAD_FILE = "draftpick_feature.json"  # marks a feature drafter directory: kept ids + target fingerprint
+WEIGHTS_FILE = "head.safetensors"
+FORMAT = 1
+
+
+def target_fingerprint(target) -> dict:
+    """What a head must agree with: the target's shape and vocabulary size."""
+    c = target.config
+    return {"hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "num_hidden_layers": c.num_hidden_layers,
+            "model_type": c.model_type}
+
+
+def body_config(target_config):
+    """The target's config cut to one decoder layer and no vocabulary of its own."""
+    cfg = target_config.__class__.from_dict(target_config.to_dict())
+    cfg.num_hidden_layers = 1
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[-1:]
+    cfg.vocab_size = 8  # the body never embeds tokens itself (inputs_embeds only)
+    cfg.pad_token_id = None
+    cfg.tie_word_embeddings = False
+    cfg.quantization_config = None
+    return cfg
+
+
+class FeatureHead(nn.Module):
+    """fc(concat(token embedding, feature)) -> one decoder layer (+ norm) -> predicted next feature."""
+
+    def __init__(self, target_config):
+        super().__init__()
+        from transformers import AutoModel
+
+        d = target_config.hidden_size
+        self.fc = nn.Linear(2 * d, d, bias=True)
+        self.body = AutoModel.from_config(body_config(target_config), dtype=torch.float32)
+        self.body.embed_tokens.weight.requires_grad_(False)
+
+    @classmethod
+    def from_target(cls, target) -> "FeatureHead":
+        """A fresh head whose decoder layer and norm start as copies of the target's last layer and norm."""
+        head = cls(target.config)
+        src = target.model.layers[-1].state_dict()
+        head.body.layers[0].load_state_dict({k: v.float() for k, v in src.items()})
+        head.body.norm.load_state_dict({k: v.float() for k, v in target.model.norm.state_dict().items()})
+        with torch.no_grad():  # start near "the next feature is this feature": identity on the feature half
+            d = target.config.hidden_size
+            head.fc.weight.zero_()
+            head.fc.weight[:, d:].copy_(torch.eye(d))
+            head.fc.bias.zero_()
+        return head
+
+    def forward(self, feats: torch.Tensor, tok_emb: torch.Tensor, cache=None) -> torch.Tensor:
+        """feats, tok_emb: [B, T, d] -> predicted features [B, T, d]."""
+        x = self.fc(torch.cat([tok_emb, feats], -1))
+        out = self.body(inputs_embeds=x, cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def trained_state(self) -> dict:
+        """What is stored: everything but the body's unused token embedding."""
+        return {k: v for k, v in self.state_dict().items() if k != "body.embed_tokens.weight"}
+
+
+def is_feature_drafter(path: str | Path) -> bool:
+    return (Path(path) / HEAD_FILE).is_file()
+
+
+def save_head(out: Path, head: FeatureHead, kept: list[int], target, dtype=torch.bfloat16) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in head.trained_state().items()}, out / WEIGHTS_FILE)
+    meta = {"format": FORMAT, "kind": "feature", "target": target_fingerprint(target), "kept": kept}
+    (out / HEAD_FILE).write_text(json.dumps(meta))
+
+
+def load_head(path: str | Path, target) -> tuple[FeatureHead, list[int]]:
+    """Load a stored head for `target`; a clear error when it was made for another target."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_file = path / HEAD_FILE
+    if not meta_file.is_file():
+        raise ValueError(f"{str(path)!r} is not a feature drafter directory (no {HEAD_FILE})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"feature drafter {str(path)!r}: format {meta.get('format')!r}, this version reads {FORMAT}")
+    want = target_fingerprint(target)
+    if meta.get("target") != want:
+        raise ValueError(f"feature drafter {str(path)!r} was made for a target with {meta.get('target')}, "
+                         f"but the target has {want}: a feature drafter must share the target's tokenizer and shape")
+    kept = meta["kept"]
+    if not kept or max(kept) >= target.config.vocab_size or min(kept) < 0:
+        raise ValueError(f"feature drafter {str(path)!r}: kept token ids outside the target's vocabulary")
+    head = FeatureHead(target.config)
+    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "body.embed_tokens.weight"]
+    if missing or unexpected:
+        raise ValueError(f"feature drafter {str(path)!r}: weights do not fit (missing {missing}, unexpected {unexpected})")
+    return head, kept
+
+
+class TargetFeatures:
+    """The target's last hidden states of a request's verified tokens: rows[j] is f_j for ids[j],
+    for every verified token but the pending last one (written by the engine)."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else self.rows.shape[0]
+
+    def append(self, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach().float()
+        self.rows = hidden if self.rows is None else torch.cat([self.rows, hidden])
+
+
+class FeatureDrafter:
+    is_model = True
+    uses_target_features = True  # the engine passes each session the request's TargetFeatures
+
+    def __init__(self, name: str, head: FeatureHead, target, kept: list[int]):
+        self.name, self.head = name, head.to(target.device).eval()
+        self.embed = target.get_input_embeddings()
+        self.kept = torch.tensor(kept, device=target.device)
+        self.out_rows = target.get_output_embeddings().weight[self.kept].detach().float().contiguous()
+        self.vocab_size = target.config.vocab_size
+
+    @classmethod
+    def load(cls, name: str, path: str, target) -> "FeatureDrafter":
+        head, kept = load_head(path, target)
+        return cls(name, head, target, kept)
+
+    def session(self, tenant: str, prompt_len: int, features: TargetFeatures | None = None):
+        if features is None:
+            raise ValueError(f"feature drafter {self.name!r} needs the target's hidden states (engine passes them)")
+        return FeatureSession(self, features)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Predicted features [n, d] -> float32 logits [n, vocab], -inf outside the kept vocabulary."""
+        small = h.float() @ self.out_rows.T
+        full = torch.full((h.shape[0], self.vocab_size), float("-inf"), device=h.device)
+        full[:, self.kept] = small
+        return full
+
+    @torch.inference_mode()
+    def step(self, cache, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Feed pairs (feats[i], tokens[i]) after `cache`; returns the predicted features [n, d]."""
+        emb = self.embed(torch.tensor([tokens], device=feats.device)).float()
+        return self.head(feats[None].float(), emb, cache)[0]
+
+
+class FeatureSession:
+    """Cache entry j holds the pair (f_j, x_{j+1}); `fed` entries hold true features."""
+
+    def __init__(self, drafter: FeatureDrafter, features: TargetFeatures):
+        self.d, self.features = drafter, features
+        self.cache = new_cache(drafter.head.body)
+        self.fed = 0
+        self.h_last: torch.Tensor | None = None  # output of entry fed - 1: predicts f_fed
+
+    def _catch_up(self, ids: list[int], upto: int) -> torch.Tensor:
+        """Feed the true pairs up to entry upto - 1 (needs upto <= len(features)); returns the
+        predicted feature [1, d] that drafts ids[upto + 1]."""
+        rollback(self.cache, self.fed)  # drop the previous draft's speculative entries
+        if upto > self.fed:
+            rows = self.features.rows[self.fed : upto]
+            self.h_last = self.d.step(self.cache, rows, ids[self.fed + 1 : upto + 1])[-1:]
+            self.fed = upto
+        return self.h_last
+
+    def draft(self, ids: list[int], upto: int, n: int, choose) -> tuple[list[int], list[torch.Tensor]]:
+        """Draft n tokens after ids[: upto + 1]; choose(i, logits) -> token (or None to stop)."""
+        h = self._catch_up(ids, upto)
+        tokens, logits_list = [], []
+        for i in range(n):
+            logits = self.d.logits(h)[0]
+            x = choose(i, logits)
+            if x is None:
+                break
+            tokens.append(x)
+            logits_list.append(logits)
+            if i + 1 < n:
+                h = self.d.step(self.cache, h, [x])
+        return tokens, logits_list
+
+    def propose(self, ids, k, params, generator, threshold=None):
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long), None
+        qs: list[torch.Tensor] = []
+        stop = [False]
+
+        def choose(i, logits):
+            if stop[0]:
+                return None
+            q = probs_from_logits(logits, params)
+            x = int(q.argmax()) if params.greedy else int(sample(q, generator))
+            qs.append(q)
+            # confidence stop, as in ModelSession: the drafter's own probability of its token
+            if threshold is not None and float(logits.softmax(-1)[x]) < threshold:
+                stop[0] = True
+            return x
+
+        upto = len(ids) - 1
+        self._check(upto)
+        tokens, _ = self.draft(ids, upto, k, choose)
+        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)
+
+    def sync(self, ids, start, p, params):
+        if p is None:
+            return None  # lazy: the next propose catches up
+        # what this drafter would have proposed from ids[:start], given each earlier draft was accepted
+        self._check(start - 1)
+        emitted = ids[start:]
+        _, logits = self.draft(ids, start - 1, len(emitted), lambda i, lg: emitted[i])
+        q = probs_from_logits(torch.stack(logits), params)
+        return acceptance_probability(p, q).tolist()
+
+    def _check(self, upto: int) -> None:
+        if len(self.features) < upto:
+            raise RuntimeError(f"target features cover {len(self.features)} tokens, the draft needs {upto}")
+
+    def close(self, ids):
+        self.cache = None
