@@ -53,11 +53,14 @@ def run(args) -> int:
     if args.dtype:
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"dtype": args.dtype})})
     ks = [int(k) for k in args.ks.split(",")]
-    engine = build_engine(cfg)
-    drafters = args.drafters.split(",") if args.drafters else [n for n in engine.drafters if n != "none"]
+    drafters = args.drafters.split(",") if args.drafters else [d.name for d in cfg.drafters]
     for d in drafters:
-        if d not in engine.drafters:
-            raise ValueError(f"--drafters: {d!r} is not configured ({', '.join(engine.drafters)})")
+        if d not in cfg.drafter_names():
+            raise ValueError(f"--drafters: {d!r} is not configured ({', '.join(cfg.drafter_names())})")
+    # only the drafters asked for are loaded, so full-information sync costs only what is measured
+    cfg = cfg.model_copy(update={"drafters": [d for d in cfg.drafters if d.name in drafters]})
+    engine = build_engine(cfg)
+    drafters = [d for d in drafters if d != "none"]
     prompts = []
     for domain in args.domains.split(","):
         for item in load_domain(domain, args.prompts_per_domain):
@@ -137,11 +140,12 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
         for k in (k for k in ks if k > 0):
             if hf and d == "ngram":
                 configs[f"hf:pld:{k}"] = hf_generate(prompt_lookup_num_tokens=k)
-            if hf and drafter.is_model:
+            assistant = getattr(drafter, "model", None)  # a feature head is not a model transformers can use
+            if hf and assistant is not None:
                 configs[f"hf:assist:{d}:{k}"] = hf_generate(
-                    assistant_model=drafter.model, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+                    assistant_model=assistant, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
             configs[f"engine:{d}:{k}"] = ours(Arm(d, k))
-        if hf and drafter.is_model:
+        if hf and getattr(drafter, "model", None) is not None:
             configs[f"hf:assist:{d}:heur"] = hf_generate(
                 assistant_model=drafter.model, num_assistant_tokens=5, num_assistant_tokens_schedule="heuristic")
     return configs

@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-tags", action="store_true", help="hide the requests' context tags (features only)")
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("distill", help="train a small drafter from the target (token-level distillation)")
+    s = sub.add_parser("distill", help="train a small drafter from the target (a feature head or a small LM; token-level distillation)")
     s.add_argument("--config", help="the target comes from this configuration (default: the embedded one)")
     s.add_argument("--target", help="target model path (HF id, directory, .gguf, builtin:NAME); overrides --config")
     s.add_argument("--prompts", required=True,
@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--vocab", type=int, default=8192, help="size of the drafter's reduced output vocabulary")
     s.add_argument("--teacher-dtype", default="fp32", choices=["fp32", "bf16"])
+    s.add_argument("--unroll", type=int, default=1, help="feature heads: also train on N - 1 steps of their own predictions")
     s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
     s.set_defaults(func=cmd_distill)
 
@@ -248,7 +249,7 @@ def cmd_distill(args) -> int:
 
     settings = DistillSettings(
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
-        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype)
+        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype, unroll=args.unroll)
     target_path = args.target or load_config(args.config).target.path
     placement = place("cpu", "fp32")  # training runs in fp32; the teacher may autocast to bf16
     tokenizer = load_tokenizer(target_path)
