@@ -6,15 +6,20 @@ policies.types.aggregate), so neither needs to explore to compare arms; costs pe
 from policies.costs.
 
 - A request with an explicit context tag (e.g. "code", "chat", a tenant's workload name) is
-  decided from its tag's own statistics: the arm with the best estimated throughput in that tag
-  (follow the leader, which full information makes safe; arms never measured count as best).
+  decided from its tag's own statistics: the arm with the best throughput in that tag, where an
+  arm's tokens/s measured when it was played under the tag are shrunk toward the full-information
+  estimate (`prior_seconds` of play), and an arm never played under the tag gets an `optimism`
+  bonus so that a close contender is tried once. Measurements matter because the positions where
+  rounds start depend on the arm played, so full-information hazards alone misjudge long drafts
+  (in the recorded trace they moved the tagged policy from 0.943 to 0.954 of the oracle).
 - A request without a tag (or with a tag never seen) is decided by linear models over the cheap
   prompt features (policies.features: bias, length, repetition, code punctuation, newlines,
   temperature, load): for each drafter and draft position, a weighted ridge regression of its
   acceptance on the features (weights: how often the position was judged), plus a LinUCB bonus
   alpha * sqrt(x^T A^-1 x) where the data are thin; the positions' acceptances give each arm's
   tokens per round.
-Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; A|<drafter>|j|p|q (upper
+Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; ct|<tag>|<arm> (tokens
+emitted when played under the tag); A|<drafter>|j|p|q (upper
 triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); the costs of policies.costs.
 """
 from __future__ import annotations
@@ -36,6 +41,8 @@ class ContextualConfig(PolicyConfig):
     alpha: float = 0.1  # LinUCB exploration weight (tokens per round)
     ridge: float = 1.0  # regularisation of the linear models
     prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
+    prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
+    optimism: float = 0.05  # under a tag: bonus of an arm not yet played there
 
 
 @register("contextual")
@@ -56,12 +63,24 @@ class Contextual(BasePolicy):
 
     def select(self, context, stats, rng):
         if context.tag and stats.get(key("obs", context.tag), 0.0) > 0:
-            tpr = arm_tokens_per_round(stats, self.arms, prefix=context.tag)
-            cost = round_costs(stats, self.arms, self.cfg.prior_rounds, tag=context.tag)
-        else:
-            tpr = self.linear(context.features, stats)
-            cost = round_costs(stats, self.arms, self.cfg.prior_rounds)
+            return Choice(self.arms[int(np.argmax(self.tagged(context.tag, stats)))], 1.0)
+        tpr = self.linear(context.features, stats)
+        cost = round_costs(stats, self.arms, self.cfg.prior_rounds)
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0)
+
+    def tagged(self, tag, stats) -> np.ndarray:
+        """[K] tokens/s of each arm under `tag`: what the arm measured when played there, shrunk
+        toward the full-information estimate (every round's verified tokens give every arm's
+        tokens per round, but the positions where rounds start depend on the arm played, so that
+        estimate drifts from what the arm itself gets); an arm not yet played under the tag
+        counts `optimism` better, so a close contender is tried there once."""
+        tpr = arm_tokens_per_round(stats, self.arms, prefix=tag)
+        estimate = tpr / round_costs(stats, self.arms, self.cfg.prior_rounds, tag=tag)
+        tokens = np.array([stats.get(key("ct", tag, a), 0.0) for a in self.arms])
+        seconds = np.array([stats.get(key("cs", tag, a), 0.0) for a in self.arms])
+        prior = self.cfg.prior_seconds
+        thr = (tokens + prior * estimate) / (seconds + prior)
+        return np.where(seconds > 0, thr, thr * (1 + self.cfg.optimism))
 
     def linear(self, features, stats) -> np.ndarray:
         """[K] optimistic tokens per round of each arm predicted from the features."""

@@ -19,7 +19,8 @@ VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32
 
 
 def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
-    """With a tag, the played arm's seconds are also counted under it (cs|tag|arm, cn|tag|arm)."""
+    """With a tag, the played arm's seconds, rounds and emitted tokens are also counted under it
+    (cs|tag|arm, cn|tag|arm, ct|tag|arm)."""
     arm = record_arm(record)
     seconds, rounds = record.verify_s + record.draft_s, float(record.rounds)
     inc = {key("vs", record.k): record.verify_s, key("vn", record.k): rounds,
@@ -27,6 +28,7 @@ def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
     if tag:
         inc[key("cs", tag, arm)] = seconds
         inc[key("cn", tag, arm)] = rounds
+        inc[key("ct", tag, arm)] = float(record.emitted)
     if record.k:
         inc[key("ds", record.drafter)] = record.draft_s
         inc[key("dn", record.drafter)] = float(record.num_drafted)

@@ -209,6 +209,30 @@ def test_censoring_aware_acceptance_estimate_is_unbiased():
     assert naive < 0.8 * truth  # what the censoring-aware estimate avoids
 
 
+def test_contextual_trusts_an_arms_own_measurements_under_a_tag_and_tries_close_contenders():
+    """Full-information hazards say ngram:5 beats plain decoding under tag t, but rounds where
+    ngram:5 was played there measured fewer tokens per second than plain decoding did: the
+    measurements win. ngram:1, never played under t, is tried once (its estimate is close), then
+    judged on what it measured."""
+    policy = create("contextual", [Arm("none", 0), Arm("ngram", 5), Arm("ngram", 1)],
+                    {"scale": 40.0, "prior_seconds": 5.0, "optimism": 0.05})
+    at = {str(a): i for i, a in enumerate(policy.arms)}
+    stats = {"obs|t": 20.0, "vs|0": 5.0, "vn|0": 100.0, "vs|5": 7.0, "vn|5": 100.0, "vs|1": 6.0, "vn|1": 100.0}
+    for j in range(5):  # full information: the n-gram drafter matched 60 % of judged positions
+        stats[f"reach|t|ngram|{j}"], stats[f"hit|t|ngram|{j}"] = 100.0, 60.0
+    played = {"none:0": (1000.0, 50.0), "ngram:5": (1100.0, 77.0)}  # tokens, seconds when played under t
+    for arm, (tokens, seconds) in played.items():
+        stats[f"ct|t|{arm}"], stats[f"cs|t|{arm}"], stats[f"cn|t|{arm}"] = tokens, seconds, 100.0
+    estimate = policy.tagged("t", {k: v for k, v in stats.items() if not k.startswith(("ct|", "cs|t", "cn|t"))})
+    tagged = policy.tagged("t", stats)
+    assert estimate[at["ngram:5"]] > estimate[at["none:0"]]  # what full information alone says
+    assert tagged[at["ngram:5"]] < tagged[at["none:0"]]  # 14.3 tok/s measured against 20
+    ctx, rng = Context(tag="t"), np.random.default_rng(0)
+    assert policy.select(ctx, stats, rng).arm == Arm("ngram", 1)  # untried and close: tried once
+    stats["ct|t|ngram:1"], stats["cs|t|ngram:1"], stats["cn|t|ngram:1"] = 50.0, 5.0, 50.0  # 10 tok/s measured
+    assert policy.select(ctx, stats, rng).arm == Arm("none", 0)
+
+
 def test_contextual_uses_features_when_requests_carry_no_tag():
     arms = arms_of(3)
     code = Context(features=(1.0, 0.5, 0.8, 0.9, 0.5, 0.0, 0.0))
