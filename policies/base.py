@@ -61,7 +61,7 @@ class PolicyConfig:
 def key(*parts) -> str:
     """Statistic names: parts joined by '|', e.g. key('n', arm) -> 'n|ngram:3'. Empty parts are left
     out, so an optional prefix or tag can be passed as "" (key("", "n", arm) == key("n", arm))."""
-    return "|".join(str(p) for p in parts if p != "")
+    return "|".join([p if type(p) is str else str(p) for p in parts if p != ""])
 
 
 class BasePolicy:

@@ -54,6 +54,7 @@ class Contextual(BasePolicy):
         self.d = len(NAMES)
         self.iu = np.triu_indices(self.d)
         self.drafters = sorted({a.drafter for a in self.arms if a.k})
+        self._name_cache: dict = {}
 
     def vector(self, features) -> np.ndarray:
         x = np.zeros(self.d)
@@ -109,13 +110,24 @@ class Contextual(BasePolicy):
             inc[key("obs", record.context)] = 1.0
             inc.update(position_increments(record, prefix=record.context))
         x = self.vector(record.features)
-        nz = np.flatnonzero(x)
+        nz = np.flatnonzero(x).tolist()
+        xs = x.tolist()
         for X, reach in record.reach.items():
             for j, (r, h) in enumerate(zip(reach, record.hits[X])):
                 if not r or j >= self.max_k:
                     continue
-                for p in nz:
-                    inc[key("b", X, j, p)] = h * x[p]
-                    for q in nz[nz >= p]:
-                        inc[key("A", X, j, p, q)] = r * x[p] * x[q]
+                bk, ak = self._names(X, j)
+                for i, p in enumerate(nz):
+                    inc[bk[p]] = h * xs[p]
+                    for q in nz[i:]:
+                        inc[ak[p][q]] = r * xs[p] * xs[q]
         return inc
+
+    def _names(self, drafter, j):
+        """The b|drafter|j|p and A|drafter|j|p|q statistic names (built once: replay calls this a lot)."""
+        names = self._name_cache.get((drafter, j))
+        if names is None:
+            names = ([key("b", drafter, j, p) for p in range(self.d)],
+                     [[key("A", drafter, j, p, q) for q in range(self.d)] for p in range(self.d)])
+            self._name_cache[(drafter, j)] = names
+        return names
