@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--ks", default=DEFAULT_KS, help="draft lengths for the engine and transformers")
     p.add_argument("--drafters", help="comma-separated drafters to run (default: all configured)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override engine.dtype (bf16 on CPU is lossy: see divergence)")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers' assisted generation rows")
+    p.add_argument("--no-hf", action="store_true",
+                   help="skip transformers' prompt lookup and assisted generation rows (its plain generate, "
+                        "the baseline, always runs)")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
     p.set_defaults(func=run)
 
@@ -131,9 +133,7 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
             return res.token_ids, res.records
         return fn
 
-    configs = {}
-    if hf:
-        configs["hf:target-only"] = hf_generate()
+    configs = {"hf:target-only": hf_generate()}  # the baseline of every ratio
     configs["engine:none:0"] = ours(Arm("none", 0))
     for d in drafters:
         drafter = engine.drafters[d]
