@@ -133,7 +133,7 @@ def _feature_drafter_trace(drafter, hidden, ids, out, k_max, repeats):
         def choose(i, logits):
             probs = logits.softmax(-1)
             confs.append(float(probs.max()))
-            return int(probs.argmax())
+            return int(probs.argmax()), True
 
         draft, _ = session.draft(verified, len(verified) - 1, k_max, choose)
         proposed.append(len(draft))

@@ -200,41 +200,33 @@ class FeatureSession:
         return self.h_last
 
     def draft(self, ids: list[int], upto: int, n: int, choose) -> tuple[list[int], list[torch.Tensor]]:
-        """Draft n tokens after ids[: upto + 1]; choose(i, logits) -> token (or None to stop)."""
+        """Draft up to n tokens after ids[: upto + 1]. choose(i, logits) -> (token, go_on): the
+        i-th token given the drafter's logits, and whether to draft another after it."""
         h = self._catch_up(ids, upto)
         tokens, logits_list = [], []
         for i in range(n):
             logits = self.d.logits(h)[0]
-            x = choose(i, logits)
-            if x is None:
-                break
+            x, go_on = choose(i, logits)
             tokens.append(x)
             logits_list.append(logits)
-            if i + 1 < n:
-                h = self.d.step(self.cache, h, [x])
+            if not go_on or i + 1 == n:
+                break
+            h = self.d.step(self.cache, h, [x])
         return tokens, logits_list
 
     def propose(self, ids, k, params, generator, threshold=None):
         if k <= 0:
             return torch.empty(0, dtype=torch.long), None
-        qs: list[torch.Tensor] = []
-        stop = [False]
 
         def choose(i, logits):
-            if stop[0]:
-                return None
             q = probs_from_logits(logits, params)
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))
-            qs.append(q)
             # confidence stop, as in ModelSession: the drafter's own probability of its token
-            if threshold is not None and float(logits.softmax(-1)[x]) < threshold:
-                stop[0] = True
-            return x
+            return x, threshold is None or float(logits.softmax(-1)[x]) >= threshold
 
-        upto = len(ids) - 1
-        self._check(upto)
-        tokens, _ = self.draft(ids, upto, k, choose)
-        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)
+        self._check(len(ids) - 1)
+        tokens, logits = self.draft(ids, len(ids) - 1, k, choose)
+        return torch.tensor(tokens, dtype=torch.long), probs_from_logits(torch.stack(logits), params)
 
     def sync(self, ids, start, p, params):
         if p is None:
@@ -242,7 +234,7 @@ class FeatureSession:
         # what this drafter would have proposed from ids[:start], given each earlier draft was accepted
         self._check(start - 1)
         emitted = ids[start:]
-        _, logits = self.draft(ids, start - 1, len(emitted), lambda i, lg: emitted[i])
+        _, logits = self.draft(ids, start - 1, len(emitted), lambda i, lg: (emitted[i], True))
         q = probs_from_logits(torch.stack(logits), params)
         return acceptance_probability(p, q).tolist()
 
