@@ -30,21 +30,28 @@ def test_default_engine_is_lossless_against_transformers_generate(engine):
         ref = engine.target.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=40)
         ref = ref[0, len(ids):].tolist()
         accepted = 0
-        for arm in [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 3), Arm("ngram", 8), Arm("suffix", 2), Arm("suffix", 5),
-                    Arm("chat", 4), Arm("code", 4)]:
+        for arm in [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 3), Arm("ngram", 8), Arm("suffix", 2), Arm("suffix", 5)]:
             res = engine.generate(ids, SamplingParams(max_tokens=40), arm, tenant="it")
             assert res.token_ids == ref, arm
             accepted += res.metrics()["num_accepted_draft_tokens"]
         assert accepted > 0  # drafts were really accepted along the way
 
 
-def test_shipped_feature_drafters_are_accepted_on_their_domain(engine):
-    """The two distilled heads load against the embedded target and draft tokens it accepts."""
+def test_shipped_feature_drafters_are_lossless_and_accepted():
+    """The two distilled heads (deploy/feature-drafters.yaml) load against the embedded target,
+    keep greedy output identical, and draft tokens it accepts."""
+    from deploy.config import default_config_path
+    from workers.factory import build_engine
     from workers.inputs import encode_input
 
-    for name, item in [("code", PROMPTS[0]), ("chat", PROMPTS[1])]:
-        res = engine.generate(encode_input(engine.tokenizer, item), SamplingParams(max_tokens=40), Arm(name, 4))
-        assert res.metrics()["num_accepted_draft_tokens"] > 0, name
+    engine = build_engine(load_config(default_config_path().parent / "feature-drafters.yaml"))
+    for item in PROMPTS:
+        ids = encode_input(engine.tokenizer, item)
+        ref = engine.generate(ids, SamplingParams(max_tokens=40), Arm("none", 0)).token_ids
+        for name in ("chat", "code"):
+            res = engine.generate(ids, SamplingParams(max_tokens=40), Arm(name, 4))
+            assert res.token_ids == ref, name
+            assert res.metrics()["num_accepted_draft_tokens"] > 0, name
 
 
 def test_info_path_loads_the_exact_target(engine):
