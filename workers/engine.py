@@ -186,11 +186,11 @@ class Generation:
 
     def _prefill(self) -> list[int]:
         self.started = time.perf_counter()
-        logits = forward(self.engine.target, self.cache, self.prompt_ids, last_only=True,
-                         hidden=self.target_features is not None)  # [1, vocab]
-        if self.target_features is not None:
-            logits, hidden = logits
-            self.target_features.append(hidden)  # [prompt, d]
+        keep = self.target_features is not None
+        out = forward(self.engine.target, self.cache, self.prompt_ids, last_only=True, hidden=keep)
+        logits, hidden = out if keep else (out, None)  # [1, vocab], [prompt, d]
+        if keep:
+            self.target_features.append(hidden)
         token = self._pick(probs_from_logits(logits[-1], self.params))
         self.prefill_s = time.perf_counter() - self.started
         return self._append([token])
@@ -213,17 +213,17 @@ class Generation:
         d = len(draft)
         t1 = time.perf_counter()
         # 2. verify: one target forward over the pending token and the drafts
-        logits = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
-                                self.engine.verify_pad_multiple, hidden=self.target_features is not None)  # [d + 1, vocab]
-        if self.target_features is not None:
-            logits, hidden = logits
+        keep = self.target_features is not None
+        out = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
+                             self.engine.verify_pad_multiple, hidden=keep)
+        logits, hidden = out if keep else (out, None)  # [d + 1, vocab], [d + 1, d_model]
         p = probs_from_logits(logits, self.params)  # [d + 1, vocab]
         res = verify(p, draft, q, self.generator)
         n = res.num_accepted
         # 3. roll the target's cache back to the verified tokens but the new pending one
         #    (this drops rejected drafts and any padding)
         rollback(self.cache, L + n)
-        if self.target_features is not None:
+        if keep:
             self.target_features.append(hidden[: n + 1])  # the pending token and the accepted drafts
         t2 = time.perf_counter()
         # 4. keep drafters in sync; measure everyone's acceptance on the verified tokens

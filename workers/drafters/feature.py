@@ -132,17 +132,34 @@ def load_head(path: str | Path, target) -> tuple[FeatureHead, list[int]]:
 
 class TargetFeatures:
     """The target's last hidden states of a request's verified tokens: rows[j] is f_j for ids[j],
-    for every verified token but the pending last one (written by the engine)."""
+    for every verified token but the pending last one (written by the engine). Appends go into a
+    buffer that doubles when full, so a long request does not copy its history every round."""
 
     def __init__(self):
-        self.rows: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None
+        self._n = 0
 
     def __len__(self) -> int:
-        return 0 if self.rows is None else self.rows.shape[0]
+        return self._n
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        return None if self._buf is None else self._buf[: self._n]
+
+    @rows.setter
+    def rows(self, value: torch.Tensor) -> None:
+        self._buf, self._n = value.detach().float(), value.shape[0]
 
     def append(self, hidden: torch.Tensor) -> None:
         hidden = hidden.detach().float()
-        self.rows = hidden if self.rows is None else torch.cat([self.rows, hidden])
+        need = self._n + hidden.shape[0]
+        if self._buf is None or need > self._buf.shape[0]:
+            grown = hidden.new_empty((max(need, 2 * self._n, 64), hidden.shape[1]))
+            if self._n:
+                grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n : need] = hidden
+        self._n = need
 
 
 class FeatureDrafter:
