@@ -1,20 +1,24 @@
 """`draftpick distill`: train a small drafter from the target (token-level distillation).
 
-The student starts from the target itself (LayerSkip-like): its token embeddings
-(frozen), its first `n` decoder layers and final norm, and an output head made of
-the target's embedding rows for the `vocab` most frequent tokens of the training
-text (a reduced output vocabulary: the 49,152-wide output layer would otherwise
-dominate a small drafter's cost). Training minimises KL(teacher || student) on
-that reduced vocabulary, over real text run through the teacher in batches
-(token-level distillation on the target's logits). Text can be the installed
-prompt sets, any JSONL of prompts, or traffic captured by the service (the
-target's own outputs: sequence-level distillation on what users ask).
+Two kinds of student, both with an output head made of the target's embedding rows
+for the `vocab` most frequent tokens of the training text (a reduced output
+vocabulary: the 49,152-wide output layer would otherwise dominate a small
+drafter's cost):
 
-The output directory is a transformers model directory (loadable by
-`from_pretrained`, sharing the target's tokenizer) plus `draftpick_vocab.json`,
-the kept token ids, which the engine's model drafter uses to compute only those
-logits. Checkpoints (`checkpoint.pt`) make a run resumable; the final line of a run
-is an honest validation figure: mean acceptance length at k = 4 on held-out prompts.
+- `feature` (default, EAGLE-like; workers.drafters.feature): a one-layer head that
+  predicts the target's next hidden state from its current one and the next
+  token's embedding. Only the head is trained and stored.
+- `target-layers:N` (LayerSkip-like): the target's token embeddings (frozen), its
+  first N decoder layers and final norm, a causal LM of its own. The output
+  directory is a transformers model directory plus `draftpick_vocab.json`.
+
+Training minimises KL(teacher || student) on the reduced vocabulary, over real
+text run through the teacher in batches (token-level distillation on the target's
+logits). Text can be the installed prompt sets, any JSONL of prompts, or traffic
+captured by the service (the target's own outputs: sequence-level distillation on
+what users ask). Checkpoints (`checkpoint.pt`) make a run resumable; the final line
+of a run is an honest validation figure: mean acceptance length at k = 4 on
+held-out prompts.
 """
 from __future__ import annotations
 
