@@ -101,7 +101,8 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
 
     Sets: sharegpt (a conversation's turns), humaneval (prompt + canonical solution), mtbench
     (questions), stdlib (Python standard library modules, tests left out). A JSONL file may hold `text`, `prompt`,
-    `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`).
+    `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`); a
+    `redis://host:port/db#stream` reads traffic the service captured to a Redis stream.
     """
     out: list[dict] = []
     for part in source.split(","):
@@ -132,9 +133,19 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
                 text = f.read_text(errors="ignore")
                 head = text[:600]
                 out.append({"text": text, "input": {"prompt": head}})
+        elif part.startswith("redis://"):
+            from workers.capture import read_stream
+
+            out += [_captured_item(d, tokenizer) for d in read_stream(part, limit)]
         else:
             out += _file_items(part, limit, tokenizer)
     return out
+
+
+def _captured_item(d: dict, tokenizer) -> dict:
+    """A request captured by the service: its prompt and the target's verified output."""
+    text = tokenizer.decode(d["prompt_token_ids"] + d["token_ids"])
+    return {"text": text, "input": {"prompt": tokenizer.decode(d["prompt_token_ids"])}}
 
 
 def _file_items(path: str, limit: int, tokenizer) -> list[dict]:
@@ -146,8 +157,7 @@ def _file_items(path: str, limit: int, tokenizer) -> list[dict]:
     items = []
     for i, d in iter_jsonl(p):
         if "token_ids" in d and "prompt_token_ids" in d:
-            text = tokenizer.decode(d["prompt_token_ids"] + d["token_ids"])
-            items.append({"text": text, "input": {"prompt": tokenizer.decode(d["prompt_token_ids"])}})
+            items.append(_captured_item(d, tokenizer))
         elif "text" in d:
             items.append({"text": d["text"], "input": {"prompt": d["text"][:600]}})
         elif "prompt" in d:

@@ -156,3 +156,28 @@ def test_traffic_capture_is_opt_in_and_bounded(target4, tok, tmp_path):
 
     items = training_items(str(cap), 10, tok)
     assert items[0]["text"] == tok.decode(lines[0]["prompt_token_ids"] + lines[0]["token_ids"])
+
+
+def test_traffic_capture_to_a_redis_stream_is_bounded_and_readable(target4, tok, tmp_path, redis_server):
+    save_models(tmp_path, target4, tok, close_noise=None)
+    port = redis_server.connection_pool.connection_kwargs["port"]
+    url = f"redis://127.0.0.1:{port}/0#draftpick-capture-test"
+    redis_server.delete("draftpick-capture-test")
+    cfg = DraftpickConfig.model_validate({
+        "target": {"name": "t", "path": str(tmp_path / "target")}, "drafters": [{"type": "ngram"}],
+        "engine": {"device": "cpu", "capture_stream": url, "capture_max_entries": 2}})
+    engine = build_engine(cfg)
+    outs = [engine.generate(tok(p).input_ids, SamplingParams(max_tokens=12, ignore_eos=True), Arm("ngram", 3)).token_ids
+            for p in ["abc", "def", "ghi"]]
+    assert redis_server.xlen("draftpick-capture-test") == 2  # the newest two are kept
+    from bench.prompts import training_items
+
+    items = training_items(url, 10, tok)
+    assert [it["text"] for it in items] == [tok.decode(tok(p).input_ids + o) for p, o in zip(["def", "ghi"], outs[1:])]
+    with pytest.raises(ValueError, match="capture_path or capture_stream, not both"):
+        DraftpickConfig.model_validate({"target": {"name": "t", "path": "x"}, "engine": {
+            "capture_stream": url, "capture_path": str(tmp_path / "c.jsonl")}})
+    with pytest.raises(ValueError, match="redis://host:port/db#stream"):
+        DraftpickConfig.model_validate({"target": {"name": "t", "path": "x"}, "engine": {"capture_stream": "redis://x"}})
+    with pytest.raises(ValueError, match="is empty or missing"):
+        training_items(f"redis://127.0.0.1:{port}/0#nothing-here", 10, tok)

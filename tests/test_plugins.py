@@ -1,10 +1,6 @@
 """Third-party policies: by dotted path, by entry point; bad plug-ins fail at start-up, clearly.
 Statistics and records round-trip exactly through their Redis / JSON forms (real Redis)."""
 import json
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -64,30 +60,6 @@ def test_bad_entry_point_names_it(on_path):
     (dist / "entry_points.txt").write_text("[draftpick.policies]\nbroken = no_such_module:P\n")
     with pytest.raises(PolicyError, match="entry point 'no_such_module:P' failed to load"):
         create("broken", ARMS, {})
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    assert exe, "redis-server is not installed (.ci/install installs it)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", ""],
-                            stdout=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield client
-    proc.terminate()
-    proc.wait()
 
 
 @pytest.mark.parametrize("name", ["ucb1", "hedge", "contextual", "exp3"])

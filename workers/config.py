@@ -70,6 +70,20 @@ class EngineConfig(_Strict):
         None, description="opt-in: append each request's prompt and verified output (token ids) to this JSONL "
         "file, for `draftpick distill --prompts FILE`")
     capture_max_bytes: int = Field(100_000_000, ge=1, description="stop capturing once the file is this large")
+    capture_stream: str | None = Field(
+        None, description="opt-in, instead of capture_path: a Redis stream redis://host:port/db#stream that "
+        "receives each request's prompt and verified output")
+    capture_max_entries: int = Field(100_000, ge=1, description="the capture stream keeps this many newest requests")
+
+    @model_validator(mode="after")
+    def _one_capture(self):
+        if self.capture_path and self.capture_stream:
+            raise ValueError("set capture_path or capture_stream, not both")
+        if self.capture_stream:
+            from workers.capture import parse_stream_url
+
+            parse_stream_url(self.capture_stream)
+        return self
 
 
 class WorkerConfig(_Strict):

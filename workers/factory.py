@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.capture import TrafficCapture
+from workers.capture import RedisStreamCapture, TrafficCapture
 from workers.config import DraftpickConfig, FeatureDrafterConfig, ModelDrafterConfig, NgramConfig, SuffixConfig
 from workers.distill import VOCAB_FILE
 from workers.drafters.feature import FeatureDrafter, is_feature_drafter
@@ -28,7 +28,11 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
         elif isinstance(d, (ModelDrafterConfig, FeatureDrafterConfig)):
             drafters[d.name] = load_drafter(d.name, d.path, target, tokenizer, placement,
                                             getattr(d, "gguf_file", None), feature=isinstance(d, FeatureDrafterConfig))
-    capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes) if cfg.engine.capture_path else None
+    capture = None
+    if cfg.engine.capture_path:
+        capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes)
+    elif cfg.engine.capture_stream:
+        capture = RedisStreamCapture(cfg.engine.capture_stream, cfg.engine.capture_max_entries)
     pad = cfg.engine.verify_pad_multiple or (4 if placement.device == "cpu" else 1)
     return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
                              capture=capture, verify_pad_multiple=pad)
