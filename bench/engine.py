@@ -136,18 +136,18 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
     configs = {"hf:target-only": hf_generate()}  # the baseline of every ratio
     configs["engine:none:0"] = ours(Arm("none", 0))
     for d in drafters:
-        drafter = engine.drafters[d]
+        # transformers' assisted generation needs a causal LM (a feature head is not one)
+        assistant = getattr(engine.drafters[d], "model", None) if hf else None
         for k in (k for k in ks if k > 0):
             if hf and d == "ngram":
                 configs[f"hf:pld:{k}"] = hf_generate(prompt_lookup_num_tokens=k)
-            assistant = getattr(drafter, "model", None)  # a feature head is not a model transformers can use
-            if hf and assistant is not None:
+            if assistant is not None:
                 configs[f"hf:assist:{d}:{k}"] = hf_generate(
                     assistant_model=assistant, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
             configs[f"engine:{d}:{k}"] = ours(Arm(d, k))
-        if hf and getattr(drafter, "model", None) is not None:
+        if assistant is not None:
             configs[f"hf:assist:{d}:heur"] = hf_generate(
-                assistant_model=drafter.model, num_assistant_tokens=5, num_assistant_tokens_schedule="heuristic")
+                assistant_model=assistant, num_assistant_tokens=5, num_assistant_tokens_schedule="heuristic")
     return configs
 
 

@@ -155,6 +155,8 @@ def test_embedded_default_config_is_valid():
     assert cfg.target.path.startswith("builtin:") and {"ngram", "suffix", "none"} <= set(cfg.drafter_names())
     shipped = load_config(default_config_path().parent / "feature-drafters.yaml")
     heads = [d for d in shipped.drafters if d.type == "feature"]
+    # the feature-drafter config is the embedded default plus the heads, nothing else
+    assert shipped.model_copy(update={"drafters": [d for d in shipped.drafters if d.type != "feature"]}) == cfg
     assert len(heads) >= 2  # the distilled heads ship beside the config, found from any working directory
     for d in heads:
         assert (Path(d.path) / "draftpick_feature.json").is_file() and Path(d.path).is_absolute()

@@ -130,8 +130,13 @@ def forward_trimmed(model, cache: DynamicCache, tokens: list[int], head: torch.T
     hidden = model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]  # [n, d]
     if last_only:
         hidden = hidden[-1:]
+    return kept_logits(hidden, head, kept, model.config.vocab_size)
+
+
+def kept_logits(hidden: torch.Tensor, head: torch.Tensor, kept: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """hidden [n, d] @ head [len(kept), d].T scattered into float32 [n, vocab_size], -inf off `kept`."""
     small = (hidden @ head.T).float()  # [n, len(kept)]
-    full = torch.full((small.shape[0], model.config.vocab_size), float("-inf"), device=small.device)
+    full = torch.full((small.shape[0], vocab_size), float("-inf"), device=small.device)
     full[:, kept] = small
     return full
 

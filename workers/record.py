@@ -34,19 +34,20 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
                    k_max: int, tenant: str = "", repeats: int = 3) -> dict:
     # the plain run indexes its output under a throwaway tenant: the suffix drafter must not see
     # this request's own output before its lookups below are recorded
-    res = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0), tenant="\0record-plain")
+    g = engine.start(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0), tenant="\0record-plain")
+    while not g.done:
+        g.step()
+    res = g.result()
     out = res.token_ids
     seq = ids + out
     n = len(out)
     drafters = {}
     draft_cost = {}
-    hidden = None
     for name, d in engine.drafters.items():
         if name == "none":
             continue
-        if isinstance(d, FeatureDrafter):
-            if hidden is None:  # the target's hidden states of the verified tokens
-                _, hidden = forward(engine.target, new_cache(engine.target), seq[:-1], hidden=True)
+        if isinstance(d, FeatureDrafter):  # drafts from the target's hidden states the plain run kept
+            hidden = g.target_features.rows[: len(seq) - 1]
             drafters[name], draft_cost[name] = _feature_drafter_trace(d, hidden, ids, out, k_max, repeats)
         elif isinstance(d, ModelDrafter):
             drafters[name], draft_cost[name] = _model_drafter_trace(d, ids, out, k_max, repeats)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.models import new_cache, rollback
+from workers.models import kept_logits, new_cache, rollback
 from workers.sampling import probs_from_logits, sample
 from workers.verify import acceptance_probability
 
@@ -185,10 +185,7 @@ class FeatureDrafter:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Predicted features [n, d] -> float32 logits [n, vocab], -inf outside the kept vocabulary."""
-        small = h.float() @ self.out_rows.T
-        full = torch.full((h.shape[0], self.vocab_size), float("-inf"), device=h.device)
-        full[:, self.kept] = small
-        return full
+        return kept_logits(h.float(), self.out_rows, self.kept, self.vocab_size)
 
     @torch.inference_mode()
     def step(self, cache, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
