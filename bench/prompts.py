@@ -131,8 +131,8 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
             files = files[:limit]
             for f in files:
                 text = f.read_text(errors="ignore")
-                head = text[:600]
-                out.append({"text": text, "input": {"prompt": head}})
+                if text.strip():  # empty __init__.py files have nothing to prompt with
+                    out.append({"text": text, "input": {"prompt": text[:600]}})
         elif part.startswith("redis://"):
             from workers.capture import read_stream
 

@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ignore-tags", action="store_true", help="hide the requests' context tags (features only)")
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("distill", help="train a small drafter from the target (a feature head or a small LM; token-level distillation)")
+    s = sub.add_parser("distill", help="train a small drafter from the target (a feature head or a small LM; token-level distillation, "
+                                        "optionally on the target's own answers)")
     s.add_argument("--config", help="the target comes from this configuration (default: the embedded one)")
     s.add_argument("--target", help="target model path (HF id, directory, .gguf, builtin:NAME); overrides --config")
     s.add_argument("--prompts", required=True,
@@ -101,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab", type=int, default=8192, help="size of the drafter's reduced output vocabulary")
     s.add_argument("--teacher-dtype", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--unroll", type=int, default=1, help="feature heads: also train on N - 1 steps of their own predictions")
+    s.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="sequence-level: first let the target answer each training prompt with up to N tokens "
+                        "(greedy; OUT/sequences.jsonl, resumable) and train on prompt + answer (0: train on the text)")
+    s.add_argument("--generate-batch", type=int, default=16, help="prompts answered together by --generate")
+    s.add_argument("--teacher-cache-gb", type=float, default=2.0,
+                   help="memory for the teacher's hidden states, reused by later passes over the text")
     s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
     s.set_defaults(func=cmd_distill)
 
@@ -239,9 +246,16 @@ def cmd_replay(args) -> int:
     return 0
 
 
+MAX_PROMPT_TOKENS = 512  # distill --generate skips longer training prompts
+
+
 def cmd_distill(args) -> int:
+    from pathlib import Path
+
+    import torch
+
     from bench.prompts import training_items
-    from workers.distill import DistillSettings, Distiller, validate
+    from workers.distill import SEQUENCES_FILE, DistillSettings, Distiller, generate_sequences, validate
     from workers.engine import SpeculativeEngine
     from workers.factory import load_drafter
     from workers.inputs import encode_input
@@ -249,7 +263,10 @@ def cmd_distill(args) -> int:
 
     settings = DistillSettings(
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
-        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype, unroll=args.unroll)
+        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype, unroll=args.unroll,
+        teacher_cache_gb=args.teacher_cache_gb)
+    if args.generate < 0 or args.generate_batch < 1:
+        raise ValueError("--generate must be >= 0 and --generate-batch >= 1")
     target_path = args.target or load_config(args.config).target.path
     placement = place("cpu", "fp32")  # training runs in fp32; the teacher may autocast to bf16
     tokenizer = load_tokenizer(target_path)
@@ -259,7 +276,16 @@ def cmd_distill(args) -> int:
     train, held = items[: len(items) - args.held_out], items[len(items) - args.held_out :]
     target = load_model(target_path, placement)
     print(f"distill: {len(train)} training items, {len(held)} held out; target {target_path}", file=sys.stderr)
-    distiller = Distiller(target, tokenizer, [it["text"] for it in train], settings)
+    texts = [it["text"] for it in train]
+    if args.generate:
+        prompts = [ids for ids in (encode_input(tokenizer, it["input"]) for it in train) if len(ids) <= MAX_PROMPT_TOKENS]
+        if not prompts:
+            raise ValueError(f"--generate: every training prompt is longer than {MAX_PROMPT_TOKENS} tokens")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(f"distill: the target answers {len(prompts)} prompts (up to {args.generate} tokens each)", file=sys.stderr)
+        texts = generate_sequences(target, tokenizer, prompts, Path(args.out) / SEQUENCES_FILE, args.generate,
+                                   args.generate_batch, torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float32)
+    distiller = Distiller(target, tokenizer, texts, settings)
     summary = distiller.run()
     if args.validate_tokens:
         drafter = load_drafter("distilled", args.out, target, tokenizer, placement)

@@ -8,7 +8,7 @@ from deploy.cli import main
 from policies.types import Arm
 from tiny import feature_drafter, save_models, tiny_model
 from workers.config import DraftpickConfig
-from workers.distill import VOCAB_FILE, DistillSettings, Distiller
+from workers.distill import SEQUENCES_FILE, VOCAB_FILE, DistillSettings, Distiller, generate_sequences
 from workers.factory import build_engine
 from workers.sampling import SamplingParams
 
@@ -181,3 +181,60 @@ def test_traffic_capture_to_a_redis_stream_is_bounded_and_readable(target4, tok,
         DraftpickConfig.model_validate({"target": {"name": "t", "path": "x"}, "engine": {"capture_stream": "redis://x"}})
     with pytest.raises(ValueError, match="is empty or missing"):
         training_items(f"redis://127.0.0.1:{port}/0#nothing-here", 10, tok)
+
+
+def test_generated_answers_are_the_targets_greedy_output_and_resume(target4, tok, tmp_path):
+    """--generate's data: batched, left-padded answers equal the target's own greedy output one by one."""
+    prompts = [tok(t).input_ids for t in ["def add(a", "the cat sat on", "x = 1\ny", "qq", "the"]]
+    path = tmp_path / SEQUENCES_FILE
+    seqs = generate_sequences(target4, tok, prompts, path, 12, batch=2, progress=False)
+    assert len(seqs) == len(prompts)
+    for p, seq in zip(sorted(prompts, key=len), seqs):
+        ref = target4.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
+                               pad_token_id=tok.eos_token_id)[0].tolist()
+        if tok.eos_token_id in ref[len(p):]:
+            ref = ref[: len(p) + ref[len(p):].index(tok.eos_token_id) + 1]
+        assert seq == ref
+    lines = path.read_text().splitlines()
+    assert [json.loads(l)["prompt_token_ids"] for l in lines] == sorted(prompts, key=len)
+    path.write_text(lines[0] + "\n")  # interrupted after the first answer: the rest is generated again
+    assert generate_sequences(target4, tok, prompts, path, 12, batch=2, progress=False) == seqs
+    assert path.read_text().splitlines() == lines
+    with pytest.raises(ValueError, match="holds answers to other prompts"):
+        generate_sequences(target4, tok, [tok("zz").input_ids], path, 12, progress=False)
+
+
+def test_teacher_cache_skips_the_teachers_forward_on_later_passes(target4, tok, tmp_path):
+    rows = []
+    hook = target4.model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+    try:
+        runs = {}
+        for gb in (1.0, 0.0):
+            rows.clear()
+            d = Distiller(target4, tok, TEXTS, DistillSettings(out=str(tmp_path / f"d{gb}"), steps=1, seq_len=32,
+                                                               batch=1, vocab=24, teacher_cache_gb=gb), progress=False)
+            windows = len(d.stream) // 32  # windows in one pass over the text
+            d.s = DistillSettings(out=d.s.out, steps=3 * windows, seq_len=32, batch=1, vocab=24,
+                                  teacher_cache_gb=gb)
+            d.run()
+            runs[gb] = (sum(rows), d.losses)
+    finally:
+        hook.remove()
+    assert runs[1.0][0] == windows  # three passes, the teacher ran once per window
+    assert runs[0.0][0] == 3 * windows  # no cache: every pass runs it
+    assert runs[1.0][1] == pytest.approx(runs[0.0][1], rel=2e-2)  # the fp16 cache trains the same
+
+
+def test_distill_generate_trains_on_the_targets_answers(target4, tok, tmp_path, capsys):
+    save_models(tmp_path, target4, tok, close_noise=None)
+    code = main(["distill", "--target", str(tmp_path / "target"), "--prompts", _jsonl(tmp_path, TEXTS), "--held-out", "2",
+                 "--out", str(tmp_path / "g"), "--generate", "10", "--generate-batch", "4", "--steps", "3",
+                 "--seq-len", "16", "--batch", "2", "--vocab", "24", "--validate-tokens", "8"])
+    assert code == 0
+    lines = [json.loads(l) for l in (tmp_path / "g" / SEQUENCES_FILE).read_text().splitlines()]
+    assert len(lines) == len(TEXTS) - 2 and all(0 < len(d["token_ids"]) <= 10 for d in lines)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["validation"]["mean_acceptance_length"] >= 1.0
+    assert main(["distill", "--target", str(tmp_path / "target"), "--prompts", _jsonl(tmp_path, TEXTS), "--out",
+                 str(tmp_path / "h"), "--generate", "-1", "--steps", "1"]) == 2
+    assert "--generate must be >= 0" in capsys.readouterr().err

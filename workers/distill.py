@@ -12,11 +12,16 @@ drafter's cost):
   first N decoder layers and final norm, a causal LM of its own. The output
   directory is a transformers model directory plus `draftpick_vocab.json`.
 
-Training minimises KL(teacher || student) on the reduced vocabulary, over real
-text run through the teacher in batches (token-level distillation on the target's
-logits). Text can be the installed prompt sets, any JSONL of prompts, or traffic
-captured by the service (the target's own outputs: sequence-level distillation on
-what users ask). Checkpoints (`checkpoint.pt`) make a run resumable; the final line
+Training minimises KL(teacher || student) on the reduced vocabulary, over text run
+through the teacher in batches (token-level distillation on the target's logits).
+Text can be the installed prompt sets, any JSONL of prompts, or traffic captured by
+the service (the target's own outputs: sequence-level distillation on what users
+ask). `--generate N` makes such traffic offline: the target first answers every
+training prompt (greedy, batched; `sequences.jsonl` in the output directory, in the
+capture format, resumable) and the student then learns on prompt + answer, the text
+it will draft at serving time. The teacher's hidden states of each training window
+are kept in memory (`teacher_cache_gb`), so passes after the first over a small
+text skip the teacher's forward. Checkpoints (`checkpoint.pt`) make a run resumable; the final line
 of a run is an honest validation figure: mean acceptance length at k = 4 on
 held-out prompts.
 """
@@ -50,6 +55,7 @@ class DistillSettings:
     teacher_dtype: str = "fp32"  # bf16 is ~3x faster on CPUs with avx512_bf16 (top-1 agrees ~98 %)
     checkpoint_every: int = 50
     unroll: int = 1  # feature heads: extra training steps that feed the head its own predictions
+    teacher_cache_gb: float = 2.0  # the teacher's hidden states of this many GiB of windows are kept (fp16)
     seed: int = 0
 
     def __post_init__(self):
@@ -63,15 +69,59 @@ class DistillSettings:
             raise ValueError("--unroll must be >= 1")
         if self.teacher_dtype not in ("fp32", "bf16"):
             raise ValueError("--teacher-dtype must be fp32 or bf16")
+        if self.teacher_cache_gb < 0:
+            raise ValueError("--teacher-cache-gb must be >= 0")
 
 
-def token_stream(tokenizer, texts: list[str]) -> list[int]:
+def token_stream(tokenizer, texts: list[str | list[int]]) -> list[int]:
+    """Texts (or token id lists) joined into one stream, each ended by EOS."""
     ids: list[int] = []
+    eos = tokenizer.eos_token_id
     for t in texts:
-        ids.extend(tokenizer(t).input_ids)
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
+        ids.extend(tokenizer(t).input_ids if isinstance(t, str) else t)
+        if eos is not None and ids and ids[-1] != eos:
+            ids.append(eos)
     return ids
+
+
+SEQUENCES_FILE = "sequences.jsonl"
+
+
+def generate_sequences(target, tokenizer, prompts: list[list[int]], path: Path, max_new_tokens: int,
+                       batch: int = 16, dtype: torch.dtype = torch.float32, progress: bool = True) -> list[list[int]]:
+    """Sequence-level distillation data: the target's greedy answer to each prompt, generated in
+    batches (prompts sorted by length, left-padded). Each answer is appended to `path` as captured
+    traffic ({"prompt_token_ids", "token_ids"}), so an interrupted run resumes after the last line
+    and the file can be reused as `--prompts`. Returns prompt + answer ids, in the sorted order."""
+    from tqdm import tqdm
+
+    from workers.inputs import iter_jsonl
+
+    order = sorted(prompts, key=len)
+    done = [d["prompt_token_ids"] + d["token_ids"] for _, d in iter_jsonl(path)] if path.exists() else []
+    if len(done) > len(order) or [s[: len(p)] for s, p in zip(done, order)] != order[: len(done)]:
+        raise ValueError(f"{path} holds answers to other prompts: remove it or use another --out")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bar = tqdm(total=len(order), initial=len(done), desc="generate", unit="prompt", file=sys.stderr, disable=not progress)
+    with path.open("a") as f:
+        for i in range(len(done), len(order), batch):
+            rows = order[i : i + batch]
+            width = max(map(len, rows))
+            x = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                out = target.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      do_sample=False, pad_token_id=pad, eos_token_id=eos)
+            for r, new in zip(rows, out[:, width:].tolist()):
+                if eos in new:
+                    new = new[: new.index(eos) + 1]
+                f.write(json.dumps({"prompt_token_ids": r, "token_ids": new}) + "\n")
+                done.append(r + new)
+            f.flush()
+            bar.update(len(rows))
+    bar.close()
+    return done
 
 
 def kept_vocabulary(stream: list[int], size: int, always: list[int]) -> list[int]:
@@ -113,7 +163,7 @@ def trimmed_logits(model, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Ten
 
 
 class Distiller:
-    def __init__(self, target, tokenizer, texts: list[str], settings: DistillSettings, progress=True):
+    def __init__(self, target, tokenizer, texts: list[str | list[int]], settings: DistillSettings, progress=True):
         self.s, self.target, self.tok, self.progress = settings, target, tokenizer, progress
         torch.manual_seed(settings.seed)
         self.stream = token_stream(tokenizer, texts)
@@ -156,6 +206,9 @@ class Distiller:
             self.opt.load_state_dict(state["opt"])
         self.teacher_dtype = torch.bfloat16 if settings.teacher_dtype == "bf16" else torch.float32
         self.losses: list[float] = []
+        d = target.config.hidden_size
+        self.cache: dict[int, torch.Tensor] = {}  # window start -> the teacher's hidden states there (fp16)
+        self.cache_windows = int(settings.teacher_cache_gb * 2**30 / (settings.seq_len * d * 2))
 
     def _new_student(self, target):
         if self.kind == "feature":
@@ -169,21 +222,39 @@ class Distiller:
         elif (self.out / "config.json").exists():
             _load_drafter(self.out, tokenizer, target)
 
-    def batch(self) -> torch.Tensor:
+    def batch(self) -> tuple[torch.Tensor, list[int]]:
+        """The next B windows of the stream (wrapping around: a pass over it is an epoch) and their starts."""
         T, B = self.s.seq_len, self.s.batch
-        rows = []
+        rows, starts = [], []
         for _ in range(B):
             if self.pos + T > len(self.stream):
                 self.pos = 0
             rows.append(self.stream[self.pos : self.pos + T])
+            starts.append(self.pos)
             self.pos += T
-        return torch.tensor(rows)  # [B, T]
+        return torch.tensor(rows), starts  # [B, T]
+
+    def teacher_hidden(self, x: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """The target's last hidden states [B, T, d] of the windows, from the cache where it has them."""
+        missing = [i for i, s in enumerate(starts) if s not in self.cache]
+        if missing:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=self.teacher_dtype,
+                                                        enabled=self.teacher_dtype != torch.float32):
+                fresh = self.target.model(input_ids=x[missing]).last_hidden_state
+            fresh = fresh.float().clone()  # out of inference mode
+            if len(self.cache) + len(missing) > self.cache_windows:
+                return fresh if len(missing) == len(starts) else self._merge(starts, missing, fresh)
+            for i, h in zip(missing, fresh):
+                self.cache[starts[i]] = h.half()
+        return torch.stack([self.cache[s].float() for s in starts])
+
+    def _merge(self, starts, missing, fresh) -> torch.Tensor:
+        rows = dict(zip(missing, fresh))
+        return torch.stack([rows[i] if i in rows else self.cache[s].float() for i, s in enumerate(starts)])
 
     def train_step(self) -> float:
-        x = self.batch()  # [B, T]
-        with torch.inference_mode(), torch.autocast("cpu", dtype=self.teacher_dtype, enabled=self.teacher_dtype != torch.float32):
-            t_hidden = self.target.model(input_ids=x).last_hidden_state  # [B, T, d]
-        t_hidden = t_hidden.float().clone()  # out of inference mode
+        x, starts = self.batch()  # [B, T]
+        t_hidden = self.teacher_hidden(x, starts)
         t_logp = torch.log_softmax(t_hidden @ self.teacher_rows.T, -1)  # [B, T, V'] on the kept ids
         if self.kind == "feature":
             loss = self._feature_loss(x, t_hidden, t_logp)
