@@ -94,6 +94,13 @@ def test_feature_head_distils_loads_and_keeps_output_exact(target4, tok, tmp_pat
         ids = tok(text).input_ids
         ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
         assert engine.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
+    # `full_information: false`: the head costs nothing in rounds where another drafter is played
+    cfg = DraftpickConfig.model_validate({
+        "target": {"name": "t", "path": str(root / "target")}, "engine": {"device": "cpu"},
+        "drafters": [{"type": "ngram"}, {"type": "feature", "name": "feat", "path": str(root / "feat"),
+                                          "full_information": False}]})
+    records = build_engine(cfg).generate(tok("the cat").input_ids, SamplingParams(max_tokens=20), Arm("ngram", 3)).records
+    assert records and all("feat" not in r.per_drafter for r in records)
 
 
 def test_feature_head_for_another_target_is_refused(target4, tok, tmp_path, capsys):

@@ -135,6 +135,14 @@ def test_full_information_can_be_switched_off(target, tok):
     res = eng.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=30), Arm("ngram", 3))
     assert all("far" not in r.per_drafter for r in res.records)
     assert res.token_ids == hf_greedy(target, tok(PROMPTS[0]).input_ids, 30)
+    # or for one drafter: it is measured only when played, the others still every round
+    eng = SpeculativeEngine(target, tok, {"far": ModelDrafter("far", tiny_model(seed=7)), "ngram": NgramDrafter()},
+                            played_only={"far"})
+    res = eng.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=30), Arm("ngram", 3))
+    assert all("far" not in r.per_drafter for r in res.records)
+    res = eng.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=30), Arm("far", 3))
+    assert all("far" in r.per_drafter and "ngram" in r.per_drafter for r in res.records)
+    assert res.token_ids == hf_greedy(target, tok(PROMPTS[0]).input_ids, 30)
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "close", "feat"])

@@ -40,6 +40,8 @@ class ModelDrafterConfig(_Strict):
     name: str
     path: str = Field(description="HF hub id, local directory or .gguf file; must share the target's tokenizer")
     gguf_file: str | None = None
+    full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
+                                   "drafter is played (one forward of it per round); false: only when it is played")
 
 
 class FeatureDrafterConfig(_Strict):
@@ -47,6 +49,8 @@ class FeatureDrafterConfig(_Strict):
     name: str
     path: str = Field(description="directory written by `draftpick distill --init feature` for this target "
                       "(a relative path is read from the working directory, else beside the config file)")
+    full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
+                                   "drafter is played (one forward of it per round); false: only when it is played")
 
 
 DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig, FeatureDrafterConfig],

@@ -94,12 +94,13 @@ def spec_decode_metrics(records: list[RoundRecord]) -> dict:
 
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True,
-                 capture=None, verify_pad_multiple: int = 1):
+                 capture=None, verify_pad_multiple: int = 1, played_only: set[str] = frozenset()):
         self.target, self.tokenizer = target, tokenizer
         self.verify_pad_multiple = verify_pad_multiple  # see workers.models.verify_forward
         self.capture = capture  # workers.capture.TrafficCapture, opt-in
         self.drafters: dict[str, Drafter] = {"none": NoneDrafter(), **(drafters or {})}
         self.full_information = full_information
+        self.played_only = set(played_only)  # drafters measured only in the rounds they are played
         self.eos_ids = _eos_ids(target, tokenizer)
 
     def start(
@@ -233,7 +234,8 @@ class Generation:
             if name == arm.drafter or name == "none":
                 s.sync(new_ids, L, None, self.params)
             else:
-                acc = s.sync(new_ids, L, p[: n + 1] if self.engine.full_information else None, self.params)
+                measure = self.engine.full_information and name not in self.engine.played_only
+                acc = s.sync(new_ids, L, p[: n + 1] if measure else None, self.params)
                 if acc is not None:
                     per_drafter[name] = acc
         t3 = time.perf_counter()

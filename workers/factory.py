@@ -34,8 +34,9 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
     elif cfg.engine.capture_stream:
         capture = RedisStreamCapture(cfg.engine.capture_stream, cfg.engine.capture_max_entries)
     pad = cfg.engine.verify_pad_multiple or (4 if placement.device == "cpu" else 1)
+    played_only = {d.name for d in cfg.drafters if not getattr(d, "full_information", True)}
     return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
-                             capture=capture, verify_pad_multiple=pad)
+                             capture=capture, verify_pad_multiple=pad, played_only=played_only)
 
 
 def load_drafter(name: str, path: str, target, tokenizer, placement, gguf_file: str | None = None,
