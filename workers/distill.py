@@ -237,20 +237,15 @@ class Distiller:
     def teacher_hidden(self, x: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """The target's last hidden states [B, T, d] of the windows, from the cache where it has them."""
         missing = [i for i, s in enumerate(starts) if s not in self.cache]
+        fresh = {}
         if missing:
             with torch.inference_mode(), torch.autocast("cpu", dtype=self.teacher_dtype,
                                                         enabled=self.teacher_dtype != torch.float32):
-                fresh = self.target.model(input_ids=x[missing]).last_hidden_state
-            fresh = fresh.float().clone()  # out of inference mode
-            if len(self.cache) + len(missing) > self.cache_windows:
-                return fresh if len(missing) == len(starts) else self._merge(starts, missing, fresh)
-            for i, h in zip(missing, fresh):
-                self.cache[starts[i]] = h.half()
-        return torch.stack([self.cache[s].float() for s in starts])
-
-    def _merge(self, starts, missing, fresh) -> torch.Tensor:
-        rows = dict(zip(missing, fresh))
-        return torch.stack([rows[i] if i in rows else self.cache[s].float() for i, s in enumerate(starts)])
+                hidden = self.target.model(input_ids=x[missing]).last_hidden_state
+            fresh = dict(zip(missing, hidden.float().clone()))  # clone: out of inference mode
+            if len(self.cache) + len(missing) <= self.cache_windows:
+                self.cache.update((starts[i], h.half()) for i, h in fresh.items())
+        return torch.stack([fresh[i] if i in fresh else self.cache[s].float() for i, s in enumerate(starts)])
 
     def train_step(self) -> float:
         x, starts = self.batch()  # [B, T]
