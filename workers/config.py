@@ -35,22 +35,23 @@ class SuffixConfig(_Strict):
     max_tokens_per_tenant: int = Field(200_000, ge=1, description="index bound per tenant")
 
 
-class ModelDrafterConfig(_Strict):
+class _NeuralDrafterConfig(_Strict):
+    full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
+                                   "drafter is played (one forward of it per round); false: only when it is played")
+
+
+class ModelDrafterConfig(_NeuralDrafterConfig):
     type: Literal["model"]
     name: str
     path: str = Field(description="HF hub id, local directory or .gguf file; must share the target's tokenizer")
     gguf_file: str | None = None
-    full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
-                                   "drafter is played (one forward of it per round); false: only when it is played")
 
 
-class FeatureDrafterConfig(_Strict):
+class FeatureDrafterConfig(_NeuralDrafterConfig):
     type: Literal["feature"]
     name: str
     path: str = Field(description="directory written by `draftpick distill --init feature` for this target "
                       "(a relative path is read from the working directory, else beside the config file)")
-    full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
-                                   "drafter is played (one forward of it per round); false: only when it is played")
 
 
 DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig, FeatureDrafterConfig],
