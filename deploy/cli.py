@@ -252,8 +252,6 @@ MAX_PROMPT_TOKENS = 512  # distill --generate skips longer training prompts
 def cmd_distill(args) -> int:
     from pathlib import Path
 
-    import torch
-
     from bench.prompts import training_items
     from workers.distill import SEQUENCES_FILE, DistillSettings, Distiller, generate_sequences, validate
     from workers.engine import SpeculativeEngine
@@ -284,7 +282,7 @@ def cmd_distill(args) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         print(f"distill: the target answers {len(prompts)} prompts (up to {args.generate} tokens each)", file=sys.stderr)
         texts = generate_sequences(target, tokenizer, prompts, Path(args.out) / SEQUENCES_FILE, args.generate,
-                                   args.generate_batch, torch.bfloat16 if args.teacher_dtype == "bf16" else torch.float32)
+                                   args.generate_batch, args.teacher_dtype)
     distiller = Distiller(target, tokenizer, texts, settings)
     summary = distiller.run()
     if args.validate_tokens:

@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,15 @@ def token_stream(tokenizer, texts: list[str | list[int]]) -> list[int]:
 SEQUENCES_FILE = "sequences.jsonl"
 
 
+@contextmanager
+def teacher_mode(teacher_dtype: str):
+    """Inference mode for the teacher, autocast to bf16 when --teacher-dtype bf16."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=teacher_dtype == "bf16"):
+        yield
+
+
 def generate_sequences(target, tokenizer, prompts: list[list[int]], path: Path, max_new_tokens: int,
-                       batch: int = 16, dtype: torch.dtype = torch.float32, progress: bool = True) -> list[list[int]]:
+                       batch: int = 16, teacher_dtype: str = "fp32", progress: bool = True) -> list[list[int]]:
     """Sequence-level distillation data: the target's greedy answer to each prompt, generated in
     batches (prompts sorted by length, left-padded). Each answer is appended to `path` as captured
     traffic ({"prompt_token_ids", "token_ids"}), so an interrupted run resumes after the last line
@@ -110,7 +118,7 @@ def generate_sequences(target, tokenizer, prompts: list[list[int]], path: Path, 
             width = max(map(len, rows))
             x = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            with teacher_mode(teacher_dtype):
                 out = target.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=pad, eos_token_id=eos)
             for r, new in zip(rows, out[:, width:].tolist()):
@@ -204,7 +212,6 @@ class Distiller:
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
         if ckpt.exists():
             self.opt.load_state_dict(state["opt"])
-        self.teacher_dtype = torch.bfloat16 if settings.teacher_dtype == "bf16" else torch.float32
         self.losses: list[float] = []
         d = target.config.hidden_size
         self.cache: dict[int, torch.Tensor] = {}  # window start -> the teacher's hidden states there (fp16)
@@ -239,8 +246,7 @@ class Distiller:
         missing = [i for i, s in enumerate(starts) if s not in self.cache]
         fresh = {}
         if missing:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=self.teacher_dtype,
-                                                        enabled=self.teacher_dtype != torch.float32):
+            with teacher_mode(self.s.teacher_dtype):
                 hidden = self.target.model(input_ids=x[missing]).last_hidden_state
             fresh = dict(zip(missing, hidden.float().clone()))  # clone: out of inference mode
             if len(self.cache) + len(missing) <= self.cache_windows:

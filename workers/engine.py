@@ -121,10 +121,7 @@ class SpeculativeEngine:
         return Generation(self, list(prompt_ids), params, arm, tenant, context, chooser, load, tuple(features))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, arm: Arm = Arm("none", 0), **kw) -> GenerationResult:
-        g = self.start(prompt_ids, params, arm, **kw)
-        while not g.done:
-            g.step()
-        return g.result()
+        return self.start(prompt_ids, params, arm, **kw).run()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -184,6 +181,12 @@ class Generation:
         if self.started is None:
             return self._prefill()
         return self._round()
+
+    def run(self) -> GenerationResult:
+        """Step to the end and return the result."""
+        while not self.done:
+            self.step()
+        return self.result()
 
     def _prefill(self) -> list[int]:
         self.started = time.perf_counter()

@@ -35,9 +35,7 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
     # the plain run indexes its output under a throwaway tenant: the suffix drafter must not see
     # this request's own output before its lookups below are recorded
     g = engine.start(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0), tenant="\0record-plain")
-    while not g.done:
-        g.step()
-    res = g.result()
+    res = g.run()  # g keeps the target's hidden states, which feature drafters' traces use below
     out = res.token_ids
     seq = ids + out
     n = len(out)
