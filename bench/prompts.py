@@ -91,7 +91,7 @@ def load_domain(domain: str, n: int) -> list[dict]:
     raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
 
 
-TRAINING_SETS = ("sharegpt", "humaneval", "mtbench", "stdlib")
+TRAINING_SETS = ("sharegpt", "humaneval", "mtbench", "stdlib", "stdlib-defs")
 # training text skips the first ShareGPT conversations: benchmarks and records prompt from those
 SHAREGPT_HELD_FOR_BENCH = 1000
 
@@ -100,7 +100,9 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
     """Items {"text": training text, "input": {"prompt"|"messages"}} from a prompt set or a JSONL file.
 
     Sets: sharegpt (a conversation's turns), humaneval (prompt + canonical solution), mtbench
-    (questions), stdlib (Python standard library modules, tests left out). A JSONL file may hold `text`, `prompt`,
+    (questions), stdlib (Python standard library modules, tests left out), stdlib-defs (the
+    standard library's documented public functions, prompted HumanEval-style with the module's
+    imports, the signature and the docstring; the text is the whole function). A JSONL file may hold `text`, `prompt`,
     `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`); a
     `redis://host:port/db#stream` reads traffic the service captured to a Redis stream.
     """
@@ -123,16 +125,12 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
         elif part == "mtbench":
             out += [{"text": q["messages"][0]["content"], "input": {"messages": q["messages"]}} for q in mtbench()][:limit]
         elif part == "stdlib":
-            import sysconfig
-
-            root = Path(sysconfig.get_paths()["stdlib"])
-            files = sorted(f for f in root.rglob("*.py")
-                           if not any("test" in part or part == "site-packages" for part in f.relative_to(root).parts))
-            files = files[:limit]
-            for f in files:
+            for f in _stdlib_files()[:limit]:
                 text = f.read_text(errors="ignore")
                 if text.strip():  # empty __init__.py files have nothing to prompt with
                     out.append({"text": text, "input": {"prompt": text[:600]}})
+        elif part == "stdlib-defs":
+            out += list(itertools.islice(stdlib_functions(), limit))
         elif part.startswith("redis://"):
             from workers.capture import read_stream
 
@@ -140,6 +138,45 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
         else:
             out += _file_items(part, limit, tokenizer)
     return out
+
+
+def _stdlib_files() -> list[Path]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(f for f in root.rglob("*.py")
+                  if not any("test" in part or part == "site-packages" for part in f.relative_to(root).parts))
+
+
+def stdlib_functions():
+    """Yield the standard library's documented functions and methods as HumanEval-like items: prompt =
+    the module's imports (+ the class line of a method) + signature + docstring, text = the same with
+    the whole function."""
+    import ast
+
+    for f in _stdlib_files():
+        source = f.read_text(errors="ignore")
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        lines = source.splitlines(keepends=True)
+        imports = "".join(ast.get_source_segment(source, n) + "\n" for n in tree.body
+                          if isinstance(n, (ast.Import, ast.ImportFrom)))[:400]
+        pre = imports + "\n\n" if imports else ""
+        defs = [(n, "") for n in tree.body]
+        for cls in tree.body:
+            if isinstance(cls, ast.ClassDef) and cls.body:
+                header = "".join(lines[cls.lineno - 1 : cls.body[0].lineno - 1])
+                defs += [(n, header) for n in cls.body]
+        for node, header in defs:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+                continue
+            if len(node.body) < 2:
+                continue  # nothing but the docstring to complete
+            head = "".join(lines[node.lineno - 1 : node.body[0].end_lineno])
+            body = "".join(lines[node.lineno - 1 : node.end_lineno])
+            yield {"text": pre + header + body, "input": {"prompt": pre + header + head}}
 
 
 def _captured_item(d: dict, tokenizer) -> dict:

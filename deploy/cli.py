@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="sequence-level: first let the target answer each training prompt with up to N tokens "
                         "(greedy; OUT/sequences.jsonl, resumable) and train on prompt + answer (0: train on the text)")
     s.add_argument("--generate-batch", type=int, default=16, help="prompts answered together by --generate")
+    s.add_argument("--generate-minutes", type=float,
+                   help="stop answering after this long and train on the answers so far (a later run resumes)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where teacher and student run (auto: cuda when a GPU is visible)")
     s.add_argument("--teacher-cache-gb", type=float, default=2.0,
                    help="memory for the teacher's hidden states, reused by later passes over the text")
     s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
@@ -252,6 +256,8 @@ MAX_PROMPT_TOKENS = 512  # distill --generate skips longer training prompts
 def cmd_distill(args) -> int:
     from pathlib import Path
 
+    import torch
+
     from bench.prompts import training_items
     from workers.distill import SEQUENCES_FILE, DistillSettings, Distiller, generate_sequences, validate
     from workers.engine import SpeculativeEngine
@@ -259,14 +265,18 @@ def cmd_distill(args) -> int:
     from workers.inputs import encode_input
     from workers.models import load_model, load_tokenizer, place
 
+    placement = place(args.device, "fp32")  # training runs in fp32; the teacher may autocast to bf16
     settings = DistillSettings(
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
         batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype, unroll=args.unroll,
-        teacher_cache_gb=args.teacher_cache_gb)
+        teacher_cache_gb=args.teacher_cache_gb, device=placement.device)
     if args.generate < 0 or args.generate_batch < 1:
         raise ValueError("--generate must be >= 0 and --generate-batch >= 1")
+    if args.generate_minutes is not None and args.generate_minutes <= 0:
+        raise ValueError("--generate-minutes must be > 0")
+    if placement.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the student's fp32 matrix products
     target_path = args.target or load_config(args.config).target.path
-    placement = place("cpu", "fp32")  # training runs in fp32; the teacher may autocast to bf16
     tokenizer = load_tokenizer(target_path)
     items = training_items(args.prompts, args.max_items, tokenizer)
     if len(items) <= args.held_out:
@@ -282,7 +292,7 @@ def cmd_distill(args) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         print(f"distill: the target answers {len(prompts)} prompts (up to {args.generate} tokens each)", file=sys.stderr)
         texts = generate_sequences(target, tokenizer, prompts, Path(args.out) / SEQUENCES_FILE, args.generate,
-                                   args.generate_batch, args.teacher_dtype)
+                                   args.generate_batch, args.teacher_dtype, minutes=args.generate_minutes)
     distiller = Distiller(target, tokenizer, texts, settings)
     summary = distiller.run()
     if args.validate_tokens:

@@ -245,3 +245,57 @@ def test_distill_generate_trains_on_the_targets_answers(target4, tok, tmp_path, 
     assert main(["distill", "--target", str(tmp_path / "target"), "--prompts", _jsonl(tmp_path, TEXTS), "--out",
                  str(tmp_path / "h"), "--generate", "-1", "--steps", "1"]) == 2
     assert "--generate must be >= 0" in capsys.readouterr().err
+
+
+def test_generate_minutes_stops_answering_and_a_later_run_resumes(target4, tok, tmp_path):
+    prompts = [tok(t).input_ids for t in ["def add(a", "the cat sat on", "x = 1\ny", "qq"]]
+    path = tmp_path / SEQUENCES_FILE
+    assert generate_sequences(target4, tok, prompts, path, 6, batch=2, progress=False, minutes=1e-9) == []
+    assert not path.read_text()  # stopped before the first batch: nothing half-written
+    full = generate_sequences(target4, tok, prompts, path, 6, batch=2, progress=False)
+    assert len(full) == len(prompts) and len(path.read_text().splitlines()) == len(prompts)
+
+
+def test_stdlib_defs_prompt_with_a_signature_and_docstring_and_train_on_the_function():
+    import ast
+
+    from bench.prompts import training_items
+
+    items = training_items("stdlib-defs", 300)
+    assert len(items) == 300
+    for it in items:
+        prompt, text = it["input"]["prompt"], it["text"]
+        assert text.startswith(prompt) and len(text) > len(prompt)
+        ast.parse(text)  # a whole, valid piece of code
+        assert prompt.rstrip().endswith(('"', "'"))  # ends on the docstring: the model writes the body
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp_path):
+    """--device cuda: answers equal the target's own greedy output there, the loss falls, and the head
+    trained there loads on the CPU and keeps the CPU engine's output exact."""
+    cuda = tiny_model(seed=0, layers=4).to("cuda")
+    prompts = [tok(t).input_ids for t in ["def add(a", "the cat sat on", "x = 1\ny", "qq", "the"]]
+    seqs = generate_sequences(cuda, tok, prompts, tmp_path / SEQUENCES_FILE, 12, batch=2, progress=False)
+    for p, seq in zip(sorted(prompts, key=len), seqs):
+        ref = cuda.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=12,
+                            pad_token_id=tok.eos_token_id)[0].tolist()
+        if tok.eos_token_id in ref[len(p):]:
+            ref = ref[: len(p) + ref[len(p):].index(tok.eos_token_id) + 1]
+        assert seq == ref
+    s = dict(out=str(tmp_path / "f"), seq_len=32, batch=4, lr=3e-3, vocab=24, device="cuda", checkpoint_every=20)
+    d = Distiller(cuda, tok, TEXTS, DistillSettings(steps=40, teacher_dtype="bf16", **s), progress=False)
+    d.run()
+    assert sum(d.losses[-5:]) / 5 < 0.7 * sum(d.losses[:5]) / 5
+    assert Distiller(cuda, tok, TEXTS, DistillSettings(steps=41, **s), progress=False).run()["steps"] == 41  # resumes
+    with pytest.raises(ValueError, match="the target is on cpu"):
+        Distiller(target4, tok, TEXTS, DistillSettings(steps=1, **s), progress=False)
+    save_models(tmp_path, target4, tok, close_noise=None)
+    cfg = DraftpickConfig.model_validate({
+        "target": {"name": "t", "path": str(tmp_path / "target")},
+        "drafters": [{"type": "feature", "name": "feat", "path": str(tmp_path / "f")}], "engine": {"device": "cpu"}})
+    engine = build_engine(cfg)
+    for text in ["def add(a", "the cat", "qq"]:
+        ids = tok(text).input_ids
+        ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
+        assert engine.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref

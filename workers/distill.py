@@ -57,6 +57,7 @@ class DistillSettings:
     checkpoint_every: int = 50
     unroll: int = 1  # feature heads: extra training steps that feed the head its own predictions
     teacher_cache_gb: float = 2.0  # the teacher's hidden states of this many GiB of windows are kept (fp16)
+    device: str = "cpu"  # where the teacher and the student run: cpu or cuda (the target must already be there)
     seed: int = 0
 
     def __post_init__(self):
@@ -72,6 +73,8 @@ class DistillSettings:
             raise ValueError("--teacher-dtype must be fp32 or bf16")
         if self.teacher_cache_gb < 0:
             raise ValueError("--teacher-cache-gb must be >= 0")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
 
 def token_stream(tokenizer, texts: list[str | list[int]]) -> list[int]:
@@ -89,18 +92,21 @@ SEQUENCES_FILE = "sequences.jsonl"
 
 
 @contextmanager
-def teacher_mode(teacher_dtype: str):
+def teacher_mode(teacher_dtype: str, device: str = "cpu"):
     """Inference mode for the teacher, autocast to bf16 when --teacher-dtype bf16."""
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=teacher_dtype == "bf16"):
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=teacher_dtype == "bf16"):
         yield
 
 
 def generate_sequences(target, tokenizer, prompts: list[list[int]], path: Path, max_new_tokens: int,
-                       batch: int = 16, teacher_dtype: str = "fp32", progress: bool = True) -> list[list[int]]:
+                       batch: int = 16, teacher_dtype: str = "fp32", progress: bool = True,
+                       minutes: float | None = None) -> list[list[int]]:
     """Sequence-level distillation data: the target's greedy answer to each prompt, generated in
-    batches (prompts sorted by length, left-padded). Each answer is appended to `path` as captured
-    traffic ({"prompt_token_ids", "token_ids"}), so an interrupted run resumes after the last line
-    and the file can be reused as `--prompts`. Returns prompt + answer ids, in the sorted order."""
+    batches (prompts sorted by length, left-padded) on the target's device. Each answer is appended
+    to `path` as captured traffic ({"prompt_token_ids", "token_ids"}), so an interrupted run resumes
+    after the last line and the file can be reused as `--prompts`. With `minutes`, answering stops
+    after the batch that passes that time (a later run resumes). Returns prompt + answer ids of the
+    answered prompts, in the sorted order."""
     from tqdm import tqdm
 
     from workers.inputs import iter_jsonl
@@ -111,14 +117,20 @@ def generate_sequences(target, tokenizer, prompts: list[list[int]], path: Path, 
         raise ValueError(f"{path} holds answers to other prompts: remove it or use another --out")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = target.device
     bar = tqdm(total=len(order), initial=len(done), desc="generate", unit="prompt", file=sys.stderr, disable=not progress)
+    start = time.perf_counter()
     with path.open("a") as f:
         for i in range(len(done), len(order), batch):
+            if minutes is not None and time.perf_counter() - start >= minutes * 60:
+                print(f"generate: stopped after {minutes} min with {len(done)} of {len(order)} prompts answered",
+                      file=sys.stderr)
+                break
             rows = order[i : i + batch]
             width = max(map(len, rows))
-            x = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            with teacher_mode(teacher_dtype):
+            x = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            with teacher_mode(teacher_dtype, device.type):
                 out = target.generate(input_ids=x, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=pad, eos_token_id=eos)
             for r, new in zip(rows, out[:, width:].tolist()):
@@ -173,6 +185,9 @@ def trimmed_logits(model, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Ten
 class Distiller:
     def __init__(self, target, tokenizer, texts: list[str | list[int]], settings: DistillSettings, progress=True):
         self.s, self.target, self.tok, self.progress = settings, target, tokenizer, progress
+        self.device = torch.device(settings.device)
+        if target.device.type != self.device.type:
+            raise ValueError(f"the target is on {target.device.type}, but --device is {settings.device}")
         torch.manual_seed(settings.seed)
         self.stream = token_stream(tokenizer, texts)
         if len(self.stream) < settings.seq_len + 1:
@@ -184,7 +199,7 @@ class Distiller:
         fresh = settings.init == "feature" or settings.init.startswith("target-layers:")
         self.step, self.elapsed, self.pos = 0, 0.0, 0
         if ckpt.exists():  # resume
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, weights_only=False, map_location="cpu")
             self.kept, self.n_layers = state["kept"], state["n_layers"]
             self.kind = state.get("kind", "layers")
             self.student = self._new_student(target)
@@ -204,7 +219,8 @@ class Distiller:
             self.kind = "feature" if settings.init == "feature" else "layers"
             self.n_layers = 1 if self.kind == "feature" else _init_layers(settings.init)
             self.student = self._new_student(target)
-        self.kept_t = torch.tensor(self.kept)
+        self.student.to(self.device)
+        self.kept_t = torch.tensor(self.kept, device=self.device)
         # the teacher's output rows of the kept ids: its logits there are hidden @ rows.T
         self.teacher_rows = target.get_output_embeddings().weight[self.kept_t].detach().float()
         self.embed = target.get_input_embeddings()
@@ -239,14 +255,14 @@ class Distiller:
             rows.append(self.stream[self.pos : self.pos + T])
             starts.append(self.pos)
             self.pos += T
-        return torch.tensor(rows), starts  # [B, T]
+        return torch.tensor(rows, device=self.device), starts  # [B, T]
 
     def teacher_hidden(self, x: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """The target's last hidden states [B, T, d] of the windows, from the cache where it has them."""
         missing = [i for i, s in enumerate(starts) if s not in self.cache]
         fresh = {}
         if missing:
-            with teacher_mode(self.s.teacher_dtype):
+            with teacher_mode(self.s.teacher_dtype, self.device.type):
                 hidden = self.target.model(input_ids=x[missing]).last_hidden_state
             fresh = dict(zip(missing, hidden.float().clone()))  # clone: out of inference mode
             if len(self.cache) + len(missing) <= self.cache_windows:
@@ -296,6 +312,8 @@ class Distiller:
                 break
             if s.minutes is not None and time.perf_counter() - start >= s.minutes * 60:
                 break
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr(time.perf_counter() - start)
             loss = self.train_step()
             self.step += 1
             self.losses.append(loss)
@@ -310,6 +328,12 @@ class Distiller:
         self.save()
         return {"steps": self.step, "tokens": self.step * s.batch * s.seq_len, "seconds": self.elapsed,
                 "first_loss": self.losses[0] if self.losses else None, "last_loss": self.losses[-1] if self.losses else None}
+
+    def lr(self, elapsed: float) -> float:
+        """Cosine decay from --lr to a tenth of it over the run (by steps or minutes, whichever ends it first)."""
+        s = self.s
+        done = max(self.step / s.steps if s.steps else 0.0, elapsed / (s.minutes * 60) if s.minutes else 0.0)
+        return s.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0))))
 
     def save_checkpoint(self) -> None:
         tmp = self.out / "checkpoint.pt.tmp"

@@ -98,7 +98,7 @@ def save_head(out: Path, head: FeatureHead, kept: list[int], target, dtype=torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in head.trained_state().items()}, out / WEIGHTS_FILE)
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in head.trained_state().items()}, out / WEIGHTS_FILE)
     meta = {"format": FORMAT, "kind": "feature", "target": target_fingerprint(target), "kept": kept}
     (out / HEAD_FILE).write_text(json.dumps(meta))
 
