@@ -296,6 +296,9 @@ def cmd_distill(args) -> int:
     distiller = Distiller(target, tokenizer, texts, settings)
     summary = distiller.run()
     if args.validate_tokens:
+        if placement.device != "cpu":  # the engine is validated on the CPU (where the shipped heads serve)
+            placement = place("cpu", "fp32")
+            target = load_model(target_path, placement)
         drafter = load_drafter("distilled", args.out, target, tokenizer, placement)
         engine = SpeculativeEngine(target, tokenizer, {"distilled": drafter}, verify_pad_multiple=4)
         prompts = [encode_input(tokenizer, it["input"])[-512:] for it in held]

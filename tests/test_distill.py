@@ -299,3 +299,38 @@ def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp
         ids = tok(text).input_ids
         ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
         assert engine.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
+
+
+def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4, tok, tmp_path):
+    """int8 storage: half the bytes of bf16, every weight within half a step of its row's scale."""
+    from workers.drafters.feature import HEAD_FILE, FeatureHead, load_head, save_head
+
+    head = FeatureHead.from_target(target4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_head(tmp_path / "q", head, [0, 1, 2], target4)
+    save_head(tmp_path / "b", head, [0, 1, 2], target4, weights="bf16")
+    q_size, b_size = ((tmp_path / d / "head.safetensors").stat().st_size for d in "qb")
+    assert q_size < 0.6 * b_size
+    want = head.trained_state()
+    loaded, kept = load_head(tmp_path / "q", target4)
+    assert kept == [0, 1, 2]
+    for k, v in loaded.trained_state().items():
+        w = want[k].detach()
+        if w.dim() == 2:
+            step = w.abs().amax(1, keepdim=True) / 127
+            assert ((v - w).abs() <= step / 2 + 1e-6).all(), k
+        else:
+            assert torch.allclose(v, w, rtol=1e-2, atol=1e-3), k
+    meta = json.loads((tmp_path / "b" / HEAD_FILE).read_text())
+    meta["format"] = 1  # what earlier versions wrote: bf16 weights, no "weights" field
+    del meta["weights"]
+    (tmp_path / "b" / HEAD_FILE).write_text(json.dumps(meta))
+    old, _ = load_head(tmp_path / "b", target4)
+    for k, v in old.trained_state().items():
+        assert torch.allclose(v, want[k].detach(), rtol=1e-2, atol=1e-3), k
+    meta["format"] = 9
+    (tmp_path / "b" / HEAD_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format 9, this version reads 1 and 2"):
+        load_head(tmp_path / "b", target4)

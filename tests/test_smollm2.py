@@ -37,14 +37,11 @@ def test_default_engine_is_lossless_against_transformers_generate(engine):
         assert accepted > 0  # drafts were really accepted along the way
 
 
-def test_shipped_feature_drafters_are_lossless_and_accepted():
-    """The two distilled heads (deploy/feature-drafters.yaml) load against the embedded target,
-    keep greedy output identical, and draft tokens it accepts."""
-    from deploy.config import default_config_path
-    from workers.factory import build_engine
+def test_shipped_feature_drafters_are_lossless_and_accepted(engine):
+    """The two distilled heads of the embedded default load against its target, keep greedy
+    output identical, and draft tokens it accepts."""
     from workers.inputs import encode_input
 
-    engine = build_engine(load_config(default_config_path().parent / "feature-drafters.yaml"))
     accepted = {"chat": 0, "code": 0}
     for item in PROMPTS:
         ids = encode_input(engine.tokenizer, item)
@@ -54,6 +51,25 @@ def test_shipped_feature_drafters_are_lossless_and_accepted():
             assert res.token_ids == ref, name
             accepted[name] += res.metrics()["num_accepted_draft_tokens"]
     assert all(accepted.values()), accepted  # each head's drafts were accepted on the two prompts
+
+
+def test_shipped_heads_have_different_strengths(engine):
+    """The chat head accepts more than the code head on ShareGPT prompts and the code head more than
+    the chat head on HumanEval (prompts the heads were not trained on; greedy, so deterministic)."""
+    from bench.prompts import load_domain
+    from workers.inputs import encode_input
+
+    def acceptance(domain, name):
+        steps = accepted = 0
+        for item in load_domain(domain, 2):
+            m = engine.generate(encode_input(engine.tokenizer, item)[-512:], SamplingParams(max_tokens=48),
+                                Arm(name, 4)).metrics()
+            steps, accepted = steps + m["num_spec_steps"], accepted + m["num_accepted_draft_tokens"]
+        return 1 + accepted / steps
+
+    chat = {d: acceptance(d, "chat") for d in ("sharegpt", "humaneval")}
+    code = {d: acceptance(d, "code") for d in ("sharegpt", "humaneval")}
+    assert chat["sharegpt"] > code["sharegpt"] and code["humaneval"] > chat["humaneval"], (chat, code)
 
 
 def test_info_path_loads_the_exact_target(engine):

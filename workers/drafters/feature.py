@@ -30,7 +30,8 @@ from workers.verify import acceptance_probability
 
 HEAD_FILE = "draftpick_feature.json"  # marks a feature drafter directory: kept ids + target fingerprint
 WEIGHTS_FILE = "head.safetensors"
-FORMAT = 1
+FORMAT = 2  # 1: bf16 weights; 2: adds "weights": "int8" (matrices as int8 rows + a scale per row) or "bf16"
+SCALE = ".int8_scale"  # suffix of a quantised matrix's per-row scales in the weights file
 
 
 def target_fingerprint(target) -> dict:
@@ -94,13 +95,37 @@ def is_feature_drafter(path: str | Path) -> bool:
     return (Path(path) / HEAD_FILE).is_file()
 
 
-def save_head(out: Path, head: FeatureHead, kept: list[int], target, dtype=torch.bfloat16) -> None:
+def save_head(out: Path, head: FeatureHead, kept: list[int], target, weights: str = "int8") -> None:
+    """Store the head. int8 (the default) keeps each matrix as int8 rows with one fp32 scale per row,
+    half the size of bf16 (a drafter's weights need not be exact: verification keeps output lossless);
+    vectors (norms, biases) stay bf16."""
     from safetensors.torch import save_file
 
+    if weights not in ("int8", "bf16"):
+        raise ValueError(f"weights must be int8 or bf16, got {weights!r}")
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in head.trained_state().items()}, out / WEIGHTS_FILE)
-    meta = {"format": FORMAT, "kind": "feature", "target": target_fingerprint(target), "kept": kept}
+    tensors = {}
+    for k, v in head.trained_state().items():
+        v = v.detach().to("cpu", torch.float32)
+        if weights == "int8" and v.dim() == 2:
+            scale = v.abs().amax(1).clamp_min(1e-12) / 127
+            tensors[k] = torch.round(v / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            tensors[k + SCALE] = scale.contiguous()
+        else:
+            tensors[k] = v.to(torch.bfloat16).contiguous()
+    save_file(tensors, out / WEIGHTS_FILE)
+    meta = {"format": FORMAT, "kind": "feature", "weights": weights, "target": target_fingerprint(target), "kept": kept}
     (out / HEAD_FILE).write_text(json.dumps(meta))
+
+
+def _dequantised(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in stored.items():
+        if k.endswith(SCALE):
+            continue
+        scale = stored.get(k + SCALE)
+        out[k] = v.float() if scale is None else v.float() * scale.float()[:, None]
+    return out
 
 
 def load_head(path: str | Path, target) -> tuple[FeatureHead, list[int]]:
@@ -112,8 +137,8 @@ def load_head(path: str | Path, target) -> tuple[FeatureHead, list[int]]:
     if not meta_file.is_file():
         raise ValueError(f"{str(path)!r} is not a feature drafter directory (no {HEAD_FILE})")
     meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"feature drafter {str(path)!r}: format {meta.get('format')!r}, this version reads {FORMAT}")
+    if meta.get("format") not in (1, FORMAT):
+        raise ValueError(f"feature drafter {str(path)!r}: format {meta.get('format')!r}, this version reads 1 and {FORMAT}")
     want = target_fingerprint(target)
     if meta.get("target") != want:
         raise ValueError(f"feature drafter {str(path)!r} was made for a target with {meta.get('target')}, "
@@ -122,7 +147,7 @@ def load_head(path: str | Path, target) -> tuple[FeatureHead, list[int]]:
     if not kept or max(kept) >= target.config.vocab_size or min(kept) < 0:
         raise ValueError(f"feature drafter {str(path)!r}: kept token ids outside the target's vocabulary")
     head = FeatureHead(target.config)
-    state = {k: v.float() for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
+    state = _dequantised(load_file(str(path / WEIGHTS_FILE)))
     missing, unexpected = head.load_state_dict(state, strict=False)
     missing = [m for m in missing if m != "body.embed_tokens.weight"]
     if missing or unexpected:
