@@ -21,7 +21,9 @@ training prompt (greedy, batched; `sequences.jsonl` in the output directory, in 
 capture format, resumable) and the student then learns on prompt + answer, the text
 it will draft at serving time. The teacher's hidden states of each training window
 are kept in memory (`teacher_cache_gb`), so passes after the first over a small
-text skip the teacher's forward. Checkpoints (`checkpoint.pt`) make a run resumable; the final line
+text skip the teacher's forward. Everything runs on `device` (cpu or cuda: the target, its answers,
+the student; the learning rate decays, cosine, to a tenth over the run). Checkpoints (`checkpoint.pt`)
+make a run resumable; the final line
 of a run is an honest validation figure: mean acceptance length at k = 4 on
 held-out prompts.
 """
