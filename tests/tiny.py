@@ -81,7 +81,7 @@ def save_models(root, target, tokenizer, close_noise: float | None = 0.05):
 FEATURE_PROMPTS = ["def add(a, b):\n", "the cat sat", "x = 1\n", "hello there", "ab", "q", "import os\n"]
 
 
-def feature_drafter(target, tokenizer, out, prompts=FEATURE_PROMPTS, steps: int = 300, seed: int = 0):
+def feature_drafter(target, tokenizer, out, prompts=FEATURE_PROMPTS, steps: int = 600, seed: int = 0):
     """Distil a feature (EAGLE-like) head for `target` on its own greedy text; returns `out`.
 
     The text is what the target writes after a few prompts, so the head learns what the engine
