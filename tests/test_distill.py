@@ -144,6 +144,11 @@ def test_bad_inputs_fail_with_clear_messages(target4, tok, tmp_path, capsys):
     assert "give --steps or --minutes" in capsys.readouterr().err
     assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--init", "layers:2"]) == 2
     assert "--init 'layers:2' is not a drafter directory (and not feature or target-layers:N)" in capsys.readouterr().err
+    assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--generate", "4", "--generate-minutes", "0"]) == 2
+    assert "--generate-minutes must be > 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--prompts", _jsonl(tmp_path, TEXTS), "--device", "cuda"]) == 2
+        assert "cuda asked for but no GPU is visible" in capsys.readouterr().err
 
 
 def test_traffic_capture_is_opt_in_and_bounded(target4, tok, tmp_path):
