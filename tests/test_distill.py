@@ -90,10 +90,14 @@ def test_feature_head_distils_loads_and_keeps_output_exact(target4, tok, tmp_pat
         "target": {"name": "t", "path": str(root / "target")},
         "drafters": [{"type": "feature", "name": "feat", "path": str(root / "feat")}], "engine": {"device": "cpu"}})
     engine = build_engine(cfg)
+    # the head's arithmetic in bf16: other drafts, the same output
+    engine16 = build_engine(cfg.model_copy(update={"drafters": [cfg.drafters[0].model_copy(update={"dtype": "bf16"})]}))
+    assert engine16.drafters["feat"].out_rows.dtype == torch.bfloat16
     for text in ["def add(a", "the cat", "qq"]:
         ids = tok(text).input_ids
         ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
         assert engine.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
+        assert engine16.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
     # `full_information: false`: the head costs nothing in rounds where another drafter is played
     cfg = DraftpickConfig.model_validate({
         "target": {"name": "t", "path": str(root / "target")}, "engine": {"device": "cpu"},
@@ -304,6 +308,16 @@ def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp
         ids = tok(text).input_ids
         ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
         assert engine.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
+
+
+def test_head_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
+    from workers.drafters import feature
+
+    assert feature.head_dtype("fp32", "cuda") == torch.float32 and feature.head_dtype("bf16", "cpu") == torch.bfloat16
+    assert feature.head_dtype("auto", "cuda") == torch.bfloat16
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(feature, "native_bf16_cpu", lambda: native)
+        assert feature.head_dtype("auto", "cpu") == want
 
 
 def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4, tok, tmp_path):

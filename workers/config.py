@@ -52,6 +52,9 @@ class FeatureDrafterConfig(_NeuralDrafterConfig):
     name: str
     path: str = Field(description="directory written by `draftpick distill --init feature` for this target "
                       "(a relative path is read from the working directory, else beside the config file)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the head's arithmetic (drafts need not be exact: verification keeps output lossless); "
+        "auto: bf16 on CUDA and on CPUs with native bf16 (avx512_bf16 / amx_bf16), else fp32")
 
 
 DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig, FeatureDrafterConfig],

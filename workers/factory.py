@@ -7,7 +7,7 @@ from pathlib import Path
 from workers.capture import RedisStreamCapture, TrafficCapture
 from workers.config import DraftpickConfig, FeatureDrafterConfig, ModelDrafterConfig, NgramConfig, SuffixConfig
 from workers.distill import VOCAB_FILE
-from workers.drafters.feature import FeatureDrafter, is_feature_drafter
+from workers.drafters.feature import FeatureDrafter, head_dtype, is_feature_drafter
 from workers.drafters.model import ModelDrafter
 from workers.drafters.ngram import NgramDrafter
 from workers.drafters.suffix import SuffixDrafter
@@ -27,7 +27,8 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
             drafters[d.name] = SuffixDrafter(d.name, d.min_ngram, d.max_ngram, d.max_tokens_per_tenant)
         elif isinstance(d, (ModelDrafterConfig, FeatureDrafterConfig)):
             drafters[d.name] = load_drafter(d.name, d.path, target, tokenizer, placement,
-                                            getattr(d, "gguf_file", None), feature=isinstance(d, FeatureDrafterConfig))
+                                            getattr(d, "gguf_file", None), feature=isinstance(d, FeatureDrafterConfig),
+                                            dtype=getattr(d, "dtype", "auto"))
     capture = None
     if cfg.engine.capture_path:
         capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes)
@@ -40,14 +41,15 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
 
 
 def load_drafter(name: str, path: str, target, tokenizer, placement, gguf_file: str | None = None,
-                 feature: bool | None = None):
+                 feature: bool | None = None, dtype: str = "auto"):
     """A neural drafter from a directory: a feature head (EAGLE-like) or a causal LM sharing the
-    target's tokenizer. feature=None: decided by the directory's contents."""
+    target's tokenizer. feature=None: decided by the directory's contents. dtype: a feature
+    head's arithmetic (auto, fp32, bf16)."""
     if feature is None:
         feature = is_feature_drafter(path)
     if feature:
         try:
-            return FeatureDrafter.load(name, path, target)
+            return FeatureDrafter.load(name, path, target, head_dtype(dtype, placement.device))
         except FileNotFoundError as e:
             raise ValueError(f"drafter {name!r}: cannot load feature drafter {path!r}: {e}") from None
     model = load_model(path, placement, gguf_file)

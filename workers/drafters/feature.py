@@ -187,21 +187,39 @@ class TargetFeatures:
         self._n = need
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (else torch emulates it, several times slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def head_dtype(dtype: str, device: str) -> torch.dtype:
+    """A feature head's arithmetic: fp32, bf16, or auto (bf16 where it is native: CUDA or such a CPU)."""
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" or native_bf16_cpu() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+
 class FeatureDrafter:
     is_model = True
     uses_target_features = True  # the engine passes each session the request's TargetFeatures
 
-    def __init__(self, name: str, head: FeatureHead, target, kept: list[int]):
-        self.name, self.head = name, head.to(target.device).eval()
+    def __init__(self, name: str, head: FeatureHead, target, kept: list[int], dtype: torch.dtype = torch.float32):
+        # dtype: the head's arithmetic and output rows. bf16 halves the bytes a draft reads (on a CPU,
+        # drafting is bound by them); logits and draft probabilities stay float32
+        self.name, self.dtype, self.head = name, dtype, head.to(target.device, dtype).eval()
         self.embed = target.get_input_embeddings()
         self.kept = torch.tensor(kept, device=target.device)
-        self.out_rows = target.get_output_embeddings().weight[self.kept].detach().float().contiguous()
+        self.out_rows = target.get_output_embeddings().weight[self.kept].detach().to(dtype).contiguous()
         self.vocab_size = target.config.vocab_size
 
     @classmethod
-    def load(cls, name: str, path: str, target) -> "FeatureDrafter":
+    def load(cls, name: str, path: str, target, dtype: torch.dtype = torch.float32) -> "FeatureDrafter":
         head, kept = load_head(path, target)
-        return cls(name, head, target, kept)
+        return cls(name, head, target, kept, dtype)
 
     def session(self, tenant: str, prompt_len: int, features: TargetFeatures | None = None):
         if features is None:
@@ -210,13 +228,13 @@ class FeatureDrafter:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Predicted features [n, d] -> float32 logits [n, vocab], -inf outside the kept vocabulary."""
-        return kept_logits(h.float(), self.out_rows, self.kept, self.vocab_size)
+        return kept_logits(h.to(self.dtype), self.out_rows, self.kept, self.vocab_size)
 
     @torch.inference_mode()
     def step(self, cache, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """Feed pairs (feats[i], tokens[i]) after `cache`; returns the predicted features [n, d]."""
-        emb = self.embed(torch.tensor([tokens], device=feats.device)).float()
-        return self.head(feats[None].float(), emb, cache)[0]
+        emb = self.embed(torch.tensor([tokens], device=feats.device)).to(self.dtype)
+        return self.head(feats[None].to(self.dtype), emb, cache)[0]
 
 
 class FeatureSession:
