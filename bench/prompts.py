@@ -101,8 +101,8 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
 
     Sets: sharegpt (a conversation's turns), humaneval (prompt + canonical solution), mtbench
     (questions), stdlib (Python standard library modules, tests left out), stdlib-defs (the
-    standard library's documented public functions, prompted HumanEval-style with the module's
-    imports, the signature and the docstring; the text is the whole function). A JSONL file may hold `text`, `prompt`,
+    standard library's documented functions and methods, prompted HumanEval-style with the module's
+    imports, a method's class line, the signature and the docstring; the text is the whole function). A JSONL file may hold `text`, `prompt`,
     `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`); a
     `redis://host:port/db#stream` reads traffic the service captured to a Redis stream.
     """

@@ -298,7 +298,7 @@ def cmd_distill(args) -> int:
     if args.validate_tokens:
         if placement.device != "cpu":  # the engine is validated on the CPU (where the shipped heads serve)
             placement = place("cpu", "fp32")
-            target = load_model(target_path, placement)
+            target = target.to(placement.device)  # the same fp32 weights, no second load from disk
         drafter = load_drafter("distilled", args.out, target, tokenizer, placement)
         engine = SpeculativeEngine(target, tokenizer, {"distilled": drafter}, verify_pad_multiple=4)
         prompts = [encode_input(tokenizer, it["input"])[-512:] for it in held]

@@ -65,6 +65,15 @@ def test_distilled_drafter_loads_shares_the_tokenizer_and_keeps_output_exact(tar
         assert drafts and set(drafts) <= kept  # it drafts only from its reduced vocabulary
 
 
+def _greedy_answer(model, tok, prompt: list[int], n: int) -> list[int]:
+    """prompt + the model's own one-by-one greedy answer of up to n tokens, ended at EOS (included)."""
+    ref = model.generate(torch.tensor([prompt], device=model.device), do_sample=False, max_new_tokens=n,
+                         pad_token_id=tok.eos_token_id)[0].tolist()
+    if tok.eos_token_id in ref[len(prompt):]:
+        ref = ref[: len(prompt) + ref[len(prompt):].index(tok.eos_token_id) + 1]
+    return ref
+
+
 def _jsonl(root, texts):
     path = root / "train.jsonl"
     path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
@@ -206,11 +215,7 @@ def test_generated_answers_are_the_targets_greedy_output_and_resume(target4, tok
     seqs = generate_sequences(target4, tok, prompts, path, 12, batch=2, progress=False)
     assert len(seqs) == len(prompts)
     for p, seq in zip(sorted(prompts, key=len), seqs):
-        ref = target4.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12,
-                               pad_token_id=tok.eos_token_id)[0].tolist()
-        if tok.eos_token_id in ref[len(p):]:
-            ref = ref[: len(p) + ref[len(p):].index(tok.eos_token_id) + 1]
-        assert seq == ref
+        assert seq == _greedy_answer(target4, tok, p, 12)
     lines = path.read_text().splitlines()
     assert [json.loads(l)["prompt_token_ids"] for l in lines] == sorted(prompts, key=len)
     path.write_text(lines[0] + "\n")  # interrupted after the first answer: the rest is generated again
@@ -287,11 +292,7 @@ def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp
     prompts = [tok(t).input_ids for t in ["def add(a", "the cat sat on", "x = 1\ny", "qq", "the"]]
     seqs = generate_sequences(cuda, tok, prompts, tmp_path / SEQUENCES_FILE, 12, batch=2, progress=False)
     for p, seq in zip(sorted(prompts, key=len), seqs):
-        ref = cuda.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=12,
-                            pad_token_id=tok.eos_token_id)[0].tolist()
-        if tok.eos_token_id in ref[len(p):]:
-            ref = ref[: len(p) + ref[len(p):].index(tok.eos_token_id) + 1]
-        assert seq == ref
+        assert seq == _greedy_answer(cuda, tok, p, 12)
     s = dict(out=str(tmp_path / "f"), seq_len=32, batch=4, lr=3e-3, vocab=24, device="cuda", checkpoint_every=20)
     d = Distiller(cuda, tok, TEXTS, DistillSettings(steps=40, teacher_dtype="bf16", **s), progress=False)
     d.run()
