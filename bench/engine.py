@@ -6,6 +6,7 @@ Side by side in one run, on the same prompts and the same loaded target:
   - hf:assist:<drafter>:k      transformers assisted generation, constant schedule
   - hf:assist:<drafter>:heur   ... with transformers' heuristic schedule (+2 / -1)
   - engine:<drafter>:k         this engine, for each configured drafter and k (k = 0: plain decoding)
+  - engine:<drafter>:k@t       ... a model drafter with confidence threshold t (--thresholds)
 For each prompt every configuration runs once, in a rotated order (so slow
 drift of the machine hits all alike); throughput is generated tokens over wall
 seconds per domain, reported as a ratio to hf:target-only. Greedy outputs are
@@ -34,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=768, help="longer prompts are cut from the left")
     p.add_argument("--ks", default=DEFAULT_KS, help="draft lengths for the engine and transformers")
     p.add_argument("--drafters", help="comma-separated drafters to run (default: all configured)")
+    p.add_argument("--thresholds", default="",
+                   help="model drafters also run with these confidence thresholds (rows engine:<drafter>:<k>@<t>: "
+                        "drafting stops after a token the drafter gives less than t)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override engine.dtype (bf16 on CPU is lossy: see divergence)")
     p.add_argument("--no-hf", action="store_true",
                    help="skip transformers' prompt lookup and assisted generation rows (its plain generate, "
@@ -55,6 +59,12 @@ def run(args) -> int:
     if args.dtype:
         cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"dtype": args.dtype})})
     ks = [int(k) for k in args.ks.split(",")]
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds: {args.thresholds!r} is not a comma-separated list of numbers") from None
+    if not all(0 < t < 1 for t in thresholds):
+        raise ValueError(f"--thresholds: each threshold must lie in (0, 1), got {args.thresholds!r}")
     drafters = args.drafters.split(",") if args.drafters else [d.name for d in cfg.drafters]
     for d in drafters:
         if d not in cfg.drafter_names():
@@ -68,7 +78,7 @@ def run(args) -> int:
         for item in load_domain(domain, args.prompts_per_domain):
             ids = encode_input(engine.tokenizer, item)[-args.max_prompt_tokens :]
             prompts.append((domain, item["id"], ids))
-    configs = _configs(engine, drafters, ks, args.max_tokens, hf=not args.no_hf)
+    configs = _configs(engine, drafters, ks, args.max_tokens, hf=not args.no_hf, thresholds=thresholds)
 
     how = {
         "command": "draftpick bench engine " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "engine"] else "bench",
@@ -110,11 +120,11 @@ def run(args) -> int:
     return 0
 
 
-def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
+def _configs(engine, drafters, ks, max_tokens, hf: bool, thresholds=()) -> dict:
     """name -> fn(prompt_ids, max_tokens, tenant) -> (generated token ids, round records or None)."""
     import torch
 
-    from policies.types import Arm
+    from policies.types import Arm, Choice
     from workers.sampling import SamplingParams
 
     target = engine.target
@@ -127,9 +137,11 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
             return out[0, len(ids) :].tolist(), None
         return fn
 
-    def ours(arm):
+    def ours(arm, threshold=None):
+        chooser = None if threshold is None else (lambda g: Choice(arm, 1.0, threshold))
+
         def fn(ids, n, tenant):
-            res = engine.generate(ids, SamplingParams(max_tokens=n), arm, tenant=tenant)
+            res = engine.generate(ids, SamplingParams(max_tokens=n), arm, tenant=tenant, chooser=chooser)
             return res.token_ids, res.records
         return fn
 
@@ -145,6 +157,9 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool) -> dict:
                 configs[f"hf:assist:{d}:{k}"] = hf_generate(
                     assistant_model=assistant, num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
             configs[f"engine:{d}:{k}"] = ours(Arm(d, k))
+            if getattr(engine.drafters[d], "is_model", False):
+                for t in thresholds:
+                    configs[f"engine:{d}:{k}@{t:g}"] = ours(Arm(d, k), t)
         if assistant is not None:
             configs[f"hf:assist:{d}:heur"] = hf_generate(
                 assistant_model=assistant, num_assistant_tokens=5, num_assistant_tokens_schedule="heuristic")
@@ -251,8 +266,8 @@ def _markdown(report) -> str:
                      f"{a['tokens_per_s']:.1f} | {a['mismatches']}/{a['prompts']} |")
     lines += ["", "Best per domain: " + ", ".join(f"{d.removeprefix('mtbench-')}: `{n}`" for d, n in report["best_per_domain"].items()), ""]
     lines += [
-        "| engine config | mean acc. len | acc. rate | per-token a | per-position acceptance | tokens/round measured | formula (1-a^(d+1))/(1-a) | meas./formula | draft/verify/sync share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine config | mean acc. len | drafted/round | acc. rate | per-token a | per-position acceptance | tokens/round measured | formula (1-a^(d+1))/(1-a) | meas./formula | draft/verify/sync share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         a = row["all"]
@@ -262,7 +277,7 @@ def _markdown(report) -> str:
         rate = f"{a['draft_acceptance_rate']:.2f}" if a["draft_acceptance_rate"] is not None else "-"
         ts = a["time_share"]
         lines.append(
-            f"| {name} | {a['mean_acceptance_length']:.2f} | {rate} | {a['per_token_acceptance']:.2f} | {pos} | "
+            f"| {name} | {a['mean_acceptance_length']:.2f} | {a['mean_drafted']:.2f} | {rate} | {a['per_token_acceptance']:.2f} | {pos} | "
             f"{a['mean_acceptance_length']:.2f} | {a['formula_tokens_per_round']:.2f} | "
             f"{a['mean_acceptance_length'] / a['formula_tokens_per_round']:.2f} | "
             f"{ts['draft']:.2f}/{ts['verify']:.2f}/{ts['sync']:.2f} |")

@@ -354,3 +354,38 @@ def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4
     (tmp_path / "b" / HEAD_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format 9, this version reads 1 and 2"):
         load_head(tmp_path / "b", target4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_lean_head_step_computes_what_the_transformers_layer_computes(target4, dtype, tol):
+    """Drafting runs the head's layer without transformers (workers.drafters.lean): same features,
+    fed in chunks and one at a time, with speculative entries rolled back between."""
+    from workers.drafters.feature import FeatureDrafter, FeatureHead
+    from workers.models import rollback
+
+    torch.manual_seed(3)
+    head = FeatureHead.from_target(target4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    drafter = FeatureDrafter("f", head, target4, list(range(10)), dtype=dtype)
+    assert drafter.lean is not None and type(drafter.new_cache()).__name__ == "LeanCache"
+    slow = FeatureDrafter("g", head, target4, list(range(10)), dtype=dtype)
+    slow.lean = None  # the transformers path, on the same weights
+    d = target4.config.hidden_size
+    feats, tokens = torch.randn(40, d), torch.randint(1, 30, (40,)).tolist()
+    caches = [drafter.new_cache(), slow.new_cache()]
+    outs = [[], []]
+    # a prompt chunk, single steps, a speculative run rolled back, then a chunk after it
+    plan = [(0, 17, False), (17, 18, False), (18, 19, False), (19, 24, True), (19, 20, False), (20, 31, False), (31, 40, False)]
+    for start, end, speculative in plan:
+        for i, (dr, cache) in enumerate(zip((drafter, slow), caches)):
+            out = dr.step(cache, feats[start:end], tokens[start:end])
+            assert out.shape == (end - start, d) and out.dtype == dtype
+            if speculative:
+                rollback(cache, start)
+            else:
+                outs[i].append(out.float())
+    lean, ref = torch.cat(outs[0]), torch.cat(outs[1])
+    assert lean.shape == (40, d) and ref.abs().mean() > 0.1
+    assert (lean - ref).abs().max() <= tol * ref.abs().max(), (lean - ref).abs().max()

@@ -27,6 +27,10 @@ def engine(target, tok, tmp_path_factory):
         "close": ModelDrafter("close", noisy_copy(target, 0.05)),  # agrees often
         "far": ModelDrafter("far", tiny_model(seed=7)),  # an unrelated model
         "feat": FeatureDrafter.load("feat", str(head), target),  # drafts from the target's hidden states
+        # the same drafters behind a confidence gate: they draft only while their top-1 probability reaches
+        # 0.12, which in the sampling test below skips some first tokens and not others
+        "featgate": FeatureDrafter.load("featgate", str(head), target, min_confidence=0.12),
+        "closegate": ModelDrafter("closegate", noisy_copy(target, 0.05), min_confidence=0.12),
     }
     return SpeculativeEngine(target, tok, drafters, verify_pad_multiple=4)  # the CPU default
 
@@ -42,7 +46,7 @@ def hf_greedy(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("drafter", ["none", "ngram", "suffix", "close", "far", "feat"])
+@pytest.mark.parametrize("drafter", ["none", "ngram", "suffix", "close", "far", "feat", "featgate", "closegate"])
 def test_greedy_output_equals_transformers_generate(engine, target, tok, drafter):
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
@@ -145,7 +149,7 @@ def test_full_information_can_be_switched_off(target, tok):
     assert res.token_ids == hf_greedy(target, tok(PROMPTS[0]).input_ids, 30)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "close", "feat"])
+@pytest.mark.parametrize("drafter", ["ngram", "close", "feat", "featgate", "closegate"])
 def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
     """Three sampled tokens (the last two from one speculative round) vs the exact target law."""
     ids = sampling_context(target, tok)
@@ -162,13 +166,16 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
     keys = list(law)
     counts = np.zeros(len(keys))
     n = 3000
-    drafted = accepted = 0
+    drafted = accepted = skipped = 0
     for seed in range(n):
         res = engine.generate(ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True), Arm(drafter, 2))
         counts[keys.index(tuple(res.token_ids))] += 1
         drafted += res.records[0].num_drafted > 0
         accepted += res.records[0].accepted > 0
+        skipped += res.records[0].num_drafted == 0
     assert drafted > n / 4 and accepted > n / 20  # speculation really happened
+    if drafter.endswith("gate"):
+        assert skipped > n / 50  # the gate skipped rounds (it reads the distribution after the sampled first token)
     assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
 
 
@@ -235,6 +242,21 @@ def test_confidence_threshold_stops_drafting_early_and_stays_exact(engine, targe
     assert drafted[0.99] >= 1  # the first token is always drafted
 
 
+def test_confidence_gate_skips_unconfident_rounds_and_stays_exact(engine, target, tok):
+    """min_confidence: a round whose first position is below it drafts nothing (plain decoding);
+    a draft ends before its first unconfident position; the output does not change."""
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        ref = hf_greedy(target, ids, 48)
+        free = engine.generate(ids, SamplingParams(max_tokens=48), Arm("feat", 4))
+        gate = engine.generate(ids, SamplingParams(max_tokens=48), Arm("featgate", 4))
+        assert free.token_ids == gate.token_ids == ref
+        assert all(r.num_drafted == 4 for r in free.records[:-1])
+        assert any(r.num_drafted == 0 for r in gate.records) and any(r.num_drafted > 0 for r in gate.records)
+        skipped = [r for r in gate.records if r.num_drafted == 0]
+        assert all(r.emitted == 1 and r.per_drafter["featgate"] == [0.0] for r in skipped)
+
+
 def test_round_chooser_can_switch_drafter_and_k_every_round(engine, target, tok):
     from policies.types import Choice
 
@@ -262,3 +284,27 @@ def test_padded_verify_forward_gives_the_same_logits_and_cache(target, tok):
         assert b.get_seq_length() == len(ids) + (-n) % 4  # the padding went into the cache...
         rollback(b, len(ids))  # ...and is cropped like rejected drafts
         torch.testing.assert_close(forward(target, b, [1])[-1], forward(target, a, [1])[-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_engine_on_cuda_is_exact_and_samples_with_the_requests_seed(engine, target, tok):
+    """The engine with the target and its drafters on a GPU: greedy output equals the GPU target's
+    own generate for every drafter; sampling draws from the request's (CPU) generator."""
+    import copy
+
+    gpu = copy.deepcopy(target).to("cuda")
+    drafters = {"ngram": NgramDrafter(), "close": ModelDrafter("close", copy.deepcopy(engine.drafters["close"].model).to("cuda")),
+                "feat": FeatureDrafter(
+                    "feat", copy.deepcopy(engine.drafters["feat"].head).float(), gpu,
+                    engine.drafters["feat"].kept.tolist())}
+    eng = SpeculativeEngine(gpu, tok, drafters)
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        ref = gpu.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=40)[0, len(ids):].tolist()
+        for arm in (Arm("none", 0), Arm("ngram", 3), Arm("close", 4), Arm("feat", 4)):
+            assert eng.generate(ids, SamplingParams(max_tokens=40), arm).token_ids == ref, (arm, prompt)
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5)
+    for arm in (Arm("close", 3), Arm("feat", 3)):
+        a = eng.generate(tok(PROMPTS[1]).input_ids, params, arm)
+        assert a.token_ids == eng.generate(tok(PROMPTS[1]).input_ids, params, arm).token_ids
+        assert len(a.token_ids) == 30 or a.finish_reason == "stop"

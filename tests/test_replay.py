@@ -32,7 +32,10 @@ def recorded(tmp_path_factory, target, tok):
     cfg = {"target": {"name": "tiny", "path": str(root / "target")},
            "drafters": [{"type": "ngram"}, {"type": "suffix"}, {"type": "model", "name": "close", "path": str(root / "close")},
                           {"type": "model", "name": "trimmed", "path": str(root / "trimmed")},
-                          {"type": "feature", "name": "feat", "path": str(root / "feat")}],
+                          {"type": "feature", "name": "feat", "path": str(root / "feat")},
+                          # the same drafters behind a confidence gate (rounds may draft nothing)
+                          {"type": "model", "name": "closegate", "path": str(root / "close"), "min_confidence": 0.3},
+                          {"type": "feature", "name": "featgate", "path": str(root / "feat"), "min_confidence": 0.2}],
            "engine": {"device": "cpu"}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
@@ -43,23 +46,44 @@ def recorded(tmp_path_factory, target, tok):
 
 @pytest.mark.parametrize("arm,threshold", [(Arm("ngram", 3), None), (Arm("close", 2), None), (Arm("close", 6), None),
                                            (Arm("trimmed", 3), None), (Arm("feat", 1), None), (Arm("feat", 4), None),
-                                           (Arm("feat", 6), 0.3), (Arm("none", 0), None)])
+                                           (Arm("feat", 6), 0.3), (Arm("none", 0), None),
+                                           (Arm("closegate", 4), None), (Arm("featgate", 4), None)])
 def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm, threshold):
     root, cfg = recorded
     engine = build_engine(cfg)
     from workers.inputs import encode_input
 
-    stopped_early = 0
+    stopped_early = gated = rounds = 0
+    totals = [[0, 0], [0, 0]]  # simulated, live: rounds, drafted tokens
     for req, item in zip(load_trace(root / "trace.jsonl"), PROMPTS):
         res = engine.generate(encode_input(tok, item), SamplingParams(max_tokens=40), arm,
                               chooser=lambda g: Choice(arm, 1.0, threshold))
         sim, _ = simulate(req, lambda r, last: Choice(arm, 1.0, threshold), [arm])
-        assert [(r.num_drafted, r.emitted) for r in sim] == [(r.num_drafted, r.emitted) for r in res.records]
-        # accepted counts agree too, except where the last round's drafts ran past EOS
-        assert [r.accepted for r in sim[:-1]] == [r.accepted for r in res.records[:-1]]
+        if arm.drafter.endswith("gate"):
+            # a gate compares confidences with a cut: the trace's come from the plain run's hidden states
+            # (a model drafter's: teacher-forced on the true text), the engine's from its verify forwards,
+            # which differ in the last bits, so a confidence at the cut may fall on the other side
+            # (past a rejected draft, a model drafter's true-text confidences run higher than on its own
+            # path, so its trace overstates the drafted count there: only its rounds are compared)
+            assert sum(r.emitted for r in sim) == sum(r.emitted for r in res.records)
+            for i, rs in enumerate((sim, res.records)):
+                totals[i][0] += len(rs)
+                totals[i][1] += sum(r.num_drafted for r in rs)
+        else:
+            assert [(r.num_drafted, r.emitted) for r in sim] == [(r.num_drafted, r.emitted) for r in res.records]
+            # accepted counts agree too, except where the last round's drafts ran past EOS
+            assert [r.accepted for r in sim[:-1]] == [r.accepted for r in res.records[:-1]]
         stopped_early += sum(0 < r.num_drafted < arm.k for r in res.records[:-1])
+        gated += sum(r.num_drafted == 0 for r in res.records[:-1])
+        rounds += len(res.records) - 1
     if threshold is not None:
         assert stopped_early > 0  # the confidence stop was exercised
+    if arm.drafter.endswith("gate"):
+        assert 0 < gated < rounds  # the gate skipped some rounds, not all
+        (n_sim, d_sim), (n_live, d_live) = totals
+        assert abs(n_sim - n_live) <= 0.05 * n_live
+        if arm.drafter == "featgate":
+            assert abs(d_sim - d_live) <= 0.1 * d_live
 
 
 def test_suffix_trace_sees_only_earlier_outputs(recorded, tok):

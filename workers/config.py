@@ -38,6 +38,9 @@ class SuffixConfig(_Strict):
 class _NeuralDrafterConfig(_Strict):
     full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
                                    "drafter is played (one forward of it per round); false: only when it is played")
+    min_confidence: float = Field(0.0, ge=0, lt=1, description="draft only while the drafter's top-1 probability "
+                                  "reaches this; below it at the first position the round is plain decoding "
+                                  "(0: always draft k tokens)")
 
 
 class ModelDrafterConfig(_NeuralDrafterConfig):

@@ -221,7 +221,9 @@ class Generation:
         out = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
                              self.engine.verify_pad_multiple, hidden=keep)
         logits, hidden = out if keep else (out, None)  # [d + 1, vocab], [d + 1, d_model]
-        p = probs_from_logits(logits, self.params)  # [d + 1, vocab]
+        # the accept / reject draws use the request's CPU generator: bring the probabilities there
+        p = probs_from_logits(logits, self.params).cpu()  # [d + 1, vocab]
+        q = None if q is None else q.cpu()
         res = verify(p, draft, q, self.generator)
         n = res.num_accepted
         # 3. roll the target's cache back to the verified tokens but the new pending one

@@ -28,7 +28,7 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
         elif isinstance(d, (ModelDrafterConfig, FeatureDrafterConfig)):
             drafters[d.name] = load_drafter(d.name, d.path, target, tokenizer, placement,
                                             getattr(d, "gguf_file", None), feature=isinstance(d, FeatureDrafterConfig),
-                                            dtype=getattr(d, "dtype", "auto"))
+                                            dtype=getattr(d, "dtype", "auto"), min_confidence=d.min_confidence)
     capture = None
     if cfg.engine.capture_path:
         capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes)
@@ -41,20 +41,20 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
 
 
 def load_drafter(name: str, path: str, target, tokenizer, placement, gguf_file: str | None = None,
-                 feature: bool | None = None, dtype: str = "auto"):
+                 feature: bool | None = None, dtype: str = "auto", min_confidence: float = 0.0):
     """A neural drafter from a directory: a feature head (EAGLE-like) or a causal LM sharing the
     target's tokenizer. feature=None: decided by the directory's contents. dtype: a feature
-    head's arithmetic (auto, fp32, bf16)."""
+    head's arithmetic (auto, fp32, bf16). min_confidence: see workers.drafters.base.confident."""
     if feature is None:
         feature = is_feature_drafter(path)
     if feature:
         try:
-            return FeatureDrafter.load(name, path, target, head_dtype(dtype, placement.device))
+            return FeatureDrafter.load(name, path, target, head_dtype(dtype, placement.device), min_confidence)
         except FileNotFoundError as e:
             raise ValueError(f"drafter {name!r}: cannot load feature drafter {path!r}: {e}") from None
     model = load_model(path, placement, gguf_file)
     check_same_vocabulary(tokenizer, target, name, model, path, gguf_file)
-    return ModelDrafter(name, model, kept_vocabulary(path))
+    return ModelDrafter(name, model, kept_vocabulary(path), min_confidence)
 
 
 def kept_vocabulary(path: str) -> list[int] | None:

@@ -5,7 +5,8 @@ generation per request fixes the output tokens out[0..N-1]. Then, for every
 drafter and every position g (tokens generated so far), the trace stores how many
 tokens the drafter would propose from prompt + out[:g] (up to k_max) and how
 many of them match out[g:]. Model drafters are read teacher-forced in one
-forward (with their top-1 confidence at each position). Costs are measured on the
+forward (with their top-1 confidence at each position; so their `min_confidence` gate is
+exact up to the first rejected draft, and past it reads the true text's confidences). Costs are measured on the
 request's own context: one target forward of k + 1 tokens for k = 0..k_max, and
 each drafter's seconds per drafted token. Any arm's rounds, time and tokens on the
 request follow exactly (see controller.replay).
@@ -100,14 +101,18 @@ def _model_drafter_trace(drafter, ids, out, k_max, repeats):
     logits = drafter.logits(new_cache(drafter.model), seq[:-1])  # [L - 1, vocab]
     probs = logits[len(ids) - 1 :].softmax(-1)  # rows predict out[0..n-1]
     conf, pred = probs.max(-1)
-    hit = (pred == torch.tensor(out)).tolist()
+    hit = (pred == torch.tensor(out, device=pred.device)).tolist()
     matched, proposed, confidence = [], [], conf.tolist()
     for g in range(1, len(out)):
+        # the drafter's min_confidence gate ends its draft before the first unconfident position
+        k = 0
+        while k < k_max and (g + k >= len(out) or confidence[g + k] >= drafter.min_confidence):
+            k += 1
         m = 0
-        while m < k_max and g + m < len(out) and hit[g + m]:
+        while m < k and g + m < len(out) and hit[g + m]:
             m += 1
         matched.append(m)
-        proposed.append(k_max)
+        proposed.append(k)
     # cost of one drafted token: a one-token forward with the context in cache
     cache = new_cache(drafter.model)
     forward(drafter.model, cache, seq[:-1], last_only=True)
@@ -135,6 +140,9 @@ def _feature_drafter_trace(drafter, hidden, ids, out, k_max, repeats):
             return int(probs.argmax()), True
 
         draft, _ = session.draft(verified, len(verified) - 1, k_max, choose)
+        # the drafter's min_confidence gate ends its draft before the first unconfident position
+        keep = next((j for j, c in enumerate(confs) if c < drafter.min_confidence), len(draft))
+        draft = draft[:keep]
         proposed.append(len(draft))
         matched.append(_run(draft, out[g:]))
         confidence.append(confs)

@@ -58,7 +58,12 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row. probs: [..., vocab] -> [...] (int64)."""
+    """Draw one token per row. probs: [..., vocab] -> [...] (int64), on the generator's device.
+
+    A request's generator lives on the CPU (seeded streams do not depend on the device), so
+    probabilities computed on a GPU are drawn from there."""
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
     flat = probs.reshape(-1, probs.shape[-1])
     out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
     return out.reshape(probs.shape[:-1])

@@ -76,4 +76,4 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
     p, q: [..., vocab] -> [...]. Under greedy (one-hot p and q) this is 1 iff the argmaxes agree.
     """
-    return torch.minimum(p, q).sum(-1)
+    return torch.minimum(p, q.to(p.device)).sum(-1)

@@ -46,6 +46,25 @@ class Drafter(Protocol):
     def session(self, tenant: str, prompt_len: int) -> DraftSession: ...
 
 
+def confident(probs: torch.Tensor, min_confidence: float) -> bool:
+    """A model drafter's gate (its `min_confidence` option): draft at a position only if the
+    drafter's top-1 probability there (probs: its unwarped distribution) reaches min_confidence;
+    the draft ends before the first position that does not, so a round may draft nothing and
+    run as plain decoding. The gate reads the distribution, never the drawn token, so each kept
+    draft is still distributed as q and sampled output stays exact (a gate on the drawn token's
+    own probability would skew the kept drafts toward likely tokens)."""
+    return min_confidence <= 0 or float(probs.max()) >= min_confidence
+
+
+def gated(acceptance: list[float], top: list[float], min_confidence: float) -> list[float]:
+    """Full-information acceptance as the gate would have drafted: positions from the first one
+    whose top-1 probability (top) is below min_confidence were not drafted; one 0 marks the end."""
+    for j, t in enumerate(top):
+        if j < len(acceptance) and min_confidence > 0 and t < min_confidence:
+            return acceptance[:j] + [0.0]
+    return acceptance
+
+
 class LookupSession:
     """Shared logic of deterministic (model-free) drafters: acceptance is measured by re-proposing."""
 

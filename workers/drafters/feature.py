@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from workers.drafters.base import confident, gated
+from workers.drafters.lean import LeanCache, LeanHead, supports_lean
 from workers.models import kept_logits, new_cache, rollback
 from workers.sampling import probs_from_logits, sample
 from workers.verify import acceptance_probability
@@ -207,19 +209,24 @@ class FeatureDrafter:
     is_model = True
     uses_target_features = True  # the engine passes each session the request's TargetFeatures
 
-    def __init__(self, name: str, head: FeatureHead, target, kept: list[int], dtype: torch.dtype = torch.float32):
+    def __init__(self, name: str, head: FeatureHead, target, kept: list[int], dtype: torch.dtype = torch.float32,
+                 min_confidence: float = 0.0):
         # dtype: the head's arithmetic and output rows. bf16 halves the bytes a draft reads (on a CPU,
         # drafting is bound by them); logits and draft probabilities stay float32
         self.name, self.dtype, self.head = name, dtype, head.to(target.device, dtype).eval()
+        self.min_confidence = min_confidence  # see workers.drafters.base.confident
+        # drafting runs the layer without transformers' per-call machinery where it can (workers.drafters.lean)
+        self.lean = LeanHead(self.head) if supports_lean(self.head) else None
         self.embed = target.get_input_embeddings()
         self.kept = torch.tensor(kept, device=target.device)
         self.out_rows = target.get_output_embeddings().weight[self.kept].detach().to(dtype).contiguous()
         self.vocab_size = target.config.vocab_size
 
     @classmethod
-    def load(cls, name: str, path: str, target, dtype: torch.dtype = torch.float32) -> "FeatureDrafter":
+    def load(cls, name: str, path: str, target, dtype: torch.dtype = torch.float32,
+             min_confidence: float = 0.0) -> "FeatureDrafter":
         head, kept = load_head(path, target)
-        return cls(name, head, target, kept, dtype)
+        return cls(name, head, target, kept, dtype, min_confidence)
 
     def session(self, tenant: str, prompt_len: int, features: TargetFeatures | None = None):
         if features is None:
@@ -230,11 +237,16 @@ class FeatureDrafter:
         """Predicted features [n, d] -> float32 logits [n, vocab], -inf outside the kept vocabulary."""
         return kept_logits(h.to(self.dtype), self.out_rows, self.kept, self.vocab_size)
 
+    def new_cache(self):
+        return LeanCache() if self.lean is not None else new_cache(self.head.body)
+
     @torch.inference_mode()
     def step(self, cache, feats: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """Feed pairs (feats[i], tokens[i]) after `cache`; returns the predicted features [n, d]."""
-        emb = self.embed(torch.tensor([tokens], device=feats.device)).to(self.dtype)
-        return self.head(feats[None].to(self.dtype), emb, cache)[0]
+        emb = self.embed(torch.tensor(tokens, device=feats.device)).to(self.dtype)  # [n, d]
+        if self.lean is not None:
+            return self.lean(feats.to(self.dtype), emb, cache)
+        return self.head(feats[None].to(self.dtype), emb[None], cache)[0]
 
 
 class FeatureSession:
@@ -242,7 +254,7 @@ class FeatureSession:
 
     def __init__(self, drafter: FeatureDrafter, features: TargetFeatures):
         self.d, self.features = drafter, features
-        self.cache = new_cache(drafter.head.body)
+        self.cache = drafter.new_cache()
         self.fed = 0
         self.h_last: torch.Tensor | None = None  # output of entry fed - 1: predicts f_fed
 
@@ -258,12 +270,15 @@ class FeatureSession:
 
     def draft(self, ids: list[int], upto: int, n: int, choose) -> tuple[list[int], list[torch.Tensor]]:
         """Draft up to n tokens after ids[: upto + 1]. choose(i, logits) -> (token, go_on): the
-        i-th token given the drafter's logits, and whether to draft another after it."""
+        i-th token given the drafter's logits (None: draft nothing there), and whether to draft
+        another after it."""
         h = self._catch_up(ids, upto)
         tokens, logits_list = [], []
         for i in range(n):
             logits = self.d.logits(h)[0]
             x, go_on = choose(i, logits)
+            if x is None:
+                break
             tokens.append(x)
             logits_list.append(logits)
             if not go_on or i + 1 == n:
@@ -276,13 +291,18 @@ class FeatureSession:
             return torch.empty(0, dtype=torch.long), None
 
         def choose(i, logits):
+            raw = logits.softmax(-1)
+            if not confident(raw, self.d.min_confidence):
+                return None, False
             q = probs_from_logits(logits, params)
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))
             # confidence stop, as in ModelSession: the drafter's own probability of its token
-            return x, threshold is None or float(logits.softmax(-1)[x]) >= threshold
+            return x, threshold is None or float(raw[x]) >= threshold
 
         self._check(len(ids) - 1)
         tokens, logits = self.draft(ids, len(ids) - 1, k, choose)
+        if not tokens:
+            return torch.empty(0, dtype=torch.long), None
         return torch.tensor(tokens, dtype=torch.long), probs_from_logits(torch.stack(logits), params)
 
     def sync(self, ids, start, p, params):
@@ -292,8 +312,9 @@ class FeatureSession:
         self._check(start - 1)
         emitted = ids[start:]
         _, logits = self.draft(ids, start - 1, len(emitted), lambda i, lg: (emitted[i], True))
-        q = probs_from_logits(torch.stack(logits), params)
-        return acceptance_probability(p, q).tolist()
+        logits = torch.stack(logits)
+        acc = acceptance_probability(p, probs_from_logits(logits, params)).tolist()
+        return gated(acc, logits.softmax(-1).amax(-1).tolist(), self.d.min_confidence)
 
     def _check(self, upto: int) -> None:
         if len(self.features) < upto:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from workers.drafters.base import confident, gated
 from workers.models import forward, forward_trimmed, new_cache, rollback
 from workers.sampling import SamplingParams, probs_from_logits, sample
 from workers.verify import acceptance_probability
@@ -20,8 +21,9 @@ class ModelDrafter:
 
     is_model = True
 
-    def __init__(self, name: str, model, kept: list[int] | None = None):
+    def __init__(self, name: str, model, kept: list[int] | None = None, min_confidence: float = 0.0):
         self.name, self.model = name, model
+        self.min_confidence = min_confidence  # see workers.drafters.base.confident
         self.kept = torch.tensor(kept, device=model.device) if kept else None
         self.head = model.get_output_embeddings().weight[self.kept].detach().contiguous() if kept else None
 
@@ -63,6 +65,8 @@ class ModelSession:
         logits = self._feed(ids[len(self.fed) :], last_only=True)[-1]  # [vocab]
         tokens, qs = [], []
         for i in range(k):
+            if not confident(logits.float().softmax(-1), self.d.min_confidence):
+                break
             q = probs_from_logits(logits, params)  # [vocab]
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))
             tokens.append(x)
@@ -73,7 +77,9 @@ class ModelSession:
                 break
             if i + 1 < k:
                 logits = self._feed([x], last_only=True)[-1]
-        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)  # [k], [k, vocab]
+        if not tokens:
+            return torch.empty(0, dtype=torch.long), None
+        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)  # [n], [n, vocab]
 
     def sync(self, ids, start, p, params):
         self._align(ids)
@@ -86,7 +92,8 @@ class ModelSession:
         new = ids[len(self.fed) : len(ids) - 1]
         logits = self._feed(new, last_only=False)[-(len(ids) - start) :]  # [m, vocab]
         q = probs_from_logits(logits, params)
-        return acceptance_probability(p, q).tolist()
+        acc = acceptance_probability(p, q).tolist()
+        return gated(acc, logits.float().softmax(-1).amax(-1).tolist(), self.d.min_confidence)
 
     def close(self, ids):
         self.cache = None
