@@ -290,9 +290,11 @@ class FeatureSession:
         if k <= 0:
             return torch.empty(0, dtype=torch.long), None
 
+        gate = self.d.min_confidence
+
         def choose(i, logits):
-            raw = logits.softmax(-1)
-            if not confident(raw, self.d.min_confidence):
+            raw = logits.softmax(-1) if gate > 0 or threshold is not None else None
+            if gate > 0 and not confident(raw, gate):
                 return None, False
             q = probs_from_logits(logits, params)
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))

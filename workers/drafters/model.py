@@ -65,7 +65,7 @@ class ModelSession:
         logits = self._feed(ids[len(self.fed) :], last_only=True)[-1]  # [vocab]
         tokens, qs = [], []
         for i in range(k):
-            if not confident(logits.float().softmax(-1), self.d.min_confidence):
+            if self.d.min_confidence > 0 and not confident(logits.float().softmax(-1), self.d.min_confidence):
                 break
             q = probs_from_logits(logits, params)  # [vocab]
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))
