@@ -22,6 +22,7 @@ import torch
 
 from policies.features import prompt_features
 from policies.types import Arm
+from workers.drafters.base import gate_length
 from workers.drafters.feature import FeatureDrafter, TargetFeatures
 from workers.drafters.model import ModelDrafter
 from workers.engine import SpeculativeEngine
@@ -105,9 +106,10 @@ def _model_drafter_trace(drafter, ids, out, k_max, repeats):
     matched, proposed, confidence = [], [], conf.tolist()
     for g in range(1, len(out)):
         # the drafter's min_confidence gate ends its draft before the first unconfident position
-        k = 0
-        while k < k_max and (g + k >= len(out) or confidence[g + k] >= drafter.min_confidence):
-            k += 1
+        # (positions past the output's end have no confidence: they do not stop it)
+        ahead = confidence[g : g + k_max]
+        k = gate_length(ahead, drafter.min_confidence)
+        k = k_max if k == len(ahead) else k
         m = 0
         while m < k and g + m < len(out) and hit[g + m]:
             m += 1
@@ -141,8 +143,7 @@ def _feature_drafter_trace(drafter, hidden, ids, out, k_max, repeats):
 
         draft, _ = session.draft(verified, len(verified) - 1, k_max, choose)
         # the drafter's min_confidence gate ends its draft before the first unconfident position
-        keep = next((j for j, c in enumerate(confs) if c < drafter.min_confidence), len(draft))
-        draft = draft[:keep]
+        draft = draft[: gate_length(confs, drafter.min_confidence)]
         proposed.append(len(draft))
         matched.append(_run(draft, out[g:]))
         confidence.append(confs)

@@ -56,13 +56,20 @@ def confident(probs: torch.Tensor, min_confidence: float) -> bool:
     return min_confidence <= 0 or float(probs.max()) >= min_confidence
 
 
+def gate_length(top: list[float], min_confidence: float) -> int:
+    """How many leading positions the gate lets a drafter draft, given its top-1 probability at
+    each (`confident` on probabilities already reduced to their maximum)."""
+    n = 0
+    while n < len(top) and (min_confidence <= 0 or top[n] >= min_confidence):
+        n += 1
+    return n
+
+
 def gated(acceptance: list[float], top: list[float], min_confidence: float) -> list[float]:
     """Full-information acceptance as the gate would have drafted: positions from the first one
     whose top-1 probability (top) is below min_confidence were not drafted; one 0 marks the end."""
-    for j, t in enumerate(top):
-        if j < len(acceptance) and min_confidence > 0 and t < min_confidence:
-            return acceptance[:j] + [0.0]
-    return acceptance
+    n = gate_length(top[: len(acceptance)], min_confidence)
+    return acceptance if n == len(acceptance) else acceptance[:n] + [0.0]
 
 
 class LookupSession:

@@ -26,7 +26,7 @@ from torch import nn
 
 from workers.drafters.base import confident, gated
 from workers.drafters.lean import LeanCache, LeanHead, supports_lean
-from workers.models import kept_logits, new_cache, rollback
+from workers.models import DTYPES, kept_logits, new_cache, rollback
 from workers.sampling import probs_from_logits, sample
 from workers.verify import acceptance_probability
 
@@ -202,7 +202,7 @@ def head_dtype(dtype: str, device: str) -> torch.dtype:
     """A feature head's arithmetic: fp32, bf16, or auto (bf16 where it is native: CUDA or such a CPU)."""
     if dtype == "auto":
         dtype = "bf16" if device == "cuda" or native_bf16_cpu() else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return DTYPES[dtype]
 
 
 class FeatureDrafter:

@@ -65,15 +65,17 @@ class ModelSession:
         logits = self._feed(ids[len(self.fed) :], last_only=True)[-1]  # [vocab]
         tokens, qs = [], []
         for i in range(k):
-            if self.d.min_confidence > 0 and not confident(logits.float().softmax(-1), self.d.min_confidence):
+            # the drafter's own distribution, before any greedy one-hot warp (gate and confidence stop)
+            raw = logits.float().softmax(-1) if self.d.min_confidence > 0 or threshold is not None else None
+            if self.d.min_confidence > 0 and not confident(raw, self.d.min_confidence):
                 break
             q = probs_from_logits(logits, params)  # [vocab]
             x = int(q.argmax()) if params.greedy else int(sample(q, generator))
             tokens.append(x)
             qs.append(q)
             # confidence stop (SpecDec++ / transformers' assistant_confidence_threshold): the drafter's
-            # own probability of its token, before any greedy one-hot warp
-            if threshold is not None and float(logits.float().softmax(-1)[x]) < threshold:
+            # own probability of its token
+            if threshold is not None and float(raw[x]) < threshold:
                 break
             if i + 1 < k:
                 logits = self._feed([x], last_only=True)[-1]
