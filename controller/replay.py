@@ -86,7 +86,7 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
             drafter=arm.drafter if k else "none", k=arm.k if k else 0, num_drafted=proposed, accepted=matched,
             emitted=emitted, draft_s=draft_s, verify_s=verify[proposed], propensity=choice.propensity,
             accepted_per_pos=[1] * matched + ([0] if matched < proposed else []),
-            per_drafter=_per_drafter(d, g, matched + 1), context=d.get("tag", ""), features=d.get("features", []),
+            per_drafter=_per_drafter(d, g, matched + 1, arm.drafter, k), context=d.get("tag", ""), features=d.get("features", []),
             time=t0, threshold=choice.threshold,
         )
         records.append(rec)
@@ -106,11 +106,15 @@ def _confident(conf: list[float], g: int, k: int, threshold: float) -> int:
     return j
 
 
-def _per_drafter(d: dict, g: int, verified: int) -> dict[str, list[float]]:
-    """Every drafter's acceptance on the round's verified positions (censored there, as live).
-    A proposal that ends inside them counts as rejected after its end (nothing more to accept)."""
+def _per_drafter(d: dict, g: int, verified: int, played: str, k: int) -> dict[str, list[float]]:
+    """The acceptance on the round's verified positions (censored there, as live) of the played
+    drafter (unless the round had no room to draft) and of every other full-information one (a
+    drafter recorded with `full_information: false` is measured live only in the rounds it plays).
+    A proposal that ends inside the verified positions counts as rejected after its end."""
     out = {}
     for name, tr in d["drafters"].items():
+        if not k if name == played else not tr.get("full_information", True):
+            continue
         p, m = tr["proposed"][g - 1], tr["matched"][g - 1]
         out[name] = ([1.0] * min(m, p) + ([0.0] if m < p or p < verified else []))[:verified]
     return out
@@ -200,8 +204,20 @@ def _fold(stats: dict, inc: dict) -> None:
         stats[k] = stats.get(k, 0.0) + v
 
 
+def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:
+    """Drop every other drafter from the trace, as if only these had been configured."""
+    known = set.intersection(*(set(r.data["drafters"]) for r in reqs))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise TraceError(f"--drafters: {', '.join(unknown) or 'none given'} not in the trace; "
+                         f"its drafters: {', '.join(sorted(known))}")
+    for r in reqs:
+        r.data["drafters"] = {n: t for n, t in r.data["drafters"].items() if n in names}
+
+
 def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, scale: float | None = None,
-           configs: dict | None = None, ignore_tags: bool = False) -> tuple[dict, dict]:
+           configs: dict | None = None, ignore_tags: bool = False,
+           drafters: list[str] | None = None) -> tuple[dict, dict]:
     """Returns (the documented OUT.json object, per-policy series for the plot)."""
     from policies.registry import create
 
@@ -209,6 +225,8 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
     if ignore_tags:  # policies then see only the prompt features
         for r in reqs:
             r.data["tag"] = ""
+    if drafters is not None:
+        keep_drafters(reqs, drafters)
     rp = Replayer(reqs)
     ref = rp.oracle()
     # reward scale: the oracle's tokens/s (so rewards are in [0, 1] with room to spare)

@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", required=True, dest="json_out", help="OUT.json")
     s.add_argument("--plot", help="OUT.png: cumulative regret and arm choices")
     s.add_argument("--ignore-tags", action="store_true", help="hide the requests' context tags (features only)")
+    s.add_argument("--drafters", help="comma-separated: replay only these of the trace's drafters (plus plain decoding)")
     s.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("distill", help="train a small drafter from the target (a feature head or a small LM; token-level distillation, "
@@ -236,7 +237,9 @@ def cmd_replay(args) -> int:
     if args.repeat < 1:
         raise ValueError("--repeat must be >= 1")
     specs = [p for p in args.policies.split(",") if p]
-    out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs, ignore_tags=args.ignore_tags)
+    drafters = None if args.drafters is None else [d for d in args.drafters.split(",") if d]
+    out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs, ignore_tags=args.ignore_tags,
+                         drafters=drafters)
     with open(args.json_out, "w") as f:
         json.dump(out, f, indent=1)
     if args.plot:

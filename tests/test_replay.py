@@ -35,7 +35,9 @@ def recorded(tmp_path_factory, target, tok):
                           {"type": "feature", "name": "feat", "path": str(root / "feat")},
                           # the same drafters behind a confidence gate (rounds may draft nothing)
                           {"type": "model", "name": "closegate", "path": str(root / "close"), "min_confidence": 0.3},
-                          {"type": "feature", "name": "featgate", "path": str(root / "feat"), "min_confidence": 0.2}],
+                          {"type": "feature", "name": "featgate", "path": str(root / "feat"), "min_confidence": 0.2},
+                          # measured live only in the rounds it plays
+                          {"type": "feature", "name": "featidle", "path": str(root / "feat"), "full_information": False}],
            "engine": {"device": "cpu"}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
@@ -84,6 +86,38 @@ def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm, threshold
         assert abs(n_sim - n_live) <= 0.05 * n_live
         if arm.drafter == "featgate":
             assert abs(d_sim - d_live) <= 0.1 * d_live
+
+
+@pytest.mark.parametrize("arm", [Arm("ngram", 3), Arm("featidle", 3), Arm("none", 0)])
+def test_simulated_feedback_names_the_drafters_the_engine_measures(recorded, tok, arm):
+    """A policy learns from the same drafters in replay as live: a drafter configured with
+    full_information: false appears in a round's per-drafter feedback only when it is played."""
+    root, cfg = recorded
+    engine = build_engine(cfg)
+    from workers.inputs import encode_input
+
+    seen = set()
+    for req, item in zip(load_trace(root / "trace.jsonl"), PROMPTS):
+        res = engine.generate(encode_input(tok, item), SamplingParams(max_tokens=40), arm)
+        sim, _ = simulate(req, lambda r, last: Choice(arm, 1.0), [arm])
+        live = [sorted(r.per_drafter) for r in res.records]
+        assert [sorted(r.per_drafter) for r in sim] == live
+        seen.update(n for names in live for n in names)
+    assert ("featidle" in seen) == (arm.drafter == "featidle") and "ngram" in seen
+
+
+def test_replay_restricted_to_some_drafters(recorded, capsys, tmp_path):
+    root, _ = recorded
+    out = tmp_path / "o.json"
+    assert main(["replay", str(root / "trace.jsonl"), "--policies", "ucb1", "--drafters", "ngram,suffix",
+                 "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert {a.split(":")[0] for a in rep["arms"]} == {"none", "ngram", "suffix"}
+    full = Replayer(load_trace(root / "trace.jsonl")).oracle()
+    assert rep["fixed_arms"] == {a: v for a, v in full["fixed"].items() if a in rep["arms"]}
+    assert main(["replay", str(root / "trace.jsonl"), "--policies", "ucb1", "--drafters", "ngram,nope",
+                 "--json", str(out)]) == 2
+    assert "nope not in the trace" in capsys.readouterr().err
 
 
 def test_suffix_trace_sees_only_earlier_outputs(recorded, tok):

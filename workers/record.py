@@ -53,6 +53,8 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
             drafters[name], draft_cost[name] = _model_drafter_trace(d, ids, out, k_max, repeats)
         else:
             drafters[name], draft_cost[name] = _lookup_drafter_trace(d, ids, out, k_max, tenant)
+        # live, a drafter that is not full-information is measured only in the rounds it plays
+        drafters[name]["full_information"] = engine.full_information and name not in engine.played_only
     return {
         "version": TRACE_VERSION,
         "id": item.get("id"),
