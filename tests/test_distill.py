@@ -284,6 +284,23 @@ def test_stdlib_defs_prompt_with_a_signature_and_docstring_and_train_on_the_func
         assert prompt.rstrip().endswith(('"', "'"))  # ends on the docstring: the model writes the body
 
 
+def test_sharegpt_turns_prompt_with_the_conversation_so_far_and_skip_the_benchmarks_conversations():
+    from bench.prompts import load_domain, training_items
+
+    items = training_items("sharegpt-turns", 200)
+    assert len(items) == 200
+    bench_first_turns = {p["messages"][0]["content"] for p in load_domain("sharegpt", 200)}
+    for it in items:
+        msgs = it["input"]["messages"]
+        assert len(msgs) >= 3 and len(msgs) % 2 == 1
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2) + ["user"]
+        assert it["text"].startswith("\n".join(m["content"] for m in msgs))
+        assert msgs[0]["content"] not in bench_first_turns  # the benchmarks' conversations are held out
+    # a conversation yields its turns in order: a later item extends an earlier one
+    assert any(b["input"]["messages"][: len(a["input"]["messages"])] == a["input"]["messages"]
+               for a, b in zip(items, items[1:]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp_path):
     """--device cuda: answers equal the target's own greedy output there, the loss falls, and the head
