@@ -10,15 +10,16 @@
 # stdlib-defs, written to JSONL beforehand when the GPU machine lacks the prompt packages). OUT gets
 # chat/ and code/ (drafter directories, with the target's answers in sequences.jsonl) and a log of each run.
 # GENERATE_MIN and TRAIN_MIN bound the two phases (default 3 and 3 minutes). DEVICE=cpu runs it anywhere.
+# GENERATE=0 trains on the given text as it is (e.g. answers generated earlier, as captured-traffic JSONL).
 set -euo pipefail
 if [ $# -lt 4 ]; then
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,13p' "$0" >&2
     exit 2
 fi
 target=$1 chat=$2 code=$3 out=$4 generate_min=${5:-3} train_min=${6:-3}
 mkdir -p "$out"
 common=(--target "$target" --device "${DEVICE:-cuda}" --max-items 100000 --held-out 0 --validate-tokens 0
-        --generate 160 --generate-batch 256 --generate-minutes "$generate_min" --teacher-dtype bf16
+        --generate "${GENERATE:-160}" --generate-batch 256 --generate-minutes "$generate_min" --teacher-dtype bf16
         --minutes "$train_min" --batch 64 --lr 1e-3 --unroll 3 --teacher-cache-gb 8)
 python3 -m deploy.cli distill "${common[@]}" --prompts "$chat" --out "$out/chat" >"$out/chat.log" 2>&1 &
 chat_pid=$!
