@@ -266,7 +266,7 @@ def cmd_distill(args) -> int:
     from workers.engine import SpeculativeEngine
     from workers.factory import load_drafter
     from workers.inputs import encode_input
-    from workers.models import load_model, load_tokenizer, place
+    from workers.models import default_verify_pad, load_model, load_tokenizer, place, small_batch_linears
 
     placement = place(args.device, "fp32")  # training runs in fp32; the teacher may autocast to bf16
     settings = DistillSettings(
@@ -302,8 +302,10 @@ def cmd_distill(args) -> int:
         if placement.device != "cpu":  # the engine is validated on the CPU (where the shipped heads serve)
             placement = place("cpu", "fp32")
             target = target.to(placement.device)  # the same fp32 weights, no second load from disk
+            small_batch_linears(target)  # as load_model does on the CPU
         drafter = load_drafter("distilled", args.out, target, tokenizer, placement)
-        engine = SpeculativeEngine(target, tokenizer, {"distilled": drafter}, verify_pad_multiple=4)
+        engine = SpeculativeEngine(target, tokenizer, {"distilled": drafter},
+                                    verify_pad_multiple=default_verify_pad(placement))
         prompts = [encode_input(tokenizer, it["input"])[-512:] for it in held]
         summary["validation"] = validate(engine, "distilled", prompts, args.validate_tokens)
     print(json.dumps(summary))

@@ -56,6 +56,53 @@ def test_greedy_output_equals_transformers_generate(engine, target, tok, drafter
             assert res.token_ids == ref, (drafter, k, prompt)
 
 
+def test_small_batch_linears_compute_what_linear_computes_on_few_rows_only(monkeypatch):
+    from workers import models
+
+    torch.manual_seed(0)
+    wide, narrow = torch.nn.Linear(64, models.WIDE_LAYER), torch.nn.Linear(64, 96)
+    other = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    model = torch.nn.Sequential(wide, narrow, other)
+    ref = {m: (m.weight.detach().clone(), m.bias.detach().clone()) for m in (wide, narrow)}
+    assert models.small_batch_linears(model) == 2 and "forward" not in vars(other)  # bf16 is left alone
+    calls = []
+    stock = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or stock(*a))
+    for layer, fast_rows in ((wide, models.WIDE_ROWS), (narrow, models.NARROW_ROWS)):
+        for rows in range(1, models.WIDE_ROWS + 3):
+            for shape in ((rows, 64), (1, rows, 64)):
+                x = torch.randn(*shape)
+                calls.clear()
+                with torch.inference_mode():
+                    y = layer(x)
+                assert y.shape == (*shape[:-1], layer.out_features)
+                torch.testing.assert_close(y, stock(x, *ref[layer]), rtol=1e-5, atol=1e-5)
+                assert bool(calls) == (rows > fast_rows), (layer.out_features, rows)  # the other paths ran
+        calls.clear()
+        layer(torch.randn(2, 64))  # gradients on (training): `linear`, which autograd knows
+        assert calls
+
+
+def test_greedy_output_with_small_batch_linears_equals_transformers_generate(target, tok, monkeypatch):
+    """The engine's CPU fp32 default changes how the target's linear layers multiply a few rows: greedy
+    output, speculative or not, still equals transformers' greedy generate on the stock model."""
+    import copy
+
+    from workers import models
+
+    monkeypatch.setattr(models, "WIDE_LAYER", target.config.vocab_size)  # the tiny output layer takes the wide path
+    fast = copy.deepcopy(target)
+    assert models.small_batch_linears(fast) == len([m for m in fast.modules() if type(m) is torch.nn.Linear])
+    assert hasattr(fast.lm_head, "weight_t")
+    engine = SpeculativeEngine(fast, tok, {"ngram": NgramDrafter(), "close": ModelDrafter("close", noisy_copy(target, 0.05))})
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        ref = hf_greedy(target, ids, 48)
+        assert hf_greedy(fast, ids, 48) == ref
+        for arm in [Arm("none", 0)] + [Arm(d, k) for d in ("ngram", "close") for k in (1, 2, 3, 5, 8)]:
+            assert engine.generate(ids, SamplingParams(max_tokens=48), arm).token_ids == ref, (arm, prompt)
+
+
 def test_close_drafter_is_accepted_and_far_one_mostly_not(engine, tok):
     ids = tok(PROMPTS[0]).input_ids
     close = engine.generate(ids, SamplingParams(max_tokens=48), Arm("close", 4)).metrics()

@@ -80,7 +80,12 @@ def test_info_path_loads_the_exact_target(engine):
 
     info = json.loads(subprocess.run(["draftpick", "info", "--json"], capture_output=True, text=True, check=True).stdout)
     assert "none" in info["drafters"] and info["target"]["name"] == "smollm2-135m-instruct"
+    from workers.models import small_batch_linears
+
     loaded = AutoModelForCausalLM.from_pretrained(info["target"]["path"]).eval()
+    mine = engine.target.state_dict()
+    assert all(torch.equal(t, mine[name]) for name, t in loaded.state_dict().items())
+    small_batch_linears(loaded)  # as the engine's CPU fp32 target computes
     x = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x).logits, engine.target(x).logits)

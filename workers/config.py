@@ -76,7 +76,9 @@ class EngineConfig(_Strict):
     max_k: int = Field(16, ge=0, le=64, description="largest draft length a request or policy may ask for")
     verify_pad_multiple: int | None = Field(
         None, ge=1, le=16, description="pad multi-token verify forwards to a multiple of this many tokens "
-        "(default: 4 on CPU, where 2-, 3-, 6- and 7-row fp32 matmuls are slow; 1 on CUDA)")
+        "(default: 1 on CUDA and for fp32 on the CPU, which runs few-row products on faster paths, see "
+        "workers.models.small_batch_linears; 4 for other precisions on the CPU, where PyTorch's 2-, 3-, 6- and "
+        "7-row matmuls are slow)")
     capture_path: str | None = Field(
         None, description="opt-in: append each request's prompt and verified output (token ids) to this JSONL "
         "file, for `draftpick distill --prompts FILE`")

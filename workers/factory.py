@@ -12,7 +12,7 @@ from workers.drafters.model import ModelDrafter
 from workers.drafters.ngram import NgramDrafter
 from workers.drafters.suffix import SuffixDrafter
 from workers.engine import SpeculativeEngine
-from workers.models import check_same_vocabulary, load_model, load_tokenizer, place
+from workers.models import check_same_vocabulary, default_verify_pad, load_model, load_tokenizer, place
 
 
 def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
@@ -34,7 +34,7 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
         capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes)
     elif cfg.engine.capture_stream:
         capture = RedisStreamCapture(cfg.engine.capture_stream, cfg.engine.capture_max_entries)
-    pad = cfg.engine.verify_pad_multiple or (4 if placement.device == "cpu" else 1)
+    pad = cfg.engine.verify_pad_multiple or default_verify_pad(placement)
     played_only = {d.name for d in cfg.drafters if not getattr(d, "full_information", True)}
     return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
                              capture=capture, verify_pad_multiple=pad, played_only=played_only)
