@@ -103,6 +103,23 @@ def test_greedy_output_with_small_batch_linears_equals_transformers_generate(tar
             assert engine.generate(ids, SamplingParams(max_tokens=48), arm).token_ids == ref, (arm, prompt)
 
 
+@pytest.mark.parametrize("small_batch", [True, False])
+def test_small_batch_linears_is_the_cpu_default_and_can_be_turned_off(target, tok, tmp_path, small_batch):
+    from tiny import save_models
+    from workers.config import DraftpickConfig
+    from workers.factory import build_engine
+
+    root = save_models(tmp_path, target, tok)
+    cfg = {"target": {"name": "tiny", "path": str(root / "target")},
+           "drafters": [{"type": "model", "name": "close", "path": str(root / "close")}],
+           "engine": {"device": "cpu", **({} if small_batch else {"small_batch_linears": False})}}
+    engine = build_engine(DraftpickConfig.model_validate(cfg))
+    for model in (engine.target, engine.drafters["close"].model):
+        changed = ["forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear]
+        assert changed and all(c == small_batch for c in changed)
+    assert engine.verify_pad_multiple == (1 if small_batch else 4)
+
+
 def test_close_drafter_is_accepted_and_far_one_mostly_not(engine, tok):
     ids = tok(PROMPTS[0]).input_ids
     close = engine.generate(ids, SamplingParams(max_tokens=48), Arm("close", 4)).metrics()

@@ -18,7 +18,8 @@ from workers.models import check_same_vocabulary, default_verify_pad, load_model
 def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
     placement = place(cfg.engine.device, cfg.engine.dtype)
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file)
-    target = load_model(cfg.target.path, placement, cfg.target.gguf_file)
+    small_batch = cfg.engine.small_batch_linears
+    target = load_model(cfg.target.path, placement, cfg.target.gguf_file, small_batch)
     drafters = {}
     for d in cfg.drafters:
         if isinstance(d, NgramConfig):
@@ -28,20 +29,22 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
         elif isinstance(d, (ModelDrafterConfig, FeatureDrafterConfig)):
             drafters[d.name] = load_drafter(d.name, d.path, target, tokenizer, placement,
                                             getattr(d, "gguf_file", None), feature=isinstance(d, FeatureDrafterConfig),
-                                            dtype=getattr(d, "dtype", "auto"), min_confidence=d.min_confidence)
+                                            dtype=getattr(d, "dtype", "auto"), min_confidence=d.min_confidence,
+                                            small_batch=small_batch)
     capture = None
     if cfg.engine.capture_path:
         capture = TrafficCapture(cfg.engine.capture_path, cfg.engine.capture_max_bytes)
     elif cfg.engine.capture_stream:
         capture = RedisStreamCapture(cfg.engine.capture_stream, cfg.engine.capture_max_entries)
-    pad = cfg.engine.verify_pad_multiple or default_verify_pad(placement)
+    pad = cfg.engine.verify_pad_multiple or default_verify_pad(placement, small_batch)
     played_only = {d.name for d in cfg.drafters if not getattr(d, "full_information", True)}
     return SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
                              capture=capture, verify_pad_multiple=pad, played_only=played_only)
 
 
 def load_drafter(name: str, path: str, target, tokenizer, placement, gguf_file: str | None = None,
-                 feature: bool | None = None, dtype: str = "auto", min_confidence: float = 0.0):
+                 feature: bool | None = None, dtype: str = "auto", min_confidence: float = 0.0,
+                 small_batch: bool = True):
     """A neural drafter from a directory: a feature head (EAGLE-like) or a causal LM sharing the
     target's tokenizer. feature=None: decided by the directory's contents. dtype: a feature
     head's arithmetic (auto, fp32, bf16). min_confidence: see workers.drafters.base.confident."""
@@ -52,7 +55,7 @@ def load_drafter(name: str, path: str, target, tokenizer, placement, gguf_file: 
             return FeatureDrafter.load(name, path, target, head_dtype(dtype, placement.device), min_confidence)
         except FileNotFoundError as e:
             raise ValueError(f"drafter {name!r}: cannot load feature drafter {path!r}: {e}") from None
-    model = load_model(path, placement, gguf_file)
+    model = load_model(path, placement, gguf_file, small_batch)
     check_same_vocabulary(tokenizer, target, name, model, path, gguf_file)
     return ModelDrafter(name, model, kept_vocabulary(path), min_confidence)
 

@@ -48,7 +48,7 @@ def resolve_path(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def load_model(path: str, placement: Placement, gguf_file: str | None = None):
+def load_model(path: str, placement: Placement, gguf_file: str | None = None, small_batch: bool = True):
     where, gguf = resolve_path(path)
     gguf = gguf_file or gguf
     try:
@@ -56,7 +56,8 @@ def load_model(path: str, placement: Placement, gguf_file: str | None = None):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {path!r}: {e}") from e
     model = model.to(placement.device).eval()
-    small_batch_linears(model)
+    if small_batch:
+        small_batch_linears(model)
     return model
 
 
@@ -144,10 +145,10 @@ def forward(model, cache: DynamicCache, tokens: list[int], last_only: bool = Fal
     return (logits, out.hidden_states[-1][0]) if hidden else logits
 
 
-def default_verify_pad(placement: Placement) -> int:
-    """Pad verify forwards to a multiple of 4 tokens on the CPU, except in fp32, where
-    `small_batch_linears` makes few-row products cheap without it (see verify_forward)."""
-    return 4 if placement.device == "cpu" and placement.dtype != torch.float32 else 1
+def default_verify_pad(placement: Placement, small_batch: bool = True) -> int:
+    """Pad verify forwards to a multiple of 4 tokens on the CPU, except in fp32 with
+    `small_batch_linears`, which makes few-row products cheap without it (see verify_forward)."""
+    return 4 if placement.device == "cpu" and not (small_batch and placement.dtype == torch.float32) else 1
 
 
 def verify_forward(model, cache: DynamicCache, tokens: list[int], pad_multiple: int = 1, hidden: bool = False):
