@@ -113,7 +113,8 @@ def _per_drafter(d: dict, g: int, verified: int, played: str, k: int) -> dict[st
     A proposal that ends inside the verified positions counts as rejected after its end."""
     out = {}
     for name, tr in d["drafters"].items():
-        if not k if name == played else not tr.get("full_information", True):
+        measured = k > 0 if name == played else tr.get("full_information", True)
+        if not measured:
             continue
         p, m = tr["proposed"][g - 1], tr["matched"][g - 1]
         out[name] = ([1.0] * min(m, p) + ([0.0] if m < p or p < verified else []))[:verified]

@@ -94,7 +94,9 @@ def _small_batch_forward(self, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     wt = getattr(self, "weight_t", None)
-    if not 1 <= rows <= (WIDE_ROWS if wt is not None else NARROW_ROWS) or x.device != w.device or x.dtype != w.dtype or torch.is_grad_enabled() and w.requires_grad:
+    few = 1 <= rows <= (WIDE_ROWS if wt is not None else NARROW_ROWS)
+    training = torch.is_grad_enabled() and w.requires_grad  # autograd gets the op it knows
+    if not few or training or x.device != w.device or x.dtype != w.dtype:
         return torch.nn.functional.linear(x, w, self.bias)
     x2 = x.reshape(rows, x.shape[-1])
     y = x2 @ wt if rows == 1 and wt is not None and wt.device == w.device else (w @ x2.t()).t()
