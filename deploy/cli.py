@@ -118,10 +118,13 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCH")
     s = b.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
-    from bench.engine import add_arguments, run
+    from bench import engine as bench_engine, forward as bench_forward
 
-    add_arguments(s)
-    s.set_defaults(func=run)
+    bench_engine.add_arguments(s)
+    s.set_defaults(func=bench_engine.run)
+    s = b.add_parser("forward", help="cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears")
+    bench_forward.add_arguments(s)
+    s.set_defaults(func=bench_forward.run)
     return p
 
 

@@ -73,8 +73,8 @@ def small_batch_linears(model) -> int:
     for 2-8 rows, where reading its 113 MB of weights takes ~4.5 ms. `W @ x.T` reaches that for
     2-16 rows (~3-7 ms), and for one row `x @ W.T` with W.T stored contiguously (a copy, kept for
     layers at least WIDE_LAYER wide: the output layer); the narrow layers gain from `W @ x.T` up
-    to 4 rows. A target forward of 2-4 tokens then costs about what one token does (stock: 1.6-2x),
-    one of 5 tokens 1.3x (stock 1.6x). Larger inputs (prefill, training) keep `linear`.
+    to 4 rows. A target forward of 2-4 tokens then costs about what one token does (stock: 1.5-2x),
+    one of 5-8 tokens 1.1-1.3x (stock 1.3-1.6x); `draftpick bench forward` measures it. Larger inputs (prefill, training) keep `linear`.
     Models on other devices or in other precisions are left alone. The copy is taken once: the
     model must be used for inference (its weights not changed afterwards). Returns the number of
     layers changed."""
