@@ -32,7 +32,7 @@ def engine(target, tok, tmp_path_factory):
         "featgate": FeatureDrafter.load("featgate", str(head), target, min_confidence=0.12),
         "closegate": ModelDrafter("closegate", noisy_copy(target, 0.05), min_confidence=0.12),
     }
-    return SpeculativeEngine(target, tok, drafters, verify_pad_multiple=4)  # the CPU default
+    return SpeculativeEngine(target, tok, drafters, verify_pad_multiple=4)  # padded verification (the CPU default but for fp32)
 
 
 def sampling_context(target, tok):
