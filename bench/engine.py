@@ -16,12 +16,11 @@ mismatches are the divergence rate). Results go to JSON and a markdown table.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
+
+from bench import machine, write_results
 
 DEFAULT_KS = "0,1,2,3,5,8"
 DEFAULT_DOMAINS = "mtbench-writing,mtbench-roleplay,mtbench-reasoning,mtbench-math,mtbench-coding,mtbench-extraction,mtbench-stem,mtbench-humanities,humaneval,sharegpt"
@@ -47,7 +46,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import torch
     from tqdm import tqdm
 
     from deploy.config import load_config
@@ -82,7 +80,7 @@ def run(args) -> int:
 
     how = {
         "command": "draftpick bench engine " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "engine"] else "bench",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "device": str(engine.target.device), "dtype": str(engine.target.dtype).removeprefix("torch."),
         "target": cfg.target.name, "prompts": len(prompts), "max_tokens": args.max_tokens, "greedy": True,
         "method": "wall time of each generate call (prefill included); configs rotated per prompt; one warm-up pass",
@@ -109,14 +107,7 @@ def run(args) -> int:
             a.add(tokens, records, secs, tokens == ref)
     bar.close()
     report = _report(how, acc, names, args.domains.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"engine-{stamp}.json").write_text(json.dumps(report, indent=1))
-    md = _markdown(report)
-    (out / f"engine-{stamp}.md").write_text(md)
-    print(md)
-    print(f"wrote {out / f'engine-{stamp}.json'} and .md", file=sys.stderr)
+    write_results(args.out, "engine", report, _markdown(report))
     return 0
 
 

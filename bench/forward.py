@@ -12,13 +12,11 @@ markdown, like `bench engine`.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from bench import machine, write_results
 
 
 def add_arguments(p) -> None:
@@ -74,7 +72,7 @@ def run(args) -> int:
     report = {
         "how": {
             "command": "draftpick bench forward " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "forward"] else "bench",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "machine": machine(),
             "device": placement.device, "dtype": str(placement.dtype).removeprefix("torch."), "target": cfg.target.name,
             "context": args.context, "repeats": args.repeats,
             "method": "median wall time of one target forward of n tokens after the context (rolled back after each); "
@@ -85,14 +83,7 @@ def run(args) -> int:
         "argmax_agrees": {n: bool((logits[("stock", n)].argmax(-1) == logits[("small_batch", n)].argmax(-1)).all())
                           for n in sizes},
     }
-    md = _markdown(report, sizes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"forward-{stamp}.json").write_text(json.dumps(report, indent=1))
-    (out / f"forward-{stamp}.md").write_text(md)
-    print(md)
-    print(f"wrote {out / f'forward-{stamp}.json'} and .md", file=sys.stderr)
+    write_results(args.out, "forward", report, _markdown(report, sizes))
     return 0
 
 

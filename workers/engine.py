@@ -103,6 +103,10 @@ class SpeculativeEngine:
         self.played_only = set(played_only)  # drafters measured only in the rounds they are played
         self.eos_ids = _eos_ids(target, tokenizer)
 
+    def measures(self, drafter: str) -> bool:
+        """Whether a drafter's acceptance is measured in the rounds another drafter plays."""
+        return self.full_information and drafter not in self.played_only
+
     def start(
         self,
         prompt_ids: list[int],
@@ -239,8 +243,7 @@ class Generation:
             if name == arm.drafter or name == "none":
                 s.sync(new_ids, L, None, self.params)
             else:
-                measure = self.engine.full_information and name not in self.engine.played_only
-                acc = s.sync(new_ids, L, p[: n + 1] if measure else None, self.params)
+                acc = s.sync(new_ids, L, p[: n + 1] if self.engine.measures(name) else None, self.params)
                 if acc is not None:
                     per_drafter[name] = acc
         t3 = time.perf_counter()

@@ -54,7 +54,7 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
         else:
             drafters[name], draft_cost[name] = _lookup_drafter_trace(d, ids, out, k_max, tenant)
         # live, a drafter that is not full-information is measured only in the rounds it plays
-        drafters[name]["full_information"] = engine.full_information and name not in engine.played_only
+        drafters[name]["full_information"] = engine.measures(name)
     return {
         "version": TRACE_VERSION,
         "id": item.get("id"),
