@@ -52,10 +52,15 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
     return reqs
 
 
+def trace_drafters(reqs: list[TraceRequest]) -> list[str]:
+    """The drafters every request of the trace measured."""
+    return sorted(set.intersection(*(set(r.data["drafters"]) for r in reqs)))
+
+
 def trace_arms(reqs: list[TraceRequest], ks=(1, 2, 3, 5, 8)) -> list[Arm]:
     """Every drafter in the trace at every k <= k_max, plus plain decoding."""
     k_max = min(r.data["k_max"] for r in reqs)
-    drafters = sorted(set.intersection(*(set(r.data["drafters"]) for r in reqs)))
+    drafters = trace_drafters(reqs)
     return [Arm("none", 0)] + [Arm(d, k) for d in drafters for k in ks if k <= k_max]
 
 
@@ -207,11 +212,11 @@ def _fold(stats: dict, inc: dict) -> None:
 
 def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:
     """Drop every other drafter from the trace, as if only these had been configured."""
-    known = set.intersection(*(set(r.data["drafters"]) for r in reqs))
+    known = trace_drafters(reqs)
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise TraceError(f"--drafters: {', '.join(unknown) or 'none given'} not in the trace; "
-                         f"its drafters: {', '.join(sorted(known))}")
+                         f"its drafters: {', '.join(known)}")
     for r in reqs:
         r.data["drafters"] = {n: t for n, t in r.data["drafters"].items() if n in names}
 
