@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=1e-3)
     s.add_argument("--vocab", type=int, default=8192, help="size of the drafter's reduced output vocabulary")
     s.add_argument("--teacher-dtype", default="fp32", choices=["fp32", "bf16"])
+    s.add_argument("--student-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the student's matrix products (weights and optimizer stay fp32)")
     s.add_argument("--unroll", type=int, default=1, help="feature heads: also train on N - 1 steps of their own predictions")
     s.add_argument("--generate", type=int, default=0, metavar="N",
                    help="sequence-level: first let the target answer each training prompt with up to N tokens "
@@ -274,7 +276,8 @@ def cmd_distill(args) -> int:
     placement = place(args.device, "fp32")  # training runs in fp32; the teacher may autocast to bf16
     settings = DistillSettings(
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
-        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype, unroll=args.unroll,
+        batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype,
+        student_dtype=args.student_dtype, unroll=args.unroll,
         teacher_cache_gb=args.teacher_cache_gb, device=placement.device)
     if args.generate < 0 or args.generate_batch < 1:
         raise ValueError("--generate must be >= 0 and --generate-batch >= 1")

@@ -142,6 +142,23 @@ def test_resume_continues_from_the_checkpoint(target4, tok, tmp_path, init):
     assert again.run()["steps"] == 7 and len(again.losses) == 3
 
 
+@pytest.mark.parametrize("init", ["target-layers:1", "feature"])
+def test_bf16_student_autocasts_its_products_keeps_fp32_weights_and_learns(target4, tok, tmp_path, init):
+    d = Distiller(target4, tok, TEXTS, DistillSettings(out=str(tmp_path / "d"), init=init, steps=40, seq_len=32,
+                                                       batch=4, lr=3e-3, vocab=24, student_dtype="bf16"),
+                  progress=False)
+    seen = set()
+    linears = [m for m in d.student.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+    for m in linears:
+        m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+    d.run()
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in d.student.parameters())
+    assert sum(d.losses[-5:]) / 5 < 0.7 * sum(d.losses[:5]) / 5
+    with pytest.raises(ValueError, match="--student-dtype must be fp32 or bf16"):
+        DistillSettings(out=str(tmp_path / "e"), steps=1, student_dtype="fp16")
+
+
 def test_bad_inputs_fail_with_clear_messages(target4, tok, tmp_path, capsys):
     save_models(tmp_path, target4, tok, close_noise=None)
     base = ["distill", "--target", str(tmp_path / "target"), "--out", str(tmp_path / "o"), "--steps", "1"]
