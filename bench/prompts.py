@@ -205,7 +205,8 @@ def stdlib_functions():
 def _captured_item(d: dict, tokenizer) -> dict:
     """A request captured by the service: its prompt and the target's verified output."""
     text = tokenizer.decode(d["prompt_token_ids"] + d["token_ids"])
-    return {"text": text, "input": {"prompt": tokenizer.decode(d["prompt_token_ids"])}}
+    return {"text": text, "input": {"prompt": tokenizer.decode(d["prompt_token_ids"])},
+            "split": (list(d["prompt_token_ids"]), list(d["token_ids"]))}
 
 
 def _file_items(path: str, limit: int, tokenizer) -> list[dict]:

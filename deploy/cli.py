@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--vocab", type=int, default=8192, help="size of the drafter's reduced output vocabulary")
+    s.add_argument("--vocab", type=int,
+                   help="size of the drafter's reduced output vocabulary (default 8192; continuing from --init DIR "
+                        "keeps that drafter's unless given, which widens it with the most frequent tokens it lacks)")
     s.add_argument("--teacher-dtype", default="fp32", choices=["fp32", "bf16"])
     s.add_argument("--student-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast the student's matrix products (weights and optimizer stay fp32)")
@@ -115,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="where teacher and student run (auto: cuda when a GPU is visible)")
     s.add_argument("--teacher-cache-gb", type=float, default=2.0,
                    help="memory for the teacher's hidden states, reused by later passes over the text")
+    s.add_argument("--loss-on", default="all", choices=["all", "answers"],
+                   help="answers: with prompt + answer items (captured traffic, --generate) learn to predict only "
+                        "the answer tokens, the text drafted at serving time; prompts are still read as context")
+    s.add_argument("--prompt-context", type=int, metavar="N",
+                   help="prompt + answer items: keep only the last N prompt tokens as context (fewer teacher "
+                        "tokens a pass when prompts are long; default: whole prompts)")
     s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
     s.set_defaults(func=cmd_distill)
 
@@ -278,7 +286,8 @@ def cmd_distill(args) -> int:
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
         batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype,
         student_dtype=args.student_dtype, unroll=args.unroll,
-        teacher_cache_gb=args.teacher_cache_gb, device=placement.device)
+        teacher_cache_gb=args.teacher_cache_gb, loss_on=args.loss_on, prompt_context=args.prompt_context,
+        device=placement.device)
     if args.generate < 0 or args.generate_batch < 1:
         raise ValueError("--generate must be >= 0 and --generate-batch >= 1")
     if args.generate_minutes is not None and args.generate_minutes <= 0:
@@ -293,15 +302,16 @@ def cmd_distill(args) -> int:
     train, held = items[: len(items) - args.held_out], items[len(items) - args.held_out :]
     target = load_model(target_path, placement)
     print(f"distill: {len(train)} training items, {len(held)} held out; target {target_path}", file=sys.stderr)
-    texts = [it["text"] for it in train]
+    texts = [it.get("split") or it["text"] for it in train]  # captured traffic: (prompt ids, answer ids)
     if args.generate:
         prompts = [ids for ids in (encode_input(tokenizer, it["input"]) for it in train) if len(ids) <= MAX_PROMPT_TOKENS]
         if not prompts:
             raise ValueError(f"--generate: every training prompt is longer than {MAX_PROMPT_TOKENS} tokens")
         Path(args.out).mkdir(parents=True, exist_ok=True)
         print(f"distill: the target answers {len(prompts)} prompts (up to {args.generate} tokens each)", file=sys.stderr)
-        texts = generate_sequences(target, tokenizer, prompts, Path(args.out) / SEQUENCES_FILE, args.generate,
-                                   args.generate_batch, args.teacher_dtype, minutes=args.generate_minutes)
+        seqs = generate_sequences(target, tokenizer, prompts, Path(args.out) / SEQUENCES_FILE, args.generate,
+                                  args.generate_batch, args.teacher_dtype, minutes=args.generate_minutes)
+        texts = [(seq[: len(p)], seq[len(p) :]) for seq, p in zip(seqs, sorted(prompts, key=len))]
     distiller = Distiller(target, tokenizer, texts, settings)
     summary = distiller.run()
     if args.validate_tokens:

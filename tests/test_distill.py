@@ -264,6 +264,62 @@ def test_teacher_cache_skips_the_teachers_forward_on_later_passes(target4, tok, 
     assert runs[1.0][1] == pytest.approx(runs[0.0][1], rel=2e-2)  # the fp16 cache trains the same
 
 
+def test_answers_only_loss_prompt_context_and_widening_a_continued_vocabulary(target4, tok, tmp_path):
+    """--loss-on answers (EAGLE's loss mask): prompts are read as context, only answer tokens are learnt."""
+    from bench.prompts import training_items
+    from workers.distill import _kl
+
+    digits = set(tok("0123456789+-*/()=").input_ids) | {tok.eos_token_id}  # answers use only these, prompts never
+    pairs = [(tok(p).input_ids, tok(a).input_ids) for p, a in
+             [("what is one plus two", "1+2=3"), ("four times five less six", "(4*5)-6=14"),
+              ("eight over two", "8/2=4"), ("seven nines less nothing", "7*9-0=63")] * 6]
+    cap = tmp_path / "traffic.jsonl"
+    cap.write_text("\n".join(json.dumps({"prompt_token_ids": p, "token_ids": a}) for p, a in pairs))
+    items = training_items(str(cap), 100, tok)  # captured traffic keeps its prompt / answer split
+    assert [it["split"] for it in items] == pairs
+    d = Distiller(target4, tok, [it["split"] for it in items],
+                  DistillSettings(out=str(tmp_path / "a"), steps=60, seq_len=16, batch=4, lr=3e-3, vocab=16,
+                                  unroll=2, loss_on="answers"), progress=False)
+    assert set(d.kept) <= digits  # the reduced vocabulary is counted on the answers
+    for _ in range(5):
+        x, starts = d.batch()
+        w = d.weights(starts)
+        nxt = [[int(t) in digits for t in row[1:]] for row in x]
+        assert w[:, :-1].tolist() == [[float(a) for a in r] for r in nxt]  # learnt where an answer token follows
+        assert 0 < w.sum() < w.numel()
+    d.pos = 0
+    d.run()
+    assert sum(d.losses[-5:]) < 0.7 * sum(d.losses[:5])
+    # the weighted KL is the mean over the weighted positions; what the others hold does not count
+    s_logits, t_logp = torch.randn(2, 5, 7), torch.log_softmax(torch.randn(2, 5, 7), -1)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 0, 1]])
+    noisy = torch.where(mask[..., None] > 0, s_logits, s_logits + 50 * torch.randn(2, 5, 7))
+    assert _kl(noisy, t_logp, mask) == pytest.approx(_kl(s_logits[mask > 0], t_logp[mask > 0]).item(), rel=1e-5)
+    assert _kl(s_logits, t_logp, torch.ones(2, 5)) == pytest.approx(_kl(s_logits, t_logp).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="--loss-on answers needs prompt \\+ answer items"):
+        Distiller(target4, tok, TEXTS, DistillSettings(out=str(tmp_path / "b"), steps=1, seq_len=16, vocab=16,
+                                                       loss_on="answers"), progress=False)
+    with pytest.raises(ValueError, match="--loss-on must be all or answers"):
+        DistillSettings(out=str(tmp_path / "c"), steps=1, loss_on="prompts")
+    # --prompt-context N keeps the last N prompt tokens of each item: fewer teacher tokens, the same answers
+    short = Distiller(target4, tok, pairs, DistillSettings(out=str(tmp_path / "s"), steps=1, seq_len=16, vocab=16,
+                                                         loss_on="answers", prompt_context=3), progress=False)
+    assert short.stream == [t for p, a in pairs for t in p[-3:] + a + [tok.eos_token_id]]
+    # continuing a drafter keeps its vocabulary; --vocab widens it with the most frequent tokens it lacks
+    kept = d.kept
+    wide = Distiller(target4, tok, pairs, DistillSettings(out=str(tmp_path / "w"), init=str(tmp_path / "a"), steps=2,
+                                                        seq_len=16, vocab=24), progress=False)
+    assert set(kept) < set(wide.kept) and len(wide.kept) == 24
+    wide.run()
+    assert json.loads((tmp_path / "w" / "draftpick_feature.json").read_text())["kept"] == wide.kept
+    same = Distiller(target4, tok, pairs, DistillSettings(out=str(tmp_path / "k"), init=str(tmp_path / "a"), steps=1,
+                                                        seq_len=16), progress=False)
+    assert same.kept == kept
+    with pytest.raises(ValueError, match="only widens"):
+        Distiller(target4, tok, pairs, DistillSettings(out=str(tmp_path / "n"), init=str(tmp_path / "w"), steps=1,
+                                                       seq_len=16, vocab=20), progress=False)
+
+
 def test_distill_generate_trains_on_the_targets_answers(target4, tok, tmp_path, capsys):
     save_models(tmp_path, target4, tok, close_noise=None)
     code = main(["distill", "--target", str(tmp_path / "target"), "--prompts", _jsonl(tmp_path, TEXTS), "--held-out", "2",

@@ -43,6 +43,7 @@ import torch
 from workers.drafters.feature import FeatureHead, is_feature_drafter, load_head, save_head
 
 VOCAB_FILE = "draftpick_vocab.json"
+DEFAULT_VOCAB = 8192  # a new student's reduced output vocabulary (--vocab)
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,15 @@ class DistillSettings:
     seq_len: int = 256
     batch: int = 8
     lr: float = 1e-3
-    vocab: int = 8192
+    vocab: int | None = None  # reduced output vocabulary: 8,192 for a new student; one continued (--init DIR)
+    # keeps its own unless this is given, which widens it with the most frequent learnt tokens it lacks
     teacher_dtype: str = "fp32"  # bf16 is ~3x faster on CPUs with avx512_bf16 (top-1 agrees ~98 %)
     student_dtype: str = "fp32"  # bf16: the student's matrix products autocast (fp32 weights); ~1.6x on such CPUs
     checkpoint_every: int = 50
     unroll: int = 1  # feature heads: extra training steps that feed the head its own predictions
     teacher_cache_gb: float = 2.0  # the teacher's hidden states of this many GiB of windows are kept (fp16)
+    loss_on: str = "all"  # answers: learn to predict only answer tokens of (prompt, answer) items (EAGLE's loss mask)
+    prompt_context: int | None = None  # (prompt, answer) items keep only this many last prompt tokens (context)
     device: str = "cpu"  # where the teacher and the student run: cpu or cuda (the target must already be there)
     seed: int = 0
 
@@ -68,7 +72,7 @@ class DistillSettings:
             raise ValueError("give --steps or --minutes")
         if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
             raise ValueError("--steps must be >= 1 and --minutes > 0")
-        if self.seq_len < 8 or self.batch < 1 or self.vocab < 16:
+        if self.seq_len < 8 or self.batch < 1 or (self.vocab is not None and self.vocab < 16):
             raise ValueError("need --seq-len >= 8, --batch >= 1, --vocab >= 16")
         if self.unroll < 1:
             raise ValueError("--unroll must be >= 1")
@@ -78,19 +82,37 @@ class DistillSettings:
             raise ValueError("--student-dtype must be fp32 or bf16")
         if self.teacher_cache_gb < 0:
             raise ValueError("--teacher-cache-gb must be >= 0")
+        if self.prompt_context is not None and self.prompt_context < 0:
+            raise ValueError("--prompt-context must be >= 0")
+        if self.loss_on not in ("all", "answers"):
+            raise ValueError(f"--loss-on must be all or answers, got {self.loss_on!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
 
 
-def token_stream(tokenizer, texts: list[str | list[int]]) -> list[int]:
-    """Texts (or token id lists) joined into one stream, each ended by EOS."""
+Text = str | list[int] | tuple[list[int], list[int]]  # text, token ids, or (prompt ids, answer ids)
+
+
+def token_stream(tokenizer, texts: list[Text], prompt_context: int | None = None) -> tuple[list[int], list[bool]]:
+    """Texts joined into one stream, each ended by EOS, and for each token whether it is answer text:
+    False on the prompt of a (prompt ids, answer ids) pair, True everywhere else (a plain text is
+    learnt whole). `prompt_context` keeps only the last that many tokens of each such prompt."""
     ids: list[int] = []
+    answer: list[bool] = []
     eos = tokenizer.eos_token_id
     for t in texts:
-        ids.extend(tokenizer(t).input_ids if isinstance(t, str) else t)
+        if isinstance(t, tuple):
+            prompt = t[0] if prompt_context is None else t[0][len(t[0]) - min(prompt_context, len(t[0])):]
+            ids.extend(prompt + t[1])
+            answer.extend([False] * len(prompt) + [True] * len(t[1]))
+        else:
+            new = tokenizer(t).input_ids if isinstance(t, str) else t
+            ids.extend(new)
+            answer.extend([True] * len(new))
         if eos is not None and ids and ids[-1] != eos:
             ids.append(eos)
-    return ids
+            answer.append(True)
+    return ids, answer
 
 
 SEQUENCES_FILE = "sequences.jsonl"
@@ -188,20 +210,25 @@ def trimmed_logits(model, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Ten
 
 
 class Distiller:
-    def __init__(self, target, tokenizer, texts: list[str | list[int]], settings: DistillSettings, progress=True):
+    def __init__(self, target, tokenizer, texts: list[Text], settings: DistillSettings, progress=True):
         self.s, self.target, self.tok, self.progress = settings, target, tokenizer, progress
         self.device = torch.device(settings.device)
         if target.device.type != self.device.type:
             raise ValueError(f"the target is on {target.device.type}, but --device is {settings.device}")
         torch.manual_seed(settings.seed)
-        self.stream = token_stream(tokenizer, texts)
+        self.stream, answer = token_stream(tokenizer, texts, settings.prompt_context)
         if len(self.stream) < settings.seq_len + 1:
             raise ValueError(f"training text too short: {len(self.stream)} tokens < --seq-len {settings.seq_len}")
+        if settings.loss_on == "answers" and all(answer):
+            raise ValueError("--loss-on answers needs prompt + answer items: captured traffic, its JSONL, or --generate")
+        # weight of position p: the logits there predict token p + 1, learnt when that token is answer text
+        self.weight = answer[1:] + answer[:1] if settings.loss_on == "answers" else None
         self.out = Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / "checkpoint.pt"
         self._check_out_dir(tokenizer, target)
         fresh = settings.init == "feature" or settings.init.startswith("target-layers:")
+        learnt = [t for t, a in zip(self.stream, answer) if a] if self.weight is not None else self.stream
         self.step, self.elapsed, self.pos = 0, 0.0, 0
         if ckpt.exists():  # resume
             state = torch.load(ckpt, weights_only=False, map_location="cpu")
@@ -210,17 +237,23 @@ class Distiller:
             self.student = self._new_student(target)
             self.student.load_state_dict(state["model"])
             self.step, self.elapsed, self.pos = state["step"], state["elapsed"], state["pos"]
-        elif not fresh and is_feature_drafter(settings.init):  # continue from an earlier feature drafter
-            self.kind, self.n_layers = "feature", 1
-            self.student, self.kept = load_head(settings.init, target)
-        elif not fresh:  # continue from an earlier distilled drafter
-            self.kind = "layers"
-            self.student, self.kept = _load_drafter(Path(settings.init), tokenizer, target)
-            self.student.model.embed_tokens.weight.requires_grad_(False)
-            self.n_layers = self.student.config.num_hidden_layers
+        elif not fresh:  # continue from an earlier drafter: a feature head or a distilled LM
+            if is_feature_drafter(settings.init):
+                self.kind, self.n_layers = "feature", 1
+                self.student, self.kept = load_head(settings.init, target)
+            else:
+                self.kind = "layers"
+                self.student, self.kept = _load_drafter(Path(settings.init), tokenizer, target)
+                self.student.model.embed_tokens.weight.requires_grad_(False)
+                self.n_layers = self.student.config.num_hidden_layers
+            if settings.vocab is not None:  # widen: output rows are the target's, nothing to relearn but the new ones
+                if settings.vocab < len(self.kept):
+                    raise ValueError(f"--vocab {settings.vocab} is below the vocabulary of --init ({len(self.kept)}): "
+                                     "a continued drafter's vocabulary only widens")
+                self.kept = kept_vocabulary(learnt, settings.vocab, self.kept)
         else:
             specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
-            self.kept = kept_vocabulary(self.stream, settings.vocab, specials)
+            self.kept = kept_vocabulary(learnt, settings.vocab or DEFAULT_VOCAB, specials)
             self.kind = "feature" if settings.init == "feature" else "layers"
             self.n_layers = 1 if self.kind == "feature" else _init_layers(settings.init)
             self.student = self._new_student(target)
@@ -262,6 +295,13 @@ class Distiller:
             self.pos += T
         return torch.tensor(rows, device=self.device), starts  # [B, T]
 
+    def weights(self, starts: list[int]) -> torch.Tensor | None:
+        """Per-position loss weights [B, T] of the windows (--loss-on answers), else None."""
+        if self.weight is None:
+            return None
+        T = self.s.seq_len
+        return torch.tensor([self.weight[s : s + T] for s in starts], dtype=torch.float32, device=self.device)
+
     def teacher_hidden(self, x: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """The target's last hidden states [B, T, d] of the windows, from the cache where it has them."""
         missing = [i for i, s in enumerate(starts) if s not in self.cache]
@@ -276,20 +316,21 @@ class Distiller:
 
     def train_step(self) -> float:
         x, starts = self.batch()  # [B, T]
+        w = self.weights(starts)
         t_hidden = self.teacher_hidden(x, starts)
         t_logp = torch.log_softmax(t_hidden @ self.teacher_rows.T, -1)  # [B, T, V'] on the kept ids
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.student_dtype == "bf16"):
             if self.kind == "feature":
-                loss = self._feature_loss(x, t_hidden, t_logp)
+                loss = self._feature_loss(x, t_hidden, t_logp, w)
             else:
                 hidden = self.student.model(input_ids=x).last_hidden_state  # [B, T, d]
-                loss = _kl(trimmed_logits(self.student, hidden, self.kept_t), t_logp)
+                loss = _kl(trimmed_logits(self.student, hidden, self.kept_t), t_logp, w)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         return loss.item()
 
-    def _feature_loss(self, x, t_hidden, t_logp) -> torch.Tensor:
+    def _feature_loss(self, x, t_hidden, t_logp, w=None) -> torch.Tensor:
         """EAGLE-style: from (f_j, x_{j+1}) predict f_{j+1}; KL of its logits to the teacher's at j + 1,
         plus a small smooth-L1 pull toward the true feature. With --unroll > 1, further steps feed the
         head its own predictions back (as drafting does beyond the first token), scored the same way."""
@@ -299,9 +340,12 @@ class Distiller:
         feats = t_hidden[:, :-1]
         for step in range(1, self.s.unroll + 1):
             pred = self.student(feats, emb[:, step:])  # [B, T - step, d] predicts f_{j+step}
-            true = t_hidden[:, step:]
-            loss = loss + _kl(pred @ self.teacher_rows.T, t_logp[:, step:]) + \
-                0.1 * torch.nn.functional.smooth_l1_loss(pred.float(), true)
+            p, true, t, ws = pred, t_hidden[:, step:], t_logp[:, step:], None
+            if w is not None:  # score only the weighted positions: the vocabulary projection dominates the cost
+                sel = w[:, step:] > 0
+                p, true, t, ws = p[sel], true[sel], t[sel], w[:, step:][sel]
+            loss = loss + _kl(p @ self.teacher_rows.T, t, ws) + \
+                0.1 * _weighted_mean(torch.nn.functional.smooth_l1_loss(p.float(), true, reduction="none").mean(-1), ws)
             feats = pred[:, :-1]
         return loss / self.s.unroll
 
@@ -357,11 +401,18 @@ class Distiller:
         (self.out / VOCAB_FILE).write_text(json.dumps(self.kept))
 
 
-def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) summed over the (kept) vocabulary, averaged over tokens."""
+def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) summed over the (kept) vocabulary, averaged over tokens (weighted by `weight`)."""
     s_logp = torch.log_softmax(student_logits.float(), -1)  # fp32 even when the logits were autocast
     per_token = torch.nn.functional.kl_div(s_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
-    return per_token.mean()
+    return _weighted_mean(per_token, weight)
+
+
+def _weighted_mean(per_token: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean over positions, or their weighted mean (0 when no position has weight)."""
+    if weight is None:
+        return per_token.mean()
+    return (per_token * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def _load_drafter(path: Path, tokenizer, target):
