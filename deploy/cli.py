@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-context", type=int, metavar="N",
                    help="prompt + answer items: keep only the last N prompt tokens as context (fewer teacher "
                         "tokens a pass when prompts are long; default: whole prompts)")
+    s.add_argument("--weights", default="int8", choices=["int8", "int4", "bf16"],
+                   help="how a feature head is stored: int8 rows (default), int4 groups of 64 (about half of "
+                        "int8's bytes), or bf16; rerunning a finished run (same --out and --steps or --minutes) stores it again")
     s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
     s.set_defaults(func=cmd_distill)
 
@@ -287,7 +290,7 @@ def cmd_distill(args) -> int:
         batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype,
         student_dtype=args.student_dtype, unroll=args.unroll,
         teacher_cache_gb=args.teacher_cache_gb, loss_on=args.loss_on, prompt_context=args.prompt_context,
-        device=placement.device)
+        weights=args.weights, device=placement.device)
     if args.generate < 0 or args.generate_batch < 1:
         raise ValueError("--generate must be >= 0 and --generate-batch >= 1")
     if args.generate_minutes is not None and args.generate_minutes <= 0:

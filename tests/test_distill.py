@@ -114,6 +114,19 @@ def test_feature_head_distils_loads_and_keeps_output_exact(target4, tok, tmp_pat
                                           "full_information": False}]})
     records = build_engine(cfg).generate(tok("the cat").input_ids, SamplingParams(max_tokens=20), Arm("ngram", 3)).records
     assert records and all("feat" not in r.per_drafter for r in records)
+    # rerunning the finished run with --weights int4 stores the same head again, in 4 bits, still lossless
+    before = (root / "feat" / "head.safetensors").stat().st_size
+    assert main(["distill", "--target", str(root / "target"), "--prompts", _jsonl(root, TEXTS), "--held-out", "2",
+                 "--out", str(root / "feat"), "--steps", "30", "--seq-len", "32", "--weights", "int4",
+                 "--validate-tokens", "24"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 30  # nothing trained again
+    assert json.loads((root / "feat" / "draftpick_feature.json").read_text())["weights"] == "int4"
+    assert (root / "feat" / "head.safetensors").stat().st_size < 0.7 * before
+    engine4 = build_engine(cfg.model_copy(update={"drafters": [cfg.drafters[1]]}))
+    for text in ["def add(a", "the cat"]:
+        ids = tok(text).input_ids
+        ref = target4.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=30)[0, len(ids):].tolist()
+        assert engine4.generate(ids, SamplingParams(max_tokens=30), Arm("feat", 4)).token_ids == ref
 
 
 def test_feature_head_for_another_target_is_refused(target4, tok, tmp_path, capsys):
@@ -444,6 +457,40 @@ def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4
     (tmp_path / "b" / HEAD_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format 9, this version reads 1 and 2"):
         load_head(tmp_path / "b", target4)
+
+
+def test_heads_stored_as_int4_groups_are_within_half_a_step_of_each_weight(tmp_path):
+    """int4 storage: 4-bit codes in groups of 64 with a scale and minimum each, ~0.56 of int8's bytes."""
+    from workers.drafters.feature import GROUP, FeatureHead, load_head, save_head
+
+    target = tiny_model(seed=1, layers=2, hidden=64)
+    head = FeatureHead.from_target(target)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_head(tmp_path / "q8", head, [0, 1, 2], target)
+    save_head(tmp_path / "q4", head, [0, 1, 2], target, weights="int4")
+    sizes = [(tmp_path / d / "head.safetensors").stat().st_size for d in ("q8", "q4")]
+    assert sizes[1] < 0.65 * sizes[0]
+    loaded, kept = load_head(tmp_path / "q4", target)
+    assert kept == [0, 1, 2] and json.loads((tmp_path / "q4" / "draftpick_feature.json").read_text())["weights"] == "int4"
+    want = head.trained_state()
+    quantised = 0
+    for k, v in loaded.trained_state().items():
+        w = want[k].detach()
+        if w.dim() == 2:
+            assert w.shape[1] % GROUP == 0, k
+            g = w.reshape(w.shape[0], -1, GROUP)
+            step = ((g.amax(-1) - g.amin(-1)) / 15)[..., None]
+            err = (v.reshape(g.shape) - g).abs()
+            assert (err <= 0.52 * step + 1e-3 * g.amin(-1).abs()[..., None] + 1e-6).all(), k
+            assert not torch.equal(v, w)  # really stored in 4 bits
+            quantised += 1
+        else:
+            assert torch.allclose(v, w, rtol=1e-2, atol=1e-3), k
+    assert quantised >= 7  # fc and the layer's seven projections
+    with pytest.raises(ValueError, match="weights must be one of int8, int4, bf16"):
+        save_head(tmp_path / "x", head, [0], target, weights="int2")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])

@@ -64,6 +64,7 @@ class DistillSettings:
     teacher_cache_gb: float = 2.0  # the teacher's hidden states of this many GiB of windows are kept (fp16)
     loss_on: str = "all"  # answers: learn to predict only answer tokens of (prompt, answer) items (EAGLE's loss mask)
     prompt_context: int | None = None  # (prompt, answer) items keep only this many last prompt tokens (context)
+    weights: str = "int8"  # how a feature head is stored: int8, int4 or bf16 (workers.drafters.feature.save_head)
     device: str = "cpu"  # where the teacher and the student run: cpu or cuda (the target must already be there)
     seed: int = 0
 
@@ -84,6 +85,8 @@ class DistillSettings:
             raise ValueError("--teacher-cache-gb must be >= 0")
         if self.prompt_context is not None and self.prompt_context < 0:
             raise ValueError("--prompt-context must be >= 0")
+        if self.weights not in ("int8", "int4", "bf16"):
+            raise ValueError(f"--weights must be int8, int4 or bf16, got {self.weights!r}")
         if self.loss_on not in ("all", "answers"):
             raise ValueError(f"--loss-on must be all or answers, got {self.loss_on!r}")
         if self.device not in ("cpu", "cuda"):
@@ -394,7 +397,7 @@ class Distiller:
 
     def save(self) -> None:
         if self.kind == "feature":
-            save_head(self.out, self.student, self.kept, self.target)
+            save_head(self.out, self.student, self.kept, self.target, self.s.weights)
             return
         self.student.save_pretrained(self.out)
         self.tok.save_pretrained(self.out)

@@ -32,8 +32,12 @@ from workers.verify import acceptance_probability
 
 HEAD_FILE = "draftpick_feature.json"  # marks a feature drafter directory: kept ids + target fingerprint
 WEIGHTS_FILE = "head.safetensors"
-FORMAT = 2  # 1: bf16 weights; 2: adds "weights": "int8" (matrices as int8 rows + a scale per row) or "bf16"
-SCALE = ".int8_scale"  # suffix of a quantised matrix's per-row scales in the weights file
+FORMAT = 2  # 1: bf16 weights; 2: adds "weights": "int8" (matrices as int8 rows + a scale per row), "int4"
+# (4-bit codes in groups of GROUP along each row, a scale and an offset per group) or "bf16"
+SCALE = ".int8_scale"  # suffix of an int8 matrix's per-row scales in the weights file
+SCALE4, LOW4 = ".int4_scale", ".int4_low"  # suffixes of an int4 matrix's per-group scales and minima
+GROUP = 64
+WEIGHTS = ("int8", "int4", "bf16")
 
 
 def target_fingerprint(target) -> dict:
@@ -100,11 +104,12 @@ def is_feature_drafter(path: str | Path) -> bool:
 def save_head(out: Path, head: FeatureHead, kept: list[int], target, weights: str = "int8") -> None:
     """Store the head. int8 (the default) keeps each matrix as int8 rows with one fp32 scale per row,
     half the size of bf16 (a drafter's weights need not be exact: verification keeps output lossless);
-    vectors (norms, biases) stay bf16."""
+    int4 keeps 4-bit codes in groups of 64 along each row with an fp16 scale and minimum per group
+    (0.56 bytes a weight); vectors (norms, biases) stay bf16."""
     from safetensors.torch import save_file
 
-    if weights not in ("int8", "bf16"):
-        raise ValueError(f"weights must be int8 or bf16, got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for k, v in head.trained_state().items():
@@ -113,6 +118,8 @@ def save_head(out: Path, head: FeatureHead, kept: list[int], target, weights: st
             scale = v.abs().amax(1).clamp_min(1e-12) / 127
             tensors[k] = torch.round(v / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             tensors[k + SCALE] = scale.contiguous()
+        elif weights == "int4" and v.dim() == 2 and v.shape[1] % GROUP == 0:
+            tensors[k], tensors[k + SCALE4], tensors[k + LOW4] = _int4(v)
         else:
             tensors[k] = v.to(torch.bfloat16).contiguous()
     save_file(tensors, out / WEIGHTS_FILE)
@@ -120,10 +127,29 @@ def save_head(out: Path, head: FeatureHead, kept: list[int], target, weights: st
     (out / HEAD_FILE).write_text(json.dumps(meta))
 
 
+def _int4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[rows, cols] fp32 -> (codes packed two to a byte [rows, cols / 2] uint8, scale and minimum
+    [rows, cols / GROUP] fp16): each group of GROUP weights spans its own [min, max] in 16 steps."""
+    g = v.reshape(v.shape[0], -1, GROUP)
+    low = g.amin(-1).half()
+    scale = ((g.amax(-1) - low.float()) / 15).clamp_min(1e-8).half()
+    codes = torch.round((g - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    codes = codes.reshape(v.shape[0], -1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scale.contiguous(), low.contiguous()
+
+
+def _from_int4(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    codes = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1, GROUP).float()
+    return (codes * scale.float()[..., None] + low.float()[..., None]).reshape(packed.shape[0], -1)
+
+
 def _dequantised(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in stored.items():
-        if k.endswith(SCALE):
+        if k.endswith((SCALE, SCALE4, LOW4)):
+            continue
+        if k + SCALE4 in stored:
+            out[k] = _from_int4(v, stored[k + SCALE4], stored[k + LOW4])
             continue
         scale = stored.get(k + SCALE)
         out[k] = v.float() if scale is None else v.float() * scale.float()[:, None]
