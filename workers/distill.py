@@ -19,7 +19,8 @@ the service (the target's own outputs: sequence-level distillation on what users
 ask). `--generate N` makes such traffic offline: the target first answers every
 training prompt (greedy, batched; `sequences.jsonl` in the output directory, in the
 capture format, resumable) and the student then learns on prompt + answer, the text
-it will draft at serving time. The teacher's hidden states of each training window
+it will draft at serving time; `--loss-on answers` then learns only the answer tokens
+(the prompt is context), as EAGLE's loss mask does. The teacher's hidden states of each training window
 are kept in memory (`teacher_cache_gb`), so passes after the first over a small
 text skip the teacher's forward. Everything runs on `device` (cpu or cuda: the target, its answers,
 the student; the learning rate decays, cosine, to a tenth over the run). Checkpoints (`checkpoint.pt`)
