@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt-context", type=int, metavar="N",
                    help="prompt + answer items: keep only the last N prompt tokens as context (fewer teacher "
                         "tokens a pass when prompts are long; default: whole prompts)")
+    # the choices are workers.drafters.feature.WEIGHTS, not imported here to keep torch out of parsing
     s.add_argument("--weights", default="int8", choices=["int8", "int4", "bf16"],
                    help="how a feature head is stored: int8 rows (default), int4 groups of 64 (about half of "
                         "int8's bytes), or bf16; rerunning a finished run (same --out and --steps or --minutes) stores it again")

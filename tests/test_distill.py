@@ -424,14 +424,22 @@ def test_head_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
         assert feature.head_dtype("auto", "cpu") == want
 
 
-def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4, tok, tmp_path):
-    """int8 storage: half the bytes of bf16, every weight within half a step of its row's scale."""
-    from workers.drafters.feature import HEAD_FILE, FeatureHead, load_head, save_head
+def _noisy_head(target):
+    """A feature head for `target` whose weights are moved off the target's (what storage must keep)."""
+    from workers.drafters.feature import FeatureHead
 
-    head = FeatureHead.from_target(target4)
+    head = FeatureHead.from_target(target)
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return head
+
+
+def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4, tok, tmp_path):
+    """int8 storage: half the bytes of bf16, every weight within half a step of its row's scale."""
+    from workers.drafters.feature import HEAD_FILE, load_head, save_head
+
+    head = _noisy_head(target4)
     save_head(tmp_path / "q", head, [0, 1, 2], target4)
     save_head(tmp_path / "b", head, [0, 1, 2], target4, weights="bf16")
     q_size, b_size = ((tmp_path / d / "head.safetensors").stat().st_size for d in "qb")
@@ -459,20 +467,16 @@ def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4
         load_head(tmp_path / "b", target4)
 
 
-def test_heads_stored_as_int4_groups_are_within_half_a_step_of_each_weight(tmp_path):
+def test_heads_stored_as_int4_groups_are_within_half_a_step_of_each_weight(target4, tmp_path):
     """int4 storage: 4-bit codes in groups of 64 with a scale and minimum each, ~0.56 of int8's bytes."""
-    from workers.drafters.feature import GROUP, FeatureHead, load_head, save_head
+    from workers.drafters.feature import GROUP, load_head, save_head
 
-    target = tiny_model(seed=1, layers=2, hidden=64)
-    head = FeatureHead.from_target(target)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_head(tmp_path / "q8", head, [0, 1, 2], target)
-    save_head(tmp_path / "q4", head, [0, 1, 2], target, weights="int4")
+    head = _noisy_head(target4)  # hidden size 64: every matrix splits into groups of 64
+    save_head(tmp_path / "q8", head, [0, 1, 2], target4)
+    save_head(tmp_path / "q4", head, [0, 1, 2], target4, weights="int4")
     sizes = [(tmp_path / d / "head.safetensors").stat().st_size for d in ("q8", "q4")]
     assert sizes[1] < 0.65 * sizes[0]
-    loaded, kept = load_head(tmp_path / "q4", target)
+    loaded, kept = load_head(tmp_path / "q4", target4)
     assert kept == [0, 1, 2] and json.loads((tmp_path / "q4" / "draftpick_feature.json").read_text())["weights"] == "int4"
     want = head.trained_state()
     quantised = 0
@@ -490,7 +494,7 @@ def test_heads_stored_as_int4_groups_are_within_half_a_step_of_each_weight(tmp_p
             assert torch.allclose(v, w, rtol=1e-2, atol=1e-3), k
     assert quantised >= 7  # fc and the layer's seven projections
     with pytest.raises(ValueError, match="weights must be one of int8, int4, bf16"):
-        save_head(tmp_path / "x", head, [0], target, weights="int2")
+        save_head(tmp_path / "x", head, [0], target4, weights="int2")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from workers.drafters.feature import FeatureHead, is_feature_drafter, load_head, save_head
+from workers.drafters.feature import WEIGHTS, FeatureHead, is_feature_drafter, load_head, save_head
 
 VOCAB_FILE = "draftpick_vocab.json"
 DEFAULT_VOCAB = 8192  # a new student's reduced output vocabulary (--vocab)
@@ -86,8 +86,8 @@ class DistillSettings:
             raise ValueError("--teacher-cache-gb must be >= 0")
         if self.prompt_context is not None and self.prompt_context < 0:
             raise ValueError("--prompt-context must be >= 0")
-        if self.weights not in ("int8", "int4", "bf16"):
-            raise ValueError(f"--weights must be int8, int4 or bf16, got {self.weights!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
         if self.loss_on not in ("all", "answers"):
             raise ValueError(f"--loss-on must be all or answers, got {self.loss_on!r}")
         if self.device not in ("cpu", "cuda"):
@@ -106,7 +106,7 @@ def token_stream(tokenizer, texts: list[Text], prompt_context: int | None = None
     eos = tokenizer.eos_token_id
     for t in texts:
         if isinstance(t, tuple):
-            prompt = t[0] if prompt_context is None else t[0][len(t[0]) - min(prompt_context, len(t[0])):]
+            prompt = t[0] if prompt_context is None else t[0][max(len(t[0]) - prompt_context, 0) :]
             ids.extend(prompt + t[1])
             answer.extend([False] * len(prompt) + [True] * len(t[1]))
         else:
