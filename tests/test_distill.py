@@ -1,5 +1,8 @@
 """Distillation on tiny models: the loss falls, the drafter stays lossless, bad inputs are refused."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from workers.distill import SEQUENCES_FILE, VOCAB_FILE, DistillSettings, Distill
 from workers.factory import build_engine
 from workers.sampling import SamplingParams
 
+REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "the cat sat on the mat. " * 6, "x = 1\ny = 2\nz = x + y\n" * 4] * 4
 
 
@@ -354,6 +358,26 @@ def test_generate_minutes_stops_answering_and_a_later_run_resumes(target4, tok, 
     assert not path.read_text()  # stopped before the first batch: nothing half-written
     full = generate_sequences(target4, tok, prompts, path, 6, batch=2, progress=False)
     assert len(full) == len(prompts) and len(path.read_text().splitlines()) == len(prompts)
+
+
+def test_the_gpu_script_distils_both_heads_and_passes_further_distill_arguments_on(target4, tok, tmp_path):
+    save_models(tmp_path, target4, tok, close_noise=None)
+    (tmp_path / "chat").mkdir(), (tmp_path / "code").mkdir()
+    chat, code = _jsonl(tmp_path / "chat", TEXTS[1::3]), _jsonl(tmp_path / "code", TEXTS[0::3])
+    out = tmp_path / "heads"
+    # the defaults say --batch 64, int8 weights and 1 minute of training: the arguments after TRAIN_MIN win
+    run = subprocess.run(["bash", str(REPO / "deploy" / "distill-gpu.sh"), str(tmp_path / "target"), chat, code, str(out),
+                          "1", "1", "--steps", "2", "--seq-len", "16", "--batch", "2", "--vocab", "24",
+                          "--loss-on", "answers", "--weights", "int4"],
+                         cwd=REPO, env={**os.environ, "DEVICE": "cpu", "GENERATE": "6"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr + (out / "chat.log").read_text() + (out / "code.log").read_text()
+    for name, prompts in [("chat", TEXTS[1::3]), ("code", TEXTS[0::3])]:
+        summary = json.loads((out / f"{name}.log").read_text().strip().splitlines()[-1])
+        assert summary["steps"] == 2
+        assert json.loads((out / name / "draftpick_feature.json").read_text())["weights"] == "int4"
+        assert len((out / name / SEQUENCES_FILE).read_text().splitlines()) == len(prompts)  # the target answered each
+    usage = subprocess.run(["bash", str(REPO / "deploy" / "distill-gpu.sh"), "only-a-target"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "DISTILL_ARGS" in usage.stderr
 
 
 def test_stdlib_defs_prompt_with_a_signature_and_docstring_and_train_on_the_function():
