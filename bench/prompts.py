@@ -123,7 +123,8 @@ def training_items(source: str, limit: int, tokenizer=None) -> list[dict]:
     human turn, prompted with the conversation so far; the text adds the reply), humaneval (prompt + canonical solution), mtbench
     (questions), stdlib (Python standard library modules, tests left out), stdlib-defs (the
     standard library's documented functions and methods, prompted HumanEval-style with the module's
-    imports, a method's class line, the signature and the docstring; the text is the whole function). A JSONL file may hold `text`, `prompt`,
+    imports, a method's class line, the signature and the docstring; the text is the whole function). A JSONL file may hold `text`
+    (prompted with its `prompt` or `messages` when the line has one, else with its first 600 characters), `prompt`,
     `messages`, or captured traffic (`prompt_token_ids` + `token_ids`, decoded with `tokenizer`); a
     `redis://host:port/db#stream` reads traffic the service captured to a Redis stream.
     """
@@ -219,8 +220,9 @@ def _file_items(path: str, limit: int, tokenizer) -> list[dict]:
     for i, d in iter_jsonl(p):
         if "token_ids" in d and "prompt_token_ids" in d:
             items.append(_captured_item(d, tokenizer))
-        elif "text" in d:
-            items.append({"text": d["text"], "input": {"prompt": d["text"][:600]}})
+        elif "text" in d:  # with a `prompt` or `messages` of its own (as `draftpick prompts --training` writes)
+            inp = {"messages": d["messages"]} if "messages" in d else {"prompt": d.get("prompt", d["text"][:600])}
+            items.append({"text": d["text"], "input": inp})
         elif "prompt" in d:
             items.append({"text": d["prompt"], "input": {"prompt": d["prompt"]}})
         elif "messages" in d:

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--per-domain", type=int, default=10)
     s.add_argument("--offset", type=int, default=0, help="skip this many prompts of each domain first")
     s.add_argument("--tag", action="store_true", help="also set each prompt's context tag to its domain")
+    s.add_argument("--training", metavar="SETS",
+                   help="instead, write the training items of these sets (comma-separated, as `distill --prompts` "
+                        "takes them: text + prompt or messages), e.g. for a GPU machine without the prompt packages")
+    s.add_argument("--max-items", type=int, default=100000, help="--training: items read from each set")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prompts)
 
@@ -203,8 +207,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_prompts(args) -> int:
-    from bench.prompts import DOMAINS, load_domain
+    from bench.prompts import DOMAINS, TRAINING_SETS, load_domain, training_items
 
+    if args.training is not None:
+        unknown = [p for p in args.training.split(",") if p not in TRAINING_SETS]
+        if unknown:
+            raise ValueError(f"--training: unknown set {unknown[0]!r} (sets: {', '.join(TRAINING_SETS)})")
+        items = training_items(args.training, args.max_items)
+        with open(args.out, "w") as f:
+            for it in items:
+                f.write(json.dumps({"text": it["text"], **it["input"]}) + "\n")
+        print(f"wrote {len(items)} training items to {args.out}", file=sys.stderr)
+        return 0
     domains = DOMAINS if args.domains == "all" else args.domains.split(",")
     n = 0
     with open(args.out, "w") as f:

@@ -411,6 +411,17 @@ def test_sharegpt_turns_prompt_with_the_conversation_so_far_and_skip_the_benchma
                for a, b in zip(items, items[1:]))
 
 
+def test_training_sets_written_as_jsonl_read_back_as_the_same_items(tmp_path, capsys):
+    from bench.prompts import training_items
+
+    out = tmp_path / "items.jsonl"
+    assert main(["prompts", "--training", "sharegpt-turns,stdlib-defs", "--max-items", "30", "--out", str(out)]) == 0
+    items = training_items(str(out), 1000)
+    assert len(items) == 60 and items == training_items("sharegpt-turns,stdlib-defs", 30)
+    assert main(["prompts", "--training", "sharegpt,nope", "--out", str(out)]) == 2
+    assert "unknown set 'nope'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp_path):
     """--device cuda: answers equal the target's own greedy output there, the loss falls, and the head
