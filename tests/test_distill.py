@@ -362,7 +362,8 @@ def test_generate_minutes_stops_answering_and_a_later_run_resumes(target4, tok, 
 
 def test_the_gpu_script_distils_both_heads_and_passes_further_distill_arguments_on(target4, tok, tmp_path):
     save_models(tmp_path, target4, tok, close_noise=None)
-    (tmp_path / "chat").mkdir(), (tmp_path / "code").mkdir()
+    for name in ("chat", "code"):
+        (tmp_path / name).mkdir()
     chat, code = _jsonl(tmp_path / "chat", TEXTS[1::3]), _jsonl(tmp_path / "code", TEXTS[0::3])
     out = tmp_path / "heads"
     # the defaults say --batch 64, int8 weights and 1 minute of training: the arguments after TRAIN_MIN win
@@ -370,7 +371,7 @@ def test_the_gpu_script_distils_both_heads_and_passes_further_distill_arguments_
                           "1", "1", "--steps", "2", "--seq-len", "16", "--batch", "2", "--vocab", "24",
                           "--loss-on", "answers", "--weights", "int4"],
                          cwd=REPO, env={**os.environ, "DEVICE": "cpu", "GENERATE": "6"}, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr + (out / "chat.log").read_text() + (out / "code.log").read_text()
+    assert run.returncode == 0, run.stderr + "".join(f.read_text() for f in out.glob("*.log"))
     for name, prompts in [("chat", TEXTS[1::3]), ("code", TEXTS[0::3])]:
         summary = json.loads((out / f"{name}.log").read_text().strip().splitlines()[-1])
         assert summary["steps"] == 2
