@@ -214,21 +214,15 @@ def cmd_prompts(args) -> int:
         if unknown:
             raise ValueError(f"--training: unknown set {unknown[0]!r} (sets: {', '.join(TRAINING_SETS)})")
         items = training_items(args.training, args.max_items)
-        with open(args.out, "w") as f:
-            for it in items:
-                f.write(json.dumps({"text": it["text"], **it["input"]}) + "\n")
-        print(f"wrote {len(items)} training items to {args.out}", file=sys.stderr)
-        return 0
-    domains = DOMAINS if args.domains == "all" else args.domains.split(",")
-    n = 0
-    with open(args.out, "w") as f:
-        for d in domains:
+        lines, what = [{"text": it["text"], **it["input"]} for it in items], "training items"
+    else:
+        lines, what = [], "prompts"
+        for d in DOMAINS if args.domains == "all" else args.domains.split(","):
             for item in load_domain(d, args.offset + args.per_domain)[args.offset :]:
-                if args.tag:
-                    item["tag"] = d
-                f.write(json.dumps(item) + "\n")
-                n += 1
-    print(f"wrote {n} prompts to {args.out}", file=sys.stderr)
+                lines.append({**item, "tag": d} if args.tag else item)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    print(f"wrote {len(lines)} {what} to {args.out}", file=sys.stderr)
     return 0
 
 
