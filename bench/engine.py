@@ -20,7 +20,8 @@ import sys
 import time
 from collections import defaultdict
 
-from bench import machine, write_results
+from draftpick.bench import machine, write_results
+from draftpick.workers.metrics import per_position_acceptance, spec_decode_metrics
 
 DEFAULT_KS = "0,1,2,3,5,8"
 DEFAULT_DOMAINS = "mtbench-writing,mtbench-roleplay,mtbench-reasoning,mtbench-math,mtbench-coding,mtbench-extraction,mtbench-stem,mtbench-humanities,humaneval,sharegpt"
@@ -48,10 +49,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from deploy.config import load_config
-    from bench.prompts import load_domain
-    from workers.factory import build_engine
-    from workers.inputs import encode_input
+    from draftpick.workers.config import load_config
+    from draftpick.bench.prompts import load_domain
+    from draftpick.workers.factory import build_engine
+    from draftpick.workers.inputs import encode_input
 
     cfg = load_config(args.config)
     if args.dtype:
@@ -115,8 +116,8 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool, thresholds=()) -> dict:
     """name -> fn(prompt_ids, max_tokens, tenant) -> (generated token ids, round records or None)."""
     import torch
 
-    from policies.types import Arm, Choice
-    from workers.sampling import SamplingParams
+    from draftpick.policies.types import Arm, Choice
+    from draftpick.workers.sampling import SamplingParams
 
     target = engine.target
 
@@ -158,47 +159,37 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool, thresholds=()) -> dict:
 
 
 class _Acc:
+    """One configuration's requests on one domain: tokens, seconds, exactness, and every round's record."""
+
     def __init__(self):
         self.tokens = self.seconds = self.n = self.mismatch = 0
-        self.steps = self.drafted = self.accepted = 0
-        self.draft_s = self.verify_s = self.sync_s = 0.0
-        self.attempts, self.hits = defaultdict(int), defaultdict(int)
-        self.drafted_lengths = []
+        self.records = []
 
     def add(self, tokens, records, secs, same):
         self.tokens += len(tokens)
         self.seconds += secs
         self.n += 1
         self.mismatch += not same
-        for r in records or []:
-            self.steps += 1
-            self.drafted += r.num_drafted
-            self.accepted += r.accepted
-            self.draft_s += r.draft_s
-            self.verify_s += r.verify_s
-            self.sync_s += r.sync_s
-            self.drafted_lengths.append(r.num_drafted)
-            for i in range(min(r.accepted + 1, r.num_drafted)):  # positions the target judged
-                self.attempts[i] += 1
-                self.hits[i] += i < r.accepted
+        self.records += records or []
 
     def summary(self) -> dict:
         s = {"prompts": self.n, "tokens": self.tokens, "seconds": round(self.seconds, 4),
              "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0, "mismatches": self.mismatch}
-        if self.steps:
-            judged = sum(self.attempts.values())
-            a = self.accepted / judged if judged else 0.0  # per-token acceptance, pooled over positions
+        if self.records:
+            m = spec_decode_metrics(self.records)  # pooled over the requests
+            judged = sum(min(r.accepted + 1, r.num_drafted) for r in self.records)
+            a = m["num_accepted_draft_tokens"] / judged if judged else 0.0  # per-token acceptance, pooled over positions
+            steps = m["num_spec_steps"]
             s.update({
-                "num_spec_steps": self.steps,
-                "mean_acceptance_length": 1 + self.accepted / self.steps,
-                "draft_acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+                "num_spec_steps": steps,
+                "mean_acceptance_length": m["mean_acceptance_length"],
+                "draft_acceptance_rate": m["draft_acceptance_rate"],
                 "per_token_acceptance": a,
-                "per_position_acceptance": [self.hits[i] / self.attempts[i] for i in sorted(self.attempts)],
-                "mean_drafted": self.drafted / self.steps,
+                "per_position_acceptance": per_position_acceptance(self.records),
+                "mean_drafted": m["num_draft_tokens"] / steps,
                 # (1 - a^(d+1)) / (1 - a) averaged over rounds with their drafted length d
-                "formula_tokens_per_round": sum(_expected(a, d) for d in self.drafted_lengths) / self.steps,
-                "time_share": {"draft": self.draft_s / self.seconds, "verify": self.verify_s / self.seconds,
-                               "sync": self.sync_s / self.seconds},
+                "formula_tokens_per_round": sum(_expected(a, r.num_drafted) for r in self.records) / steps,
+                "time_share": {k: m[f"{k}_s"] / self.seconds for k in ("draft", "verify", "sync")},
             })
         return s
 
@@ -230,12 +221,9 @@ def _report(how, acc, names, domains) -> dict:
 
 
 def _merge(total: _Acc, a: _Acc) -> None:
-    for f in ("tokens", "seconds", "n", "mismatch", "steps", "drafted", "accepted", "draft_s", "verify_s", "sync_s"):
+    for f in ("tokens", "seconds", "n", "mismatch"):
         setattr(total, f, getattr(total, f) + getattr(a, f))
-    for i, v in a.attempts.items():
-        total.attempts[i] += v
-        total.hits[i] += a.hits[i]
-    total.drafted_lengths += a.drafted_lengths
+    total.records += a.records
 
 
 def _markdown(report) -> str:

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from bench import machine, write_results
+from draftpick.bench import machine, write_results
 
 
 def add_arguments(p) -> None:
@@ -31,8 +31,8 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from deploy.config import load_config
-    from workers.models import forward, load_model, new_cache, place, rollback, small_batch_linears
+    from draftpick.workers.config import load_config
+    from draftpick.workers.models import forward, load_model, new_cache, place, rollback, small_batch_linears
 
     cfg = load_config(args.config)
     placement = place(cfg.engine.device, cfg.engine.dtype)

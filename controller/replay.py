@@ -16,40 +16,13 @@ policies are simulated and folded round by round.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 
-from policies.base import record_arm
-from policies.types import Arm, Choice, Context, RoundRecord, aggregate
-
-
-class TraceError(ValueError):
-    pass
-
-
-@dataclass
-class TraceRequest:
-    data: dict
-
-    @property
-    def n(self) -> int:
-        return self.data["num_tokens"]
-
-
-def load_trace(path: str | Path) -> list[TraceRequest]:
-    from workers.inputs import iter_jsonl
-
-    reqs = []
-    for i, d in iter_jsonl(path, "trace", TraceError):
-        missing = {"num_tokens", "max_tokens", "k_max", "prefill_s", "verify_s", "draft_s_per_token", "drafters"} - set(d)
-        if missing:
-            raise TraceError(f"{path}:{i}: trace line lacks {', '.join(sorted(missing))}")
-        reqs.append(TraceRequest(d))
-    if not reqs:
-        raise TraceError(f"{path}: empty trace")
-    return reqs
+from draftpick.policies.base import record_arm
+from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
+from draftpick.workers.trace import TraceError, TraceRequest, load_trace
 
 
 def trace_drafters(reqs: list[TraceRequest]) -> list[str]:
@@ -88,7 +61,7 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
         emitted = min(matched + 1, n - g)
         draft_s = d["draft_s_per_token"].get(arm.drafter, 0.0) * proposed
         rec = RoundRecord(
-            drafter=arm.drafter if k else "none", k=arm.k if k else 0, num_drafted=proposed, accepted=matched,
+            drafter=arm.drafter if k else "none", k=max(k, 0), num_drafted=proposed, accepted=matched,
             emitted=emitted, draft_s=draft_s, verify_s=verify[proposed], propensity=choice.propensity,
             accepted_per_pos=[1] * matched + ([0] if matched < proposed else []),
             per_drafter=_per_drafter(d, g, matched + 1, arm.drafter, k), context=d.get("tag", ""), features=d.get("features", []),
@@ -113,12 +86,13 @@ def _confident(conf: list[float], g: int, k: int, threshold: float) -> int:
 
 def _per_drafter(d: dict, g: int, verified: int, played: str, k: int) -> dict[str, list[float]]:
     """The acceptance on the round's verified positions (censored there, as live) of the played
-    drafter (unless the round had no room to draft) and of every other full-information one (a
-    drafter recorded with `full_information: false` is measured live only in the rounds it plays).
+    drafter and of every other full-information one (a drafter recorded with `full_information:
+    false` is measured live only in the rounds it plays). A round without room to draft is plain
+    decoding: its drafter is then measured as any other.
     A proposal that ends inside the verified positions counts as rejected after its end."""
     out = {}
     for name, tr in d["drafters"].items():
-        measured = k > 0 if name == played else tr.get("full_information", True)
+        measured = (name == played and k > 0) or tr.get("full_information", True)
         if not measured:
             continue
         p, m = tr["proposed"][g - 1], tr["matched"][g - 1]
@@ -225,7 +199,7 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
            configs: dict | None = None, ignore_tags: bool = False,
            drafters: list[str] | None = None) -> tuple[dict, dict]:
     """Returns (the documented OUT.json object, per-policy series for the plot)."""
-    from policies.registry import create
+    from draftpick.policies.registry import create
 
     reqs = load_trace(trace)
     if ignore_tags:  # policies then see only the prompt features
@@ -242,10 +216,11 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
            "tags": not ignore_tags, "reward_scale": scale}
     series = {}
     for spec in policy_specs:
-        cfg = {"scale": scale, **(configs or {}).get(spec, {})}
+        cfg = dict((configs or {}).get(spec, {}))
         if spec in ("fixed",) and "arm" not in cfg:
             cfg["arm"] = ref["best_fixed"]["arm"]
-        policy = create(spec, rp.arms, cfg)
+        # the trace's reward scale goes to the policies that take a `scale` option
+        policy = create(spec, rp.arms, cfg, offered={"scale": scale})
         t0 = time.perf_counter()
         res = rp.run(policy, repeat, seed)
         wall = time.perf_counter() - t0
@@ -260,6 +235,17 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
             "requests_replayed": res["requests"],
         }
     return out, series
+
+
+def summary_lines(out: dict) -> list[str]:
+    """What `draftpick replay` prints: the oracle, the best fixed arm, and each policy's ratios."""
+    lines = [f"oracle {out['oracle']['tokens_per_s']:.2f} tok/s; best fixed {out['best_fixed']['arm']} "
+             f"{out['best_fixed']['tokens_per_s']:.2f} tok/s"]
+    for name, p in out["policies"].items():
+        lines.append(f"{name:>16}: {p['tokens_per_s']:.2f} tok/s  {p['ratio_vs_oracle']:.3f} x oracle  "
+                     f"{p['ratio_vs_best_fixed']:.3f} x best fixed  ({p['requests_replayed']} requests in "
+                     f"{p['replay_wall_s']:.1f} s)")
+    return lines
 
 
 def plot(series: dict, arms: list[str], path: str) -> None:

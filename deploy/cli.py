@@ -1,12 +1,12 @@
-"""The `draftpick` command line: setup, info, generate, bench."""
+"""The `draftpick` command line: argument glue over library functions (each `cmd_*` parses, calls, prints)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-from deploy.config import ConfigError, default_config_path, load_config
-from workers.inputs import InputError
+from draftpick.workers.config import ConfigError, default_config_path, load_config
+from draftpick.workers.inputs import InputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,34 +25,43 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draftpick", description="Online draft selection for speculative decoding.")
     sub = p.add_subparsers(metavar="COMMAND")
-
     s = sub.add_parser("setup", help="install the embedded model and prompt sets, convert and cache the target")
     s.add_argument("--config", help="also prepare this config's built-in models")
     s.set_defaults(func=cmd_setup)
-
     s = sub.add_parser("info", help="describe the configured target and drafters")
     s.add_argument("--config", help=f"YAML configuration (default: the embedded {default_config_path().name})")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
+    _add_generate(sub.add_parser("generate", help="generate with speculative decoding (in-process engine)"))
+    _add_prompts(sub.add_parser("prompts", help="write prompts from the installed prompt sets as JSONL"))
+    _add_record(sub.add_parser("record", help="record a full-information trace of real requests (for replay)"))
+    _add_replay(sub.add_parser("replay", help="replay a trace through policies: throughput and regret"))
+    _add_distill(sub.add_parser("distill", help="train a small drafter from the target (a feature head or a small "
+                                                "LM; token-level distillation, optionally on the target's answers)"))
+    _add_bench(sub.add_parser("bench", help="benchmarks"))
+    return p
 
-    s = sub.add_parser("generate", help="generate with speculative decoding (in-process engine)")
+
+def _add_generate(s) -> None:
     s.add_argument("--config")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one raw completion prompt")
     src.add_argument("--prompts", help='JSONL file: {"prompt": ...} or {"messages": [...]} per line, optional "id"')
-    s.add_argument("--drafter", help="drafter name (default: engine.default_drafter, else the first drafter; `none` = plain decoding)")
+    s.add_argument("--drafter", help="drafter name (default: engine.default_drafter, else the first drafter; "
+                                     "`none` = plain decoding)")
     s.add_argument("--num-speculative-tokens", "-k", type=int, help="draft length k (default: engine.default_k)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="the output is then a function of prompt, parameters and seed only")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--tenant", default="", help="tenant scope of the suffix drafter's index")
     s.add_argument("--json", action="store_true", help="one JSON line per prompt")
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("prompts", help="write prompts from the installed prompt sets as JSONL")
+
+def _add_prompts(s) -> None:
     s.add_argument("--domains", default="all", help="comma-separated domains, or `all`")
     s.add_argument("--per-domain", type=int, default=10)
     s.add_argument("--offset", type=int, default=0, help="skip this many prompts of each domain first")
@@ -64,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prompts)
 
-    s = sub.add_parser("record", help="record a full-information trace of real requests (for replay)")
+
+def _add_record(s) -> None:
     s.add_argument("--config")
     s.add_argument("--prompts", required=True, help="JSONL prompts (optional `id`, `domain`, `tag` keys)")
     s.add_argument("--max-tokens", type=int, default=96)
@@ -73,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="trace file (JSONL, one request per line)")
     s.set_defaults(func=cmd_record)
 
-    s = sub.add_parser("replay", help="replay a trace through policies: throughput and regret")
+
+def _add_replay(s) -> None:
     s.add_argument("trace")
     s.add_argument("--policies", required=True, help="comma-separated: built-in names, entry points or module:Class")
     s.add_argument("--policy-config", default="{}", help='JSON {"policy": {option: value}}')
@@ -85,13 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--drafters", help="comma-separated: replay only these of the trace's drafters (plus plain decoding)")
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("distill", help="train a small drafter from the target (a feature head or a small LM; token-level distillation, "
-                                        "optionally on the target's own answers)")
+
+def _add_distill(s) -> None:
     s.add_argument("--config", help="the target comes from this configuration (default: the embedded one)")
     s.add_argument("--target", help="target model path (HF id, directory, .gguf, builtin:NAME); overrides --config")
     s.add_argument("--prompts", required=True,
-                   help="training text: sharegpt, sharegpt-turns, humaneval, mtbench, stdlib, stdlib-defs (comma-separated) or a JSONL file "
-                        "(text / prompt / messages / captured traffic)")
+                   help="training text: sharegpt, sharegpt-turns, humaneval, mtbench, stdlib, stdlib-defs "
+                        "(comma-separated) or a JSONL file (text / prompt / messages / captured traffic)")
     s.add_argument("--max-items", type=int, default=2000, help="items read from each source")
     s.add_argument("--held-out", type=int, default=8, help="items kept out of training for the validation figure")
     s.add_argument("--out", required=True, help="drafter directory (resumes from its checkpoint if present)")
@@ -125,135 +136,98 @@ def _parser() -> argparse.ArgumentParser:
                    help="answers: with prompt + answer items (captured traffic, --generate) learn to predict only "
                         "the answer tokens, the text drafted at serving time; prompts are still read as context")
     s.add_argument("--prompt-context", type=int, metavar="N",
-                   help="prompt + answer items: keep only the last N prompt tokens as context (fewer teacher "
-                        "tokens a pass when prompts are long; default: whole prompts)")
-    # the choices are workers.drafters.feature.WEIGHTS, not imported here to keep torch out of parsing
+                   help="prompt + answer items: keep only the last N prompt tokens as context (default: whole prompts)")
+    # the choices are draftpick.workers.drafters.feature.WEIGHTS, not imported here to keep torch out of parsing
     s.add_argument("--weights", default="int8", choices=["int8", "int4", "bf16"],
                    help="how a feature head is stored: int8 rows (default), int4 groups of 64 (about half of "
                         "int8's bytes), or bf16; rerunning a finished run (same --out and --steps or --minutes) stores it again")
     s.add_argument("--validate-tokens", type=int, default=64, help="tokens generated per held-out prompt (0: skip)")
     s.set_defaults(func=cmd_distill)
 
-    b = sub.add_parser("bench", help="benchmarks").add_subparsers(metavar="BENCH")
-    s = b.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
-    from bench import engine as bench_engine, forward as bench_forward
 
+def _add_bench(b) -> None:
+    from draftpick.bench import engine as bench_engine, forward as bench_forward
+
+    sub = b.add_subparsers(metavar="BENCH")
+    s = sub.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
     bench_engine.add_arguments(s)
     s.set_defaults(func=bench_engine.run)
-    s = b.add_parser("forward", help="cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears")
+    s = sub.add_parser("forward", help="cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears")
     bench_forward.add_arguments(s)
     s.set_defaults(func=bench_forward.run)
-    return p
 
 
 def cmd_setup(args) -> int:
-    from deploy.setup import setup
+    from draftpick.deploy.setup import setup
 
     setup(args.config)
     return 0
 
 
 def cmd_info(args) -> int:
-    from workers.models import resolve_path
-
     cfg = load_config(args.config)
-    where, gguf = resolve_path(cfg.target.path)
-    info = {
-        "target": {"name": cfg.target.name, "path": where, **({"gguf_file": gguf} if gguf else {})},
-        "drafters": cfg.drafter_names(),
-        "drafter_types": {d.name: d.type for d in cfg.drafters} | {"none": "none"},
-        "engine": cfg.engine.model_dump(),
-        "worker": cfg.worker.model_dump(),
-        "policy": {"name": cfg.policy.name, "options": cfg.policy.options, "arms": [str(a) for a in cfg.arms()]},
-        "config": str(args.config or default_config_path()),
-    }
+    info = cfg.describe()
+    info["config"] = str(args.config or default_config_path())
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"target   {info['target']['name']}  ({where})")
+        print(f"target   {info['target']['name']}  ({info['target']['path']})")
         print(f"drafters {', '.join(info['drafters'])}")
-        print(f"engine   {cfg.engine.model_dump()}")
+        print(f"engine   {info['engine']}")
     return 0
 
 
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    from workers.inputs import encode_input, read_jsonl
-    from workers.factory import build_engine
-    from workers.sampling import SamplingParams
+    from draftpick.workers.factory import build_engine
+    from draftpick.workers.inputs import encode_inputs, read_jsonl
+    from draftpick.workers.sampling import SamplingParams
 
     cfg = load_config(args.config)
     items = [{"prompt": args.prompt}] if args.prompt is not None else read_jsonl(args.prompts)
-    arm = resolve_arm(cfg, args.drafter, args.num_speculative_tokens)
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop),
-    )
+    arm = cfg.pinned_arm(args.drafter, args.num_speculative_tokens)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     engine = build_engine(cfg)
-    encoded = []
-    for n, item in enumerate(items, 1):
-        try:
-            encoded.append(encode_input(engine.tokenizer, item))
-        except InputError as e:
-            raise InputError(f"prompt {n}: {e}") from None
+    encoded = encode_inputs(engine.tokenizer, items)
     for item, ids in zip(items, tqdm(encoded, desc="generate", unit="prompt", disable=len(items) < 2, file=sys.stderr)):
         res = engine.generate(ids, params, arm, tenant=args.tenant)
-        if args.json:
-            print(json.dumps(res.to_json(item.get("id"))), flush=True)
-        else:
-            print(res.text, flush=True)
+        print(json.dumps(res.to_json(item.get("id"))) if args.json else res.text, flush=True)
     return 0
 
 
 def cmd_prompts(args) -> int:
-    from bench.prompts import DOMAINS, TRAINING_SETS, load_domain, training_items
+    from draftpick.workers.inputs import write_jsonl
 
     if args.training is not None:
-        unknown = [p for p in args.training.split(",") if p not in TRAINING_SETS]
-        if unknown:
-            raise ValueError(f"--training: unknown set {unknown[0]!r} (sets: {', '.join(TRAINING_SETS)})")
-        items = training_items(args.training, args.max_items)
-        lines, what = [{"text": it["text"], **it["input"]} for it in items], "training items"
+        from draftpick.training.datasets import training_lines
+
+        lines, what = training_lines(args.training, args.max_items), "training items"
     else:
-        lines, what = [], "prompts"
-        for d in DOMAINS if args.domains == "all" else args.domains.split(","):
-            for item in load_domain(d, args.offset + args.per_domain)[args.offset :]:
-                lines.append({**item, "tag": d} if args.tag else item)
-    with open(args.out, "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
-    print(f"wrote {len(lines)} {what} to {args.out}", file=sys.stderr)
+        from draftpick.bench.prompts import benchmark_prompts
+
+        lines, what = benchmark_prompts(args.domains, args.per_domain, args.offset, args.tag), "prompts"
+    print(f"wrote {write_jsonl(args.out, lines)} {what} to {args.out}", file=sys.stderr)
     return 0
 
 
 def cmd_record(args) -> int:
-    from tqdm import tqdm
-
-    from workers.factory import build_engine
-    from workers.inputs import encode_input, read_jsonl
-    from workers.record import record_request
+    from draftpick.workers.factory import build_engine
+    from draftpick.workers.inputs import read_jsonl
+    from draftpick.workers.record import record_file
 
     cfg = load_config(args.config)
     if not 1 <= args.k_max <= cfg.engine.max_k:
         raise ValueError(f"--k-max must be in [1, {cfg.engine.max_k}] (engine.max_k)")
     items = read_jsonl(args.prompts)
-    engine = build_engine(cfg)
-    with open(args.out, "w") as f:
-        for n, item in enumerate(tqdm(items, desc="record", unit="request", file=sys.stderr), 1):
-            try:
-                ids = encode_input(engine.tokenizer, item)
-            except InputError as e:
-                raise InputError(f"prompt {n}: {e}") from None
-            text = item.get("prompt") or " ".join(m["content"] for m in item["messages"])
-            line = record_request(engine, item, ids, text, args.max_tokens, args.k_max, args.tenant)
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-    print(f"wrote {len(items)} requests to {args.out}", file=sys.stderr)
+    n = record_file(build_engine(cfg), items, args.out, args.max_tokens, args.k_max, args.tenant)
+    print(f"wrote {n} requests to {args.out}", file=sys.stderr)
     return 0
 
 
 def cmd_replay(args) -> int:
-    from controller.replay import plot, replay
+    from draftpick.controller.replay import plot, replay, summary_lines
 
     try:
         configs = json.loads(args.policy_config)
@@ -269,87 +243,28 @@ def cmd_replay(args) -> int:
         json.dump(out, f, indent=1)
     if args.plot:
         plot(series, out["arms"], args.plot)
-    print(f"oracle {out['oracle']['tokens_per_s']:.2f} tok/s; best fixed {out['best_fixed']['arm']} "
-          f"{out['best_fixed']['tokens_per_s']:.2f} tok/s", file=sys.stderr)
-    for name, p in out["policies"].items():
-        print(f"{name:>16}: {p['tokens_per_s']:.2f} tok/s  {p['ratio_vs_oracle']:.3f} x oracle  "
-              f"{p['ratio_vs_best_fixed']:.3f} x best fixed  ({p['requests_replayed']} requests in "
-              f"{p['replay_wall_s']:.1f} s)", file=sys.stderr)
+    for line in summary_lines(out):
+        print(line, file=sys.stderr)
     return 0
-
-
-MAX_PROMPT_TOKENS = 512  # distill --generate skips longer training prompts
 
 
 def cmd_distill(args) -> int:
-    from pathlib import Path
+    from draftpick.training.distill import DistillSettings
+    from draftpick.training.run import DistillJob, run_distill
+    from draftpick.workers.models import place
 
-    import torch
-
-    from bench.prompts import training_items
-    from workers.distill import SEQUENCES_FILE, DistillSettings, Distiller, generate_sequences, validate
-    from workers.engine import SpeculativeEngine
-    from workers.factory import load_drafter
-    from workers.inputs import encode_input
-    from workers.models import default_verify_pad, load_model, load_tokenizer, place, small_batch_linears
-
-    placement = place(args.device, "fp32")  # training runs in fp32; the teacher may autocast to bf16
+    job = DistillJob(target_path=args.target or load_config(args.config).target.path, prompts=args.prompts,
+                     max_items=args.max_items, held_out=args.held_out, generate=args.generate,
+                     generate_batch=args.generate_batch, generate_minutes=args.generate_minutes,
+                     validate_tokens=args.validate_tokens)
     settings = DistillSettings(
         out=args.out, init=args.init, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
         batch=args.batch, lr=args.lr, vocab=args.vocab, teacher_dtype=args.teacher_dtype,
-        student_dtype=args.student_dtype, unroll=args.unroll,
-        teacher_cache_gb=args.teacher_cache_gb, loss_on=args.loss_on, prompt_context=args.prompt_context,
-        weights=args.weights, device=placement.device)
-    if args.generate < 0 or args.generate_batch < 1:
-        raise ValueError("--generate must be >= 0 and --generate-batch >= 1")
-    if args.generate_minutes is not None and args.generate_minutes <= 0:
-        raise ValueError("--generate-minutes must be > 0")
-    if placement.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the student's fp32 matrix products
-    target_path = args.target or load_config(args.config).target.path
-    tokenizer = load_tokenizer(target_path)
-    items = training_items(args.prompts, args.max_items, tokenizer)
-    if len(items) <= args.held_out:
-        raise ValueError(f"--prompts {args.prompts!r} gave {len(items)} items: need more than --held-out {args.held_out}")
-    train, held = items[: len(items) - args.held_out], items[len(items) - args.held_out :]
-    target = load_model(target_path, placement)
-    print(f"distill: {len(train)} training items, {len(held)} held out; target {target_path}", file=sys.stderr)
-    texts = [it.get("split") or it["text"] for it in train]  # captured traffic: (prompt ids, answer ids)
-    if args.generate:
-        prompts = [ids for ids in (encode_input(tokenizer, it["input"]) for it in train) if len(ids) <= MAX_PROMPT_TOKENS]
-        if not prompts:
-            raise ValueError(f"--generate: every training prompt is longer than {MAX_PROMPT_TOKENS} tokens")
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        print(f"distill: the target answers {len(prompts)} prompts (up to {args.generate} tokens each)", file=sys.stderr)
-        seqs = generate_sequences(target, tokenizer, prompts, Path(args.out) / SEQUENCES_FILE, args.generate,
-                                  args.generate_batch, args.teacher_dtype, minutes=args.generate_minutes)
-        texts = [(seq[: len(p)], seq[len(p) :]) for seq, p in zip(seqs, sorted(prompts, key=len))]
-    distiller = Distiller(target, tokenizer, texts, settings)
-    summary = distiller.run()
-    if args.validate_tokens:
-        if placement.device != "cpu":  # the engine is validated on the CPU (where the shipped heads serve)
-            placement = place("cpu", "fp32")
-            target = target.to(placement.device)  # the same fp32 weights, no second load from disk
-            small_batch_linears(target)  # as load_model does on the CPU
-        drafter = load_drafter("distilled", args.out, target, tokenizer, placement)
-        engine = SpeculativeEngine(target, tokenizer, {"distilled": drafter},
-                                    verify_pad_multiple=default_verify_pad(placement))
-        prompts = [encode_input(tokenizer, it["input"])[-512:] for it in held]
-        summary["validation"] = validate(engine, "distilled", prompts, args.validate_tokens)
-    print(json.dumps(summary))
+        student_dtype=args.student_dtype, unroll=args.unroll, teacher_cache_gb=args.teacher_cache_gb,
+        loss_on=args.loss_on, prompt_context=args.prompt_context, weights=args.weights,
+        device=place(args.device, "fp32").device)
+    print(json.dumps(run_distill(job, settings)))
     return 0
-
-
-def resolve_arm(cfg, drafter: str | None, k: int | None):
-    from policies.types import Arm
-
-    drafter = drafter or cfg.default_drafter()
-    if drafter not in cfg.drafter_names():
-        raise ValueError(f"--drafter {drafter!r} is not configured; choose from {', '.join(cfg.drafter_names())}")
-    k = cfg.engine.default_k if k is None else k
-    if not 0 <= k <= cfg.engine.max_k:
-        raise ValueError(f"--num-speculative-tokens must be in [0, {cfg.engine.max_k}] (engine.max_k), got {k}")
-    return Arm("none", 0) if drafter == "none" or k == 0 else Arm(drafter, k)
 
 
 if __name__ == "__main__":

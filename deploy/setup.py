@@ -32,8 +32,8 @@ def missing_packages() -> list[str]:
 
 
 def setup(config_path: str | None = None) -> None:
-    from deploy.config import load_config
-    from workers.builtin import ensure_builtin
+    from draftpick.workers.config import load_config
+    from draftpick.workers.builtin import ensure_builtin
 
     cfg = load_config(config_path)
     builtins = [p.removeprefix("builtin:") for p in [cfg.target.path] + [getattr(d, "path", "") for d in cfg.drafters]

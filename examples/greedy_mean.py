@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.types import Arm, Choice, Context, RoundRecord
+from draftpick.policies import Arm, Choice, Context, RoundRecord
 
 
 class GreedyMean:

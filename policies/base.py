@@ -24,8 +24,8 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from policies.reward import KINDS, reward
-from policies.types import Arm, Choice, Context, RoundRecord
+from draftpick.policies.reward import KINDS, reward
+from draftpick.policies.types import Arm, Choice, Context, RoundRecord
 
 Stats = Mapping[str, float]
 

@@ -3,7 +3,7 @@
 Both learn from full-information feedback when the engine records it (every drafter's
 acceptance on the verified tokens gives every arm's tokens per round, see
 policies.types.aggregate), so neither needs to explore to compare arms; costs per round come
-from policies.costs.
+from draftpick.policies.costs.
 
 - A request with an explicit context tag (e.g. "code", "chat", a tenant's workload name) is
   decided from its tag's own statistics: the arm with the best throughput in that tag, where an
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig, key
-from policies.costs import cost_increments, round_costs
-from policies.features import NAMES
-from policies.hedge import arm_tokens_per_round, position_increments
-from policies.registry import register
-from policies.types import Choice, aggregate, tokens_per_round
+from draftpick.policies.base import BasePolicy, PolicyConfig, key
+from draftpick.policies.costs import cost_increments, round_costs
+from draftpick.policies.features import NAMES
+from draftpick.policies.hedge import arm_tokens_per_round, position_increments
+from draftpick.policies.registry import register
+from draftpick.policies.types import Choice, aggregate, tokens_per_round
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.base import key, record_arm
-from policies.types import Arm, RoundRecord
+from draftpick.policies.base import key, record_arm
+from draftpick.policies.types import Arm, RoundRecord
 
 VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32, 2-core CPU)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig, key
-from policies.registry import register
-from policies.types import Arm, Choice
-from policies.ucb1 import UCB1, UCB1Config, ucb_index
+from draftpick.policies.base import BasePolicy, PolicyConfig, key
+from draftpick.policies.registry import register
+from draftpick.policies.types import Arm, Choice
+from draftpick.policies.ucb1 import UCB1, UCB1Config, ucb_index
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig
-from policies.registry import register
-from policies.types import Choice
+from draftpick.policies.base import BasePolicy, PolicyConfig
+from draftpick.policies.registry import register
+from draftpick.policies.types import Choice
 
 
 @dataclass(frozen=True)

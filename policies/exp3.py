@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig, key, record_arm
-from policies.registry import register
+from draftpick.policies.base import BasePolicy, PolicyConfig, key, record_arm
+from draftpick.policies.registry import register
 
 
 @dataclass(frozen=True)

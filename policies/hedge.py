@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig, key
-from policies.costs import cost_increments, round_costs
-from policies.registry import register
-from policies.types import Arm, aggregate, tokens_per_round
+from draftpick.policies.base import BasePolicy, PolicyConfig, key
+from draftpick.policies.costs import cost_increments, round_costs
+from draftpick.policies.registry import register
+from draftpick.policies.types import Arm, aggregate, tokens_per_round
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.base import BasePolicy, PolicyConfig
-from policies.registry import register
-from policies.types import Arm, Choice
+from draftpick.policies.base import BasePolicy, PolicyConfig
+from draftpick.policies.registry import register
+from draftpick.policies.types import Arm, Choice
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ protocol when the service starts, so that a bad plug-in fails there with a clear
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
+import inspect
 
-from policies.types import Arm
+from draftpick.policies.types import Arm
 
 ENTRY_POINT_GROUP = "draftpick.policies"
 _BUILTINS: dict[str, type] = {}
@@ -30,7 +32,7 @@ def register(name: str):
 
 def builtins() -> dict[str, type]:
     for m in _BUILTIN_MODULES:
-        importlib.import_module(f"policies.{m}")
+        importlib.import_module(f"draftpick.policies.{m}")
     return dict(_BUILTINS)
 
 
@@ -61,17 +63,39 @@ def resolve(spec: str) -> type:
     )
 
 
-def create(spec: str, arms: list[Arm], config: dict | None = None):
-    """Instantiate and check a policy; every failure is a PolicyError naming the policy."""
+def create(spec: str, arms: list[Arm], config: dict | None = None, offered: dict | None = None):
+    """Instantiate and check a policy; every failure is a PolicyError naming the policy.
+
+    The policy is constructed as `cls(arms, **options)`: the options its configuration names, plus
+    those of `offered` (e.g. replay's reward `scale`) that it declares and the configuration does
+    not set. A policy declares an option by a parameter of that name in its constructor, or a field
+    of its `Config` dataclass (the built-ins)."""
     cls = resolve(spec)
     if not callable(cls):
         raise PolicyError(f"policy {spec!r}: {cls!r} is not a class")
+    options = dict(config or {})
+    for name, value in (offered or {}).items():
+        if name not in options and declares(cls, name):
+            options[name] = value
     try:
-        policy = cls(list(arms), **(config or {}))
+        policy = cls(list(arms), **options)
     except (TypeError, ValueError) as e:
         raise PolicyError(f"policy {spec!r}: bad configuration: {e}") from e
     check(policy, spec)
     return policy
+
+
+def declares(cls, option: str) -> bool:
+    """Whether a policy class takes `option`: a `Config` dataclass field or a named constructor parameter."""
+    config = getattr(cls, "Config", None)
+    if dataclasses.is_dataclass(config):
+        return option in {f.name for f in dataclasses.fields(config)}
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get(option)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def check(policy, spec: str) -> None:

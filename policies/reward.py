@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from policies.types import RoundRecord
+from draftpick.policies.types import RoundRecord
 
 KINDS = ("throughput", "acceptance")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig
-from policies.registry import register
-from policies.types import Choice
-from policies.ucb1 import ucb_index
+from draftpick.policies.base import BasePolicy, PolicyConfig
+from draftpick.policies.registry import register
+from draftpick.policies.types import Choice
+from draftpick.policies.ucb1 import ucb_index
 
 
 @dataclass(frozen=True)

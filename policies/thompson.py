@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policies.base import BasePolicy, PolicyConfig
-from policies.registry import register
+from draftpick.policies.base import BasePolicy, PolicyConfig
+from draftpick.policies.registry import register
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policies.types import Arm, Context, RoundRecord
+from draftpick.policies.types import Arm, Context, RoundRecord
 
 SLOPE = 0.06  # verify cost grows 6 % per drafted token (the cost prior hedge assumes)
 

@@ -2,11 +2,11 @@
 import pytest
 import ray
 
-from policies.types import Arm
+from draftpick.policies.types import Arm
 from tiny import save_models
-from workers.actor import GenerateRequest, worker_actor
-from workers.config import DraftpickConfig
-from workers.sampling import SamplingParams
+from draftpick.workers.actor import GenerateRequest, worker_actor
+from draftpick.workers.config import DraftpickConfig
+from draftpick.workers.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def ray_local():
 
 
 def test_concurrent_streamed_requests_match_plain_greedy(ray_local, cfg, target, tok):
-    from workers.factory import build_engine
+    from draftpick.workers.factory import build_engine
 
     local = build_engine(cfg)  # the same engine without Ray, as the reference
     worker = worker_actor(cfg)

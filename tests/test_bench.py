@@ -3,7 +3,7 @@ import json
 
 import yaml
 
-from deploy.cli import main
+from draftpick.deploy.cli import main
 from tiny import save_models
 
 

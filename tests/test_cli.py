@@ -8,8 +8,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from deploy.cli import main
-from deploy.config import ConfigError, default_config_path, load_config
+from draftpick.deploy.cli import main
+from draftpick.workers.config import ConfigError, default_config_path, load_config
 from tiny import save_models, tiny_model
 
 
@@ -132,8 +132,8 @@ def test_missing_model_path_is_a_clear_error(setup_dir, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--drafter", "eagle"], "--drafter 'eagle' is not configured"),
-    (["-k", "99"], "--num-speculative-tokens must be in [0, 16]"),
+    (["--drafter", "eagle"], "drafter 'eagle' is not configured"),
+    (["-k", "99"], "num_speculative_tokens must be in [0, 16]"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
 ])
 def test_bad_generate_arguments_are_refused(setup_dir, capsys, argv, message):

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from deploy.cli import main
-from policies.types import Arm
+from draftpick.deploy.cli import main
+from draftpick.policies.types import Arm
 from tiny import feature_drafter, save_models, tiny_model
-from workers.config import DraftpickConfig
-from workers.distill import SEQUENCES_FILE, VOCAB_FILE, DistillSettings, Distiller, generate_sequences
-from workers.factory import build_engine
-from workers.sampling import SamplingParams
+from draftpick.workers.config import DraftpickConfig
+from draftpick.workers.drafters.model import VOCAB_FILE
+from draftpick.training.distill import SEQUENCES_FILE, DistillSettings, Distiller, generate_sequences
+from draftpick.workers.factory import build_engine
+from draftpick.workers.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["def add(a, b):\n    return a + b\n" * 3, "the cat sat on the mat. " * 6, "x = 1\ny = 2\nz = x + y\n" * 4] * 4
@@ -211,7 +212,7 @@ def test_traffic_capture_is_opt_in_and_bounded(target4, tok, tmp_path):
     assert 0 < len(lines) < 6 and cap.stat().st_size <= 600
     assert lines[0]["token_ids"] == outs[0] and lines[0]["prompt_token_ids"] == tok("abc").input_ids
     # and distill reads captured traffic as training text
-    from bench.prompts import training_items
+    from draftpick.training.datasets import training_items
 
     items = training_items(str(cap), 10, tok)
     assert items[0]["text"] == tok.decode(lines[0]["prompt_token_ids"] + lines[0]["token_ids"])
@@ -229,7 +230,7 @@ def test_traffic_capture_to_a_redis_stream_is_bounded_and_readable(target4, tok,
     outs = [engine.generate(tok(p).input_ids, SamplingParams(max_tokens=12, ignore_eos=True), Arm("ngram", 3)).token_ids
             for p in ["abc", "def", "ghi"]]
     assert redis_server.xlen("draftpick-capture-test") == 2  # the newest two are kept
-    from bench.prompts import training_items
+    from draftpick.training.datasets import training_items
 
     items = training_items(url, 10, tok)
     assert [it["text"] for it in items] == [tok.decode(tok(p).input_ids + o) for p, o in zip(["def", "ghi"], outs[1:])]
@@ -283,8 +284,8 @@ def test_teacher_cache_skips_the_teachers_forward_on_later_passes(target4, tok, 
 
 def test_answers_only_loss_prompt_context_and_widening_a_continued_vocabulary(target4, tok, tmp_path):
     """--loss-on answers (EAGLE's loss mask): prompts are read as context, only answer tokens are learnt."""
-    from bench.prompts import training_items
-    from workers.distill import _kl
+    from draftpick.training.datasets import training_items
+    from draftpick.training.distill import _kl
 
     digits = set(tok("0123456789+-*/()=").input_ids) | {tok.eos_token_id}  # answers use only these, prompts never
     pairs = [(tok(p).input_ids, tok(a).input_ids) for p, a in
@@ -384,7 +385,7 @@ def test_the_gpu_script_distils_both_heads_and_passes_further_distill_arguments_
 def test_stdlib_defs_prompt_with_a_signature_and_docstring_and_train_on_the_function():
     import ast
 
-    from bench.prompts import training_items
+    from draftpick.training.datasets import training_items
 
     items = training_items("stdlib-defs", 300)
     assert len(items) == 300
@@ -396,7 +397,8 @@ def test_stdlib_defs_prompt_with_a_signature_and_docstring_and_train_on_the_func
 
 
 def test_sharegpt_turns_prompt_with_the_conversation_so_far_and_skip_the_benchmarks_conversations():
-    from bench.prompts import load_domain, training_items
+    from draftpick.bench.prompts import load_domain
+    from draftpick.training.datasets import training_items
 
     items = training_items("sharegpt-turns", 200)
     assert len(items) == 200
@@ -413,7 +415,7 @@ def test_sharegpt_turns_prompt_with_the_conversation_so_far_and_skip_the_benchma
 
 
 def test_training_sets_written_as_jsonl_read_back_as_the_same_items(tmp_path, capsys):
-    from bench.prompts import training_items
+    from draftpick.training.datasets import training_items
 
     out = tmp_path / "items.jsonl"
     assert main(["prompts", "--training", "sharegpt-turns,stdlib-defs", "--max-items", "30", "--out", str(out)]) == 0
@@ -451,7 +453,7 @@ def test_distill_on_cuda_matches_the_cpu_path_and_loads_on_cpu(target4, tok, tmp
 
 
 def test_head_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
-    from workers.drafters import feature
+    from draftpick.workers.drafters.feature import drafter as feature
 
     assert feature.head_dtype("fp32", "cuda") == torch.float32 and feature.head_dtype("bf16", "cpu") == torch.bfloat16
     assert feature.head_dtype("auto", "cuda") == torch.bfloat16
@@ -462,7 +464,7 @@ def test_head_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
 
 def _noisy_head(target):
     """A feature head for `target` whose weights are moved off the target's (what storage must keep)."""
-    from workers.drafters.feature import FeatureHead
+    from draftpick.workers.drafters.feature import FeatureHead
 
     head = FeatureHead.from_target(target)
     with torch.no_grad():
@@ -473,7 +475,7 @@ def _noisy_head(target):
 
 def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4, tok, tmp_path):
     """int8 storage: half the bytes of bf16, every weight within half a step of its row's scale."""
-    from workers.drafters.feature import HEAD_FILE, load_head, save_head
+    from draftpick.workers.drafters.feature import HEAD_FILE, load_head, save_head
 
     head = _noisy_head(target4)
     save_head(tmp_path / "q", head, [0, 1, 2], target4)
@@ -505,7 +507,7 @@ def test_heads_are_stored_as_int8_rows_and_earlier_bf16_heads_still_load(target4
 
 def test_heads_stored_as_int4_groups_are_within_half_a_step_of_each_weight(target4, tmp_path):
     """int4 storage: 4-bit codes in groups of 64 with a scale and minimum each, ~0.56 of int8's bytes."""
-    from workers.drafters.feature import GROUP, load_head, save_head
+    from draftpick.workers.drafters.feature.storage import GROUP, load_head, save_head
 
     head = _noisy_head(target4)  # hidden size 64: every matrix splits into groups of 64
     save_head(tmp_path / "q8", head, [0, 1, 2], target4)
@@ -537,8 +539,8 @@ def test_heads_stored_as_int4_groups_are_within_half_a_step_of_each_weight(targe
 def test_lean_head_step_computes_what_the_transformers_layer_computes(target4, dtype, tol):
     """Drafting runs the head's layer without transformers (workers.drafters.lean): same features,
     fed in chunks and one at a time, with speculative entries rolled back between."""
-    from workers.drafters.feature import FeatureDrafter, FeatureHead
-    from workers.models import rollback
+    from draftpick.workers.drafters.feature import FeatureDrafter, FeatureHead
+    from draftpick.workers.models import rollback
 
     torch.manual_seed(3)
     head = FeatureHead.from_target(target4)

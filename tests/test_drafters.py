@@ -1,8 +1,8 @@
 """Model-free drafters: prompt lookup and the per-tenant suffix index."""
 import numpy as np
 
-from workers.drafters.ngram import NgramDrafter, prompt_lookup
-from workers.drafters.suffix import SuffixDrafter, SuffixIndex
+from draftpick.workers.drafters.ngram import NgramDrafter, prompt_lookup
+from draftpick.workers.drafters.suffix import SuffixDrafter, SuffixIndex
 
 
 def test_prompt_lookup_takes_the_latest_longest_match():
@@ -21,7 +21,7 @@ def test_prompt_lookup_without_match_proposes_nothing():
 
 def test_ngram_session_proposes_at_most_k():
     s = NgramDrafter(min_ngram=1, max_ngram=2).session("", 0)
-    draft, q = s.propose([1, 2, 3, 4, 5, 1, 2], 2, None, None)
+    draft, q = s.propose([1, 2, 3, 4, 5, 1, 2], 2, None)
     assert draft.tolist() == [3, 4] and q is None
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policies.registry import PolicyError, create
-from policies.state import decode, encode
-from policies.types import Arm, Context, RoundRecord
+from draftpick.policies.registry import PolicyError, create
+from draftpick.policies.state import decode, encode
+from draftpick.policies.types import Arm, Context, RoundRecord
 from synthetic import arms_of, run
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

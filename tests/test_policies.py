@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from policies.registry import builtins, create
-from policies.types import Arm, Context, RoundRecord
+from draftpick.policies.registry import builtins, create
+from draftpick.policies.types import Arm, Context, RoundRecord
 from synthetic import arms_of, run, ucb1_bound
 
 T = 3000
@@ -181,7 +181,7 @@ def test_every_builtin_is_registered_and_selects_a_valid_arm():
     ("hf-heuristic", {"drafter": "eagle"}, "drafter 'eagle' is not among the arms"),
 ])
 def test_bad_policy_configuration_names_the_problem(name, config, message):
-    from policies.registry import PolicyError
+    from draftpick.policies.registry import PolicyError
 
     with pytest.raises(PolicyError, match=f"policy '{name}': bad configuration: " + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         create(name, [Arm("ngram", 2), Arm("none", 0)], config)
@@ -189,7 +189,7 @@ def test_bad_policy_configuration_names_the_problem(name, config, message):
 
 def test_censoring_aware_acceptance_estimate_is_unbiased():
     """Positions beyond what a round verified are censored, not rejected: the estimate stays at the truth."""
-    from policies.types import aggregate, tokens_per_round
+    from draftpick.policies.types import aggregate, tokens_per_round
 
     rng = np.random.default_rng(7)
     a, k = 0.8, 6

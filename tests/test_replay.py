@@ -4,14 +4,14 @@ import json
 import pytest
 import yaml
 
-from controller.replay import Replayer, load_trace, simulate
-from deploy.cli import main
-from policies.types import Arm, Choice
+from draftpick.controller.replay import Replayer, load_trace, simulate
+from draftpick.deploy.cli import main
+from draftpick.policies.types import Arm, Choice
 from tiny import VOCAB, feature_drafter, noisy_copy, save_models
-from workers.distill import VOCAB_FILE
-from workers.config import DraftpickConfig
-from workers.factory import build_engine
-from workers.sampling import SamplingParams
+from draftpick.workers.drafters.model import VOCAB_FILE
+from draftpick.workers.config import DraftpickConfig
+from draftpick.workers.factory import build_engine
+from draftpick.workers.sampling import SamplingParams
 
 PROMPTS = [
     {"id": "c1", "domain": "code", "tag": "code", "prompt": "def add(a, b):\n    return a + b\n\ndef add(a, b):\n"},
@@ -53,7 +53,7 @@ def recorded(tmp_path_factory, target, tok):
 def test_simulated_rounds_equal_the_engines_rounds(recorded, tok, arm, threshold):
     root, cfg = recorded
     engine = build_engine(cfg)
-    from workers.inputs import encode_input
+    from draftpick.workers.inputs import encode_input
 
     stopped_early = gated = rounds = 0
     totals = [[0, 0], [0, 0]]  # simulated, live: rounds, drafted tokens
@@ -94,7 +94,7 @@ def test_simulated_feedback_names_the_drafters_the_engine_measures(recorded, tok
     full_information: false appears in a round's per-drafter feedback only when it is played."""
     root, cfg = recorded
     engine = build_engine(cfg)
-    from workers.inputs import encode_input
+    from draftpick.workers.inputs import encode_input
 
     seen = set()
     for req, item in zip(load_trace(root / "trace.jsonl"), PROMPTS):
@@ -125,7 +125,7 @@ def test_suffix_trace_sees_only_earlier_outputs(recorded, tok):
     the trace must not let a request's suffix lookups see its own output."""
     root, cfg = recorded
     engine = build_engine(cfg)
-    from workers.inputs import encode_input
+    from draftpick.workers.inputs import encode_input
 
     for req, item in zip(load_trace(root / "trace.jsonl"), PROMPTS):
         res = engine.generate(encode_input(tok, item), SamplingParams(max_tokens=40), Arm("suffix", 3))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from deploy.config import load_config
-from policies.types import Arm
-from workers.sampling import SamplingParams
+from draftpick.workers.config import load_config
+from draftpick.policies.types import Arm
+from draftpick.workers.sampling import SamplingParams
 
 pytestmark = pytest.mark.integration
 
@@ -16,13 +16,13 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine():
-    from workers.factory import build_engine
+    from draftpick.workers.factory import build_engine
 
     return build_engine(load_config())  # needs `draftpick setup` (run by .ci/install)
 
 
 def test_default_engine_is_lossless_against_transformers_generate(engine):
-    from workers.inputs import encode_input
+    from draftpick.workers.inputs import encode_input
 
     for item in PROMPTS:
         ids = encode_input(engine.tokenizer, item)
@@ -40,7 +40,7 @@ def test_default_engine_is_lossless_against_transformers_generate(engine):
 def test_shipped_feature_drafters_are_lossless_and_accepted(engine):
     """The two distilled heads of the embedded default load against its target, keep greedy
     output identical, and draft tokens it accepts."""
-    from workers.inputs import encode_input
+    from draftpick.workers.inputs import encode_input
 
     accepted = {"chat": 0, "code": 0}
     for item in PROMPTS:
@@ -56,8 +56,8 @@ def test_shipped_feature_drafters_are_lossless_and_accepted(engine):
 def test_shipped_heads_have_different_strengths(engine):
     """The chat head accepts more than the code head on ShareGPT prompts and the code head more than
     the chat head on HumanEval (prompts the heads were not trained on; greedy, so deterministic)."""
-    from bench.prompts import load_domain
-    from workers.inputs import encode_input
+    from draftpick.bench.prompts import load_domain
+    from draftpick.workers.inputs import encode_input
 
     def acceptance(domain, name):
         steps = accepted = 0
@@ -80,7 +80,7 @@ def test_info_path_loads_the_exact_target(engine):
 
     info = json.loads(subprocess.run(["draftpick", "info", "--json"], capture_output=True, text=True, check=True).stdout)
     assert "none" in info["drafters"] and info["target"]["name"] == "smollm2-135m-instruct"
-    from workers.models import small_batch_linears
+    from draftpick.workers.models import small_batch_linears
 
     loaded = AutoModelForCausalLM.from_pretrained(info["target"]["path"]).eval()
     mine = engine.target.state_dict()

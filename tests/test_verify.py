@@ -5,8 +5,8 @@ import torch
 from tiny import chi2_pvalue
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from workers.sampling import SamplingParams, probs_from_logits
-from workers.verify import verify
+from draftpick.workers.sampling import SamplingParams, probs_from_logits
+from draftpick.workers.verify import verify
 
 V = 6
 

@@ -86,7 +86,7 @@ def feature_drafter(target, tokenizer, out, prompts=FEATURE_PROMPTS, steps: int 
 
     The text is what the target writes after a few prompts, so the head learns what the engine
     will ask of it; a couple of seconds on a tiny model."""
-    from workers.distill import DistillSettings, Distiller
+    from draftpick.training.distill import DistillSettings, Distiller
 
     texts = []
     for prompt in prompts:

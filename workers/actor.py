@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import ray
 
-from policies.types import Arm
-from workers.config import DraftpickConfig
-from workers.sampling import SamplingParams
+from draftpick.policies.types import Arm
+from draftpick.workers.config import DraftpickConfig
+from draftpick.workers.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class EngineWorker:
     """Ray actor body (wrap with `worker_actor(cfg)`); testable as a plain class too."""
 
     def __init__(self, cfg: DraftpickConfig):
-        from workers.factory import build_engine
-        from workers.models import set_threads
+        from draftpick.workers.factory import build_engine
+        from draftpick.workers.models import set_threads
 
         set_threads(cfg.worker.torch_threads)  # Ray would leave torch at 1 thread
         self.cfg = cfg
@@ -45,7 +45,7 @@ class EngineWorker:
         return {"drafters": list(self.engine.drafters), "in_flight": self.in_flight}
 
     def tokenize(self, item: dict) -> list[int]:
-        from workers.inputs import encode_input
+        from draftpick.workers.inputs import encode_input
 
         return encode_input(self.engine.tokenizer, item)
 

@@ -1,6 +1,7 @@
 """Opt-in capture of served traffic (the target's verified outputs) for distillation.
 
-Each finished request writes {"prompt_token_ids", "token_ids", "tenant"}, either as a JSON line
+Both are engine sinks (`engine.add_sink(capture)`, done by workers.factory from the
+configuration): each finished request writes {"prompt_token_ids", "token_ids", "tenant"}, either as a JSON line
 of a local file (writing stops once the file reaches `max_bytes`) or as an entry of a Redis
 stream (`redis://host:port/db#stream`; the stream keeps the newest `max_entries`). Both are
 bounded. `draftpick distill --prompts FILE|redis://...#stream` trains on them (the target's own
@@ -18,6 +19,9 @@ class TrafficCapture:
         self.path, self.max_bytes = Path(path), max_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+
+    def __call__(self, result) -> None:
+        self.write(result.prompt_token_ids, result.token_ids, result.tenant)
 
     def write(self, prompt_ids: list[int], token_ids: list[int], tenant: str = "") -> bool:
         line = json.dumps({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "tenant": tenant}) + "\n"
@@ -44,6 +48,9 @@ class RedisStreamCapture:
 
         base, self.stream = parse_stream_url(url)
         self.client, self.max_entries = redis.Redis.from_url(base), max_entries
+
+    def __call__(self, result) -> None:
+        self.write(result.prompt_token_ids, result.token_ids, result.tenant)
 
     def write(self, prompt_ids: list[int], token_ids: list[int], tenant: str = "") -> bool:
         entry = json.dumps({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "tenant": tenant})

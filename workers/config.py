@@ -5,9 +5,18 @@ fails on the first request that could have failed before it.
 """
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = "local.yaml"  # the embedded default, shipped in draftpick.deploy
+
+
+class ConfigError(ValueError):
+    pass
 
 
 class _Strict(BaseModel):
@@ -97,14 +106,13 @@ class EngineConfig(_Strict):
         if self.capture_path and self.capture_stream:
             raise ValueError("set capture_path or capture_stream, not both")
         if self.capture_stream:
-            from workers.capture import parse_stream_url
+            from draftpick.workers.capture import parse_stream_url
 
             parse_stream_url(self.capture_stream)
         return self
 
 
 class WorkerConfig(_Strict):
-    num_workers: int = Field(1, ge=1)
     num_cpus: float = Field(2, gt=0, description="Ray CPU shares per worker actor")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker actor (0 on CPU)")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads in the actor")
@@ -161,13 +169,13 @@ class DraftpickConfig(_Strict):
         return self
 
     def arms(self) -> list:
-        from policies.types import Arm
+        from draftpick.policies.types import Arm
 
         return [Arm("none", 0)] + [Arm(d.name, k) for d in self.drafters for k in self.policy.ks]
 
     def build_policy(self):
         """The configured policy over the configured arms (policies are named here, never in a request)."""
-        from policies.registry import PolicyError, create
+        from draftpick.policies.registry import PolicyError, create
 
         try:
             return create(self.policy.name, self.arms(), self.policy.options)
@@ -179,3 +187,66 @@ class DraftpickConfig(_Strict):
 
     def default_drafter(self) -> str:
         return self.engine.default_drafter or self.drafter_names()[0]
+
+    def describe(self) -> dict:
+        """What `draftpick info --json` prints (resolves a built-in target to its local directory)."""
+        from draftpick.workers.models import resolve_path
+
+        where, gguf = resolve_path(self.target.path)
+        return {
+            "target": {"name": self.target.name, "path": where, **({"gguf_file": gguf} if gguf else {})},
+            "drafters": self.drafter_names(),
+            "drafter_types": {d.name: d.type for d in self.drafters} | {"none": "none"},
+            "engine": self.engine.model_dump(),
+            "worker": self.worker.model_dump(),
+            "policy": {"name": self.policy.name, "options": self.policy.options, "arms": [str(a) for a in self.arms()]},
+        }
+
+    def pinned_arm(self, drafter: str | None = None, k: int | None = None):
+        """The arm a request pins (a drafter and/or k), defaults filled in from the engine section."""
+        from draftpick.policies.types import Arm
+
+        drafter = drafter or self.default_drafter()
+        if drafter not in self.drafter_names():
+            raise ValueError(f"drafter {drafter!r} is not configured; choose from {', '.join(self.drafter_names())}")
+        k = self.engine.default_k if k is None else k
+        if not 0 <= k <= self.engine.max_k:
+            raise ValueError(f"num_speculative_tokens must be in [0, {self.engine.max_k}] (engine.max_k), got {k}")
+        return Arm("none", 0) if drafter == "none" or k == 0 else Arm(drafter, k)
+
+
+def default_config_path() -> Path:
+    return Path(str(files("draftpick.deploy") / DEFAULT_CONFIG))
+
+
+def load_config(path: str | Path | None = None) -> DraftpickConfig:
+    """Read and validate a YAML configuration; errors name the file and the field."""
+    path = Path(path) if path else default_config_path()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level")
+    _resolve_drafter_paths(data, path.parent)
+    try:
+        return DraftpickConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"config {path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _resolve_drafter_paths(data: dict, base: Path) -> None:
+    """A drafter `path` that names a directory relative to the config file is read from there (the
+    embedded config ships its feature drafters beside it); anything else is left as written."""
+    for d in data.get("drafters") or []:
+        if isinstance(d, dict) and isinstance(d.get("path"), str) and not Path(d["path"]).is_absolute():
+            candidate = base / d["path"]
+            if candidate.exists() and not Path(d["path"]).exists():
+                d["path"] = str(candidate)
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"field `{where}`: {err['msg']}"

@@ -13,22 +13,28 @@ re-prefilled.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from policies.types import Arm, Choice, RoundRecord
-from workers.drafters.base import Drafter
-from workers.drafters.feature import TargetFeatures
-from workers.drafters.none import NoneDrafter
-from workers.models import forward, new_cache, rollback, verify_forward
-from workers.sampling import SamplingParams, probs_from_logits, sample
-from workers.verify import acceptance_probability, verify
+from draftpick.policies.types import Arm, Choice, RoundRecord
+from draftpick.workers.drafters.base import Drafter
+from draftpick.workers.drafters.feature import TargetFeatures
+from draftpick.workers.drafters.none import NoneDrafter
+from draftpick.workers.metrics import spec_decode_metrics
+from draftpick.workers.models import forward, new_cache, rollback, verify_forward
+from draftpick.workers.sampling import SamplingParams, TokenSampler
+from draftpick.workers.verify import acceptance_probability, verify
+
+log = logging.getLogger(__name__)
 
 # (generation in progress) -> the next round's choice: arm, propensity, optional confidence threshold
 RoundChooser = Callable[["Generation"], Choice]
+# called with each finished request's result (traffic capture, the service's feedback); must not block
+Sink = Callable[["GenerationResult"], None]
 
 
 @dataclass
@@ -40,6 +46,8 @@ class GenerationResult:
     records: list[RoundRecord]
     generate_s: float  # wall seconds from prefill to the last token (models already loaded)
     prefill_s: float
+    tenant: str = ""
+    context: str = ""
 
     def metrics(self) -> dict:
         return spec_decode_metrics(self.records)
@@ -59,49 +67,33 @@ class GenerationResult:
         }
 
 
-def spec_decode_metrics(records: list[RoundRecord]) -> dict:
-    """Per-request speculative decoding metrics, with vLLM's names.
-
-    num_spec_steps counts every decoding round (each target forward after the
-    prefill), including k = 0 rounds and rounds where the drafter proposed
-    nothing. mean_acceptance_length = 1 + accepted / num_spec_steps, so it
-    counts the bonus (or recovered) token, and is 1.0 for plain decoding.
-    """
-    steps = len(records)
-    drafted = sum(r.num_drafted for r in records)
-    accepted = sum(r.accepted for r in records)
-    max_k = max((r.num_drafted for r in records), default=0)
-    hist = [0] * (max_k + 1)
-    per_pos = [0] * max_k
-    for r in records:
-        hist[r.accepted] += 1
-        for i in range(r.accepted):
-            per_pos[i] += 1
-    return {
-        "num_spec_steps": steps,
-        "num_drafts": sum(1 for r in records if r.num_drafted),
-        "num_draft_tokens": drafted,
-        "num_accepted_draft_tokens": accepted,
-        "mean_acceptance_length": (1 + accepted / steps) if steps else None,
-        "draft_acceptance_rate": (accepted / drafted) if drafted else None,
-        "acceptance_histogram": hist,
-        "num_accepted_tokens_per_pos": per_pos,
-        "draft_s": sum(r.draft_s for r in records),
-        "verify_s": sum(r.verify_s for r in records),
-        "sync_s": sum(r.sync_s for r in records),
-    }
-
-
 class SpeculativeEngine:
+    """One target and its drafters. Does no file or network I/O: finished requests go to the sinks
+    the caller attaches (`add_sink`), e.g. traffic capture or the service's feedback."""
+
     def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True,
-                 capture=None, verify_pad_multiple: int = 1, played_only: set[str] = frozenset()):
+                 verify_pad_multiple: int = 1, played_only: set[str] = frozenset()):
         self.target, self.tokenizer = target, tokenizer
         self.verify_pad_multiple = verify_pad_multiple  # see workers.models.verify_forward
-        self.capture = capture  # workers.capture.TrafficCapture, opt-in
+        self.sinks: list[Sink] = []
+        self.sink_errors = 0  # sink calls that raised (logged; the request is answered all the same)
         self.drafters: dict[str, Drafter] = {"none": NoneDrafter(), **(drafters or {})}
         self.full_information = full_information
         self.played_only = set(played_only)  # drafters measured only in the rounds they are played
         self.eos_ids = _eos_ids(target, tokenizer)
+        self.vocab_size = target.config.vocab_size
+        self.context_window = getattr(target.config, "max_position_embeddings", None)
+
+    def add_sink(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def _emit(self, result: "GenerationResult") -> None:
+        for sink in self.sinks:
+            try:
+                sink(result)
+            except Exception:  # a sink must never fail the request it reports
+                self.sink_errors += 1
+                log.exception("draftpick: a result sink failed")
 
     def measures(self, drafter: str) -> bool:
         """Whether a drafter's acceptance is measured in the rounds another drafter plays."""
@@ -120,12 +112,23 @@ class SpeculativeEngine:
     ) -> "Generation":
         if arm.drafter not in self.drafters:
             raise ValueError(f"unknown drafter {arm.drafter!r}; known: {', '.join(self.drafters)}")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
+        self.check_prompt(prompt_ids, params)
         return Generation(self, list(prompt_ids), params, arm, tenant, context, chooser, load, tuple(features))
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, arm: Arm = Arm("none", 0), **kw) -> GenerationResult:
         return self.start(prompt_ids, params, arm, **kw).run()
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse, with a message naming the problem, what the target cannot run."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the target's vocabulary [0, {self.vocab_size})")
+        window = self.context_window
+        if window and len(prompt_ids) + params.max_tokens > window:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                             f"the target's context window of {window} tokens")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -156,21 +159,13 @@ class Generation:
     stop_at: int | None = None  # index in the text where a stop string begins
 
     def __post_init__(self):
-        seed = self.params.seed
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        else:
-            self.generator.seed()
+        self.sampler = TokenSampler(self.params)  # the request's randomness (seeded: position-keyed noise)
         self.cache = new_cache(self.engine.target)
         # the target's hidden states of the verified tokens, kept only when a feature drafter needs them
-        uses = [getattr(d, "uses_target_features", False) for d in self.engine.drafters.values()]
-        self.target_features = TargetFeatures() if any(uses) else None
-        self.sessions = {
-            n: d.session(self.tenant, len(self.prompt_ids), self.target_features) if use
-            else d.session(self.tenant, len(self.prompt_ids))
-            for (n, d), use in zip(self.engine.drafters.items(), uses)
-        }
+        uses = any(d.uses_target_features for d in self.engine.drafters.values())
+        self.target_features = TargetFeatures() if uses else None
+        self.sessions = {n: d.session(self.tenant, len(self.prompt_ids), self.target_features)
+                         for n, d in self.engine.drafters.items()}
         self.started = None
         self.prefill_s = 0.0
 
@@ -199,66 +194,79 @@ class Generation:
         logits, hidden = out if keep else (out, None)  # [1, vocab], [prompt, d]
         if keep:
             self.target_features.append(hidden)
-        token = self._pick(probs_from_logits(logits[-1], self.params))
+        token = self.sampler.draw(self.sampler.probs(logits[-1:], len(self.prompt_ids))[0])
         self.prefill_s = time.perf_counter() - self.started
         return self._append([token])
 
-    def _pick(self, p: torch.Tensor) -> int:
-        return int(p.argmax()) if self.params.greedy else int(sample(p, self.generator))
-
     def _round(self) -> list[int]:
+        """One draft -> verify -> accept round; appends and returns the tokens it emitted."""
         choice = self.chooser(self) if self.chooser else Choice(self.arm, 1.0)
-        arm = choice.arm
-        if arm.drafter not in self.sessions:
-            raise ValueError(f"the round chooser picked unknown drafter {arm.drafter!r}")
+        if choice.arm.drafter not in self.sessions:
+            raise ValueError(f"the round chooser picked unknown drafter {choice.arm.drafter!r}")
         ids = self.ids
-        L = len(ids)
-        k = min(arm.k, self.params.max_tokens - len(self.out) - 1)  # drafts past max_tokens are wasted
-        # 1. draft
+        # drafts past max_tokens are wasted: draft (and record) at most what can still be emitted
+        k = min(choice.arm.k, self.params.max_tokens - len(self.out) - 1)
+        drafter = choice.arm.drafter if k > 0 else "none"
         t0 = time.perf_counter()
-        session = self.sessions[arm.drafter]
-        draft, q = session.propose(ids, k, self.params, self.generator, choice.threshold) if k > 0 else (torch.empty(0, dtype=torch.long), None)
-        d = len(draft)
+        draft, q = self._draft(drafter, ids, k, choice.threshold)  # 1. draft
         t1 = time.perf_counter()
-        # 2. verify: one target forward over the pending token and the drafts
+        p, res = self._verify(ids, draft, q)  # 2. verify, 3. roll the target's cache back
+        t2 = time.perf_counter()
+        exhausted = len(draft) < k and choice.threshold is None
+        per_drafter = self._sync(drafter, ids, ids + res.tokens, p, draft, q, res.num_accepted, exhausted)  # 4. sync
+        t3 = time.perf_counter()
+        emitted = self._append(res.tokens)  # 5. emit, stopping at the exact token
+        if not emitted:
+            raise RuntimeError("a round emitted no token: verification must emit at least one (engine defect)")
+        # a round cut short by a stop counts only the drafts it emitted
+        accepted = min(res.num_accepted, len(emitted))
+        rejected = [0] if accepted == res.num_accepted < len(draft) else []
+        self.records.append(RoundRecord(
+            drafter=drafter, k=k if drafter != "none" else 0, num_drafted=len(draft), accepted=accepted,
+            emitted=len(emitted), draft_s=t1 - t0, verify_s=t2 - t1, sync_s=t3 - t2, propensity=choice.propensity,
+            threshold=choice.threshold, accepted_per_pos=[1] * accepted + rejected, per_drafter=per_drafter,
+            load=self.load(), tenant=self.tenant, context=self.context, features=list(self.features),
+            temperature=self.params.temperature, time=time.time(),
+        ))
+        return emitted
+
+    def _draft(self, drafter: str, ids: list[int], k: int, threshold: float | None):
+        """The drafter's proposal: tokens [d <= k] and q [d, vocab] (None: deterministic)."""
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long), None
+        return self.sessions[drafter].propose(ids, k, self.sampler, threshold)
+
+    def _verify(self, ids: list[int], draft: torch.Tensor, q: torch.Tensor | None):
+        """One target forward over the pending token and the drafts; the accept / reject rule; the
+        target's cache rolled back to the verified tokens but the new pending one (this drops
+        rejected drafts and any padding). Returns (p [d + 1, vocab], VerifyResult)."""
         keep = self.target_features is not None
         out = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
                              self.engine.verify_pad_multiple, hidden=keep)
         logits, hidden = out if keep else (out, None)  # [d + 1, vocab], [d + 1, d_model]
-        # the accept / reject draws use the request's CPU generator: bring the probabilities there
-        p = probs_from_logits(logits, self.params).cpu()  # [d + 1, vocab]
-        q = None if q is None else q.cpu()
-        res = verify(p, draft, q, self.generator)
-        n = res.num_accepted
-        # 3. roll the target's cache back to the verified tokens but the new pending one
-        #    (this drops rejected drafts and any padding)
-        rollback(self.cache, L + n)
+        # rows predict positions len(ids) ..; the accept / reject draws use the request's CPU generator
+        p = self.sampler.probs(logits, len(ids))  # [d + 1, vocab] on the CPU
+        res = verify(p, draft, None if q is None else q.cpu(), self.sampler.generator)
+        rollback(self.cache, len(ids) + res.num_accepted)
         if keep:
-            self.target_features.append(hidden[: n + 1])  # the pending token and the accepted drafts
-        t2 = time.perf_counter()
-        # 4. keep drafters in sync; measure everyone's acceptance on the verified tokens
-        new_ids = ids + res.tokens
-        per_drafter = {arm.drafter: _own_acceptance(p, draft, q, n, exhausted=d < k and choice.threshold is None)} if k else {}
+            self.target_features.append(hidden[: res.num_accepted + 1])  # the pending token and the accepted drafts
+        self.sampler.forget(len(ids))
+        return p, res
+
+    def _sync(self, played: str, ids: list[int], new_ids: list[int], p: torch.Tensor, draft: torch.Tensor,
+              q: torch.Tensor | None, n: int, exhausted: bool) -> dict[str, list[float]]:
+        """Keep every drafter in sync with the verified tokens; returns each measured drafter's
+        acceptance on them (full information)."""
+        L = len(ids)
+        per_drafter = {played: _own_acceptance(p, draft, q, n, exhausted)} if played != "none" else {}
         for name, s in self.sessions.items():
-            if name == arm.drafter or name == "none":
-                s.sync(new_ids, L, None, self.params)
+            if name == played or name == "none":
+                s.sync(new_ids, L, None, self.sampler)
             else:
-                acc = s.sync(new_ids, L, p[: n + 1] if self.engine.measures(name) else None, self.params)
+                acc = s.sync(new_ids, L, p[: n + 1] if self.engine.measures(name) else None, self.sampler)
                 if acc is not None:
                     per_drafter[name] = acc
-        t3 = time.perf_counter()
-        # 5. emit, stopping at the exact token
-        emitted = self._append(res.tokens)
-        self.records.append(
-            RoundRecord(
-                drafter=arm.drafter, k=arm.k, num_drafted=d, accepted=n,
-                emitted=len(emitted), draft_s=t1 - t0, verify_s=t2 - t1, sync_s=t3 - t2,
-                propensity=choice.propensity, threshold=choice.threshold, accepted_per_pos=[1] * n + ([0] if n < d else []),
-                per_drafter=per_drafter, load=self.load(), tenant=self.tenant, context=self.context,
-                features=list(self.features), temperature=self.params.temperature, time=time.time(),
-            )
-        )
-        return emitted
+        return per_drafter
 
     def _append(self, tokens: list[int]) -> list[int]:
         appended = []
@@ -291,8 +299,7 @@ class Generation:
         for s in self.sessions.values():
             s.close(self.ids)
         self.cache = None
-        if self.engine.capture is not None:
-            self.engine.capture.write(self.prompt_ids, self.out, self.tenant)
+        self.engine._emit(self.result())
 
     def _decode(self) -> str:
         return self.engine.tokenizer.decode(self.out, skip_special_tokens=True)
@@ -305,6 +312,7 @@ class Generation:
         return GenerationResult(
             prompt_token_ids=self.prompt_ids, token_ids=self.out, text=text, finish_reason=self.finish_reason,
             records=self.records, generate_s=self.finished_at - self.started, prefill_s=self.prefill_s,
+            tenant=self.tenant, context=self.context,
         )
 
 

@@ -56,3 +56,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not items:
         raise InputError(f"{path}: no prompts")
     return items
+
+
+def encode_inputs(tokenizer, items: list[dict]) -> list[list[int]]:
+    """Token ids of each input; a bad one is reported with its number (1-based)."""
+    out = []
+    for n, item in enumerate(items, 1):
+        try:
+            out.append(encode_input(tokenizer, item))
+        except InputError as e:
+            raise InputError(f"prompt {n}: {e}") from None
+    return out
+
+
+def input_text(item: dict) -> str:
+    """The text of an input, for the prompt features: its prompt, or its messages' contents joined."""
+    return item.get("prompt") or " ".join(m["content"] for m in item["messages"])
+
+
+def write_jsonl(path: str | Path, lines: list[dict]) -> int:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    return len(lines)

@@ -40,7 +40,7 @@ def place(device: str = "auto", dtype: str = "auto") -> Placement:
 def resolve_path(path: str) -> tuple[str, str | None]:
     """Returns (directory or hub id, gguf file name or None) for a model path as configured."""
     if path.startswith("builtin:"):
-        from workers.builtin import ensure_builtin
+        from draftpick.workers.builtin import ensure_builtin
 
         return str(ensure_builtin(path.removeprefix("builtin:"))), None
     if path.endswith(".gguf") and Path(path).is_file():
@@ -130,7 +130,11 @@ def check_same_vocabulary(target_tok, target_model, drafter_name: str, drafter_m
 
 
 def new_cache(model) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    """A cache that can be rolled back: sliding-window (and convolution-state) layers keep their
+    past until `rollback` crops them, instead of refusing to crop once their window is full."""
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()
+    return cache
 
 
 @torch.inference_mode()
@@ -196,10 +200,38 @@ def kept_logits(hidden: torch.Tensor, head: torch.Tensor, kept: torch.Tensor, vo
 
 
 def rollback(cache: DynamicCache, keep: int) -> None:
-    """Drop cached positions beyond the first `keep` (rejected drafts)."""
-    extra = cache.get_seq_length() - keep
-    if extra > 0:
-        cache.crop(-extra)
+    """Drop cached positions beyond the first `keep` (rejected drafts).
+
+    Every layer is cropped, also by 0: a sliding-window layer that records its past then shrinks
+    back to its window. A layer with a recurrent state (linear attention, Mamba) cannot be put
+    back to an earlier position, so such a model cannot be verified against: a clear error."""
+    have = cache.get_seq_length()
+    if have == 0:
+        return
+    extra = have - keep
+    if extra < 0:
+        raise ValueError(f"cannot roll a cache of {have} positions forward to {keep}")
+    for layer in getattr(cache, "layers", ()):
+        if extra and getattr(layer, "is_croppable", True) is False:
+            raise ValueError(f"the model's {type(layer).__name__} cache layers keep a recurrent state that cannot "
+                             "be rolled back to an earlier token: speculative decoding needs a model whose "
+                             "cache can be cropped (attention layers, full or sliding-window)")
+    cache.crop(-extra)
+
+
+def median_seconds(run, cache, keep: int, repeats: int) -> float:
+    """Median wall seconds of run() over `repeats` calls after one warm-up (a new shape's first call
+    is slower), rolling `cache` back to `keep` positions after each."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+        rollback(cache, keep)
+    return statistics.median(times[1:])
 
 
 def set_threads(n: int | None) -> None:

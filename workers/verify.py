@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.sampling import sample
+from draftpick.workers.sampling import sample
 
 
 @dataclass(frozen=True)

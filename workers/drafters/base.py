@@ -1,36 +1,45 @@
 """The drafter interface: propose k tokens, then stay in sync with what was verified.
 
-A `Drafter` is shared by all requests of a worker; `session()` gives the
-per-request state (a model drafter's KV cache, for instance). Two methods do
-the work, as in transformers' candidate generators:
+A `Drafter` is shared by all requests of a worker; `session(tenant, prompt_len,
+features)` gives the per-request state (a model drafter's KV cache, for instance).
+Two methods do the work, as in transformers' candidate generators:
 
-  1. `propose(ids, k)`  -> draft tokens [<= k] and their probabilities q [<= k, vocab]
-                           (None for a deterministic drafter: q is one-hot);
-  2. `sync(ids, p)`     -> after verification, catch up with the verified ids and,
-                           when `p` (the target's distributions at the round's
-                           verified positions) is given, return this drafter's
-                           per-position acceptance on them (full-information feedback).
+  1. `propose(ids, k, sampler)` -> draft tokens [<= k] and their probabilities q [<= k, vocab]
+                                   (None for a deterministic drafter: q is one-hot);
+  2. `sync(ids, start, p, sampler)` -> after verification, catch up with the verified ids and,
+                                   when `p` (the target's distributions at the round's
+                                   verified positions) is given, return this drafter's
+                                   per-position acceptance on them (full-information feedback).
+
+`sampler` (workers.sampling.TokenSampler) is the request's: its `probs(logits, start)` warps a
+drafter's logits for sequence positions start, start + 1, ... and `draw` picks a token, so a
+seeded request's drafts use the same position-keyed noise as the target.
+
+`trace(prompt_ids, out, k_max, hidden)` is the hook `draftpick record` uses: what this drafter
+would propose at every position of a fixed output (see workers.record).
+
+Drafter types are built from configuration by `workers.drafters.registry` (keyed by `type`).
 """
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
 
-from workers.sampling import SamplingParams
+from draftpick.workers.sampling import TokenSampler
 
 
 class DraftSession(Protocol):
     def propose(
-        self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None,
-        threshold: float | None = None,
+        self, ids: list[int], k: int, sampler: TokenSampler, threshold: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ids: the verified sequence (prompt + output). Returns ([n] int64, [n, vocab] or None), n <= k.
         threshold: stop after a drafted token whose probability under the drafter is below it
         (model drafters only; deterministic drafters have no confidence and ignore it)."""
         ...
 
-    def sync(self, ids: list[int], start: int, p: torch.Tensor | None, params: SamplingParams) -> list[float] | None:
+    def sync(self, ids: list[int], start: int, p: torch.Tensor | None, sampler: TokenSampler) -> list[float] | None:
         """ids[start:] were verified this round; p: [len(ids) - start, vocab] target probs there (or None)."""
         ...
 
@@ -42,8 +51,20 @@ class DraftSession(Protocol):
 class Drafter(Protocol):
     name: str
     is_model: bool  # True when drafting runs a neural network (its sync costs a forward)
+    uses_target_features: bool  # True when sessions read the target's hidden states (feature drafters)
 
-    def session(self, tenant: str, prompt_len: int) -> DraftSession: ...
+    def session(self, tenant: str, prompt_len: int, features=None) -> DraftSession:
+        """features: the request's workers.drafters.feature.TargetFeatures, or None when no
+        drafter of the engine uses them."""
+        ...
+
+    def trace(self, prompt_ids: list[int], out: list[int], k_max: int, hidden: torch.Tensor | None,
+              tenant: str = "") -> tuple[dict, float]:
+        """For g = 1..len(out) - 1: how many tokens this drafter proposes (greedy) after
+        prompt_ids + out[:g], at most k_max, and how many of them match out[g:] (the trace format's
+        per-drafter object, workers.trace); plus its seconds per drafted token. hidden: the
+        target's hidden states of prompt_ids + out[:-1]. Ends as a served request of `tenant` would."""
+        ...
 
 
 def confident(probs: torch.Tensor, min_confidence: float) -> bool:
@@ -72,16 +93,43 @@ def gated(acceptance: list[float], top: list[float], min_confidence: float) -> l
     return acceptance if n == len(acceptance) else acceptance[:n] + [0.0]
 
 
+class LookupDrafter:
+    """Shared logic of deterministic (model-free) drafters, whose sessions are LookupSessions."""
+
+    is_model = False
+    uses_target_features = False
+
+    def trace(self, prompt_ids, out, k_max, hidden=None, tenant=""):
+        session = self.session(tenant, len(prompt_ids))
+        proposed, matched = [], []
+        t0 = time.perf_counter()
+        for g in range(1, len(out)):
+            draft = session.lookup(prompt_ids + out[:g], k_max)
+            proposed.append(len(draft))
+            matched.append(matching_prefix(draft, out[g:]))
+        spent = time.perf_counter() - t0
+        session.close(prompt_ids + out)  # e.g. the suffix index learns the output, as when a request ends
+        return {"proposed": proposed, "matched": matched}, spent / max(len(out) - 1, 1) / max(k_max, 1)
+
+
+def matching_prefix(draft: list[int], truth: list[int]) -> int:
+    """How many leading tokens of draft equal truth's."""
+    m = 0
+    while m < len(draft) and m < len(truth) and draft[m] == truth[m]:
+        m += 1
+    return m
+
+
 class LookupSession:
     """Shared logic of deterministic (model-free) drafters: acceptance is measured by re-proposing."""
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
         raise NotImplementedError
 
-    def propose(self, ids, k, params, generator, threshold=None):
+    def propose(self, ids, k, sampler, threshold=None):
         return torch.tensor(self.lookup(ids, k), dtype=torch.long), None
 
-    def sync(self, ids, start, p, params):
+    def sync(self, ids, start, p, sampler):
         if p is None:
             return None
         emitted = ids[start:]

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from workers.drafters.base import confident, gated
-from workers.models import forward, forward_trimmed, new_cache, rollback
-from workers.sampling import SamplingParams, probs_from_logits, sample
-from workers.verify import acceptance_probability
+import json
+from pathlib import Path
+
+from draftpick.workers.drafters.base import confident, gate_length, gated, matching_prefix
+from draftpick.workers.models import (check_same_vocabulary, forward, forward_trimmed, load_model, median_seconds,
+                                      new_cache, rollback)
+from draftpick.workers.sampling import TokenSampler
+from draftpick.workers.verify import acceptance_probability
+
+VOCAB_FILE = "draftpick_vocab.json"  # a distilled drafter's reduced output vocabulary (token ids), if it has one
 
 
 class ModelDrafter:
@@ -20,6 +26,7 @@ class ModelDrafter:
     vocabulary, see workers.distill); only their logits are computed."""
 
     is_model = True
+    uses_target_features = False
 
     def __init__(self, name: str, model, kept: list[int] | None = None, min_confidence: float = 0.0):
         self.name, self.model = name, model
@@ -27,8 +34,43 @@ class ModelDrafter:
         self.kept = torch.tensor(kept, device=model.device) if kept else None
         self.head = model.get_output_embeddings().weight[self.kept].detach().contiguous() if kept else None
 
-    def session(self, tenant: str, prompt_len: int):
+    @classmethod
+    def load(cls, name: str, path: str, ctx, gguf_file: str | None = None, min_confidence: float = 0.0) -> "ModelDrafter":
+        """A causal LM from `path` that must share the target's tokenizer (ctx: workers.drafters.registry.LoadContext)."""
+        model = load_model(path, ctx.placement, gguf_file, ctx.small_batch)
+        check_same_vocabulary(ctx.tokenizer, ctx.target, name, model, path, gguf_file)
+        return cls(name, model, kept_vocabulary(path), min_confidence)
+
+    @classmethod
+    def from_config(cls, cfg, ctx) -> "ModelDrafter":
+        return cls.load(cfg.name, cfg.path, ctx, cfg.gguf_file, cfg.min_confidence)
+
+    def session(self, tenant: str, prompt_len: int, features=None):
         return ModelSession(self)
+
+    @torch.inference_mode()
+    def trace(self, prompt_ids, out, k_max, hidden=None, tenant=""):
+        """Teacher-forced in one forward, with the top-1 confidence at each position (so the
+        min_confidence gate is exact up to the first rejected draft; past it, it reads the true
+        text's confidences)."""
+        seq = prompt_ids + out
+        logits = self.logits(new_cache(self.model), seq[:-1])  # [L - 1, vocab]
+        probs = logits[len(prompt_ids) - 1 :].softmax(-1)  # rows predict out[0..n-1]
+        conf, pred = probs.max(-1)
+        hits = [int(p) for p in pred.tolist()]
+        confidence = conf.tolist()
+        proposed, matched = [], []
+        for g in range(1, len(out)):
+            ahead = confidence[g : g + k_max]
+            k = gate_length(ahead, self.min_confidence)
+            k = k_max if k == len(ahead) else k  # past the output's end nothing stops the draft
+            proposed.append(k)
+            matched.append(matching_prefix(hits[g : g + k], out[g:]))
+        cache = new_cache(self.model)  # cost of one drafted token: a one-token forward after the context
+        forward(self.model, cache, seq[:-1], last_only=True)
+        seconds = median_seconds(lambda: self.logits(cache, [seq[-1]], last_only=True), cache, len(seq) - 1, 3)
+        return {"proposed": proposed, "matched": matched, "confidence": confidence}, seconds
+
 
     def logits(self, cache, tokens: list[int], last_only: bool = False) -> torch.Tensor:
         """float32 [n (or 1), vocab] after `cache`; -inf outside the kept vocabulary, if any."""
@@ -58,7 +100,7 @@ class ModelSession:
         self.fed.extend(tokens)
         return logits
 
-    def propose(self, ids, k, params: SamplingParams, generator, threshold: float | None = None):
+    def propose(self, ids, k, sampler: TokenSampler, threshold: float | None = None):
         if k <= 0:
             return torch.empty(0, dtype=torch.long), None
         self._align(ids)
@@ -69,8 +111,8 @@ class ModelSession:
             raw = logits.float().softmax(-1) if self.d.min_confidence > 0 or threshold is not None else None
             if self.d.min_confidence > 0 and not confident(raw, self.d.min_confidence):
                 break
-            q = probs_from_logits(logits, params)  # [vocab]
-            x = int(q.argmax()) if params.greedy else int(sample(q, generator))
+            q = sampler.probs(logits[None], len(ids) + i)[0]  # [vocab]
+            x = sampler.draw(q)
             tokens.append(x)
             qs.append(q)
             # confidence stop (SpecDec++ / transformers' assistant_confidence_threshold): the drafter's
@@ -83,7 +125,7 @@ class ModelSession:
             return torch.empty(0, dtype=torch.long), None
         return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)  # [n], [n, vocab]
 
-    def sync(self, ids, start, p, params):
+    def sync(self, ids, start, p, sampler):
         self._align(ids)
         if p is None:
             return None  # lazy: the next propose catches up
@@ -93,9 +135,15 @@ class ModelSession:
         # logits that predict ids[start:] come from feeding ids[start - 1 : -1]
         new = ids[len(self.fed) : len(ids) - 1]
         logits = self._feed(new, last_only=False)[-(len(ids) - start) :]  # [m, vocab]
-        q = probs_from_logits(logits, params)
+        q = sampler.probs(logits, start)
         acc = acceptance_probability(p, q).tolist()
         return gated(acc, logits.float().softmax(-1).amax(-1).tolist(), self.d.min_confidence)
 
     def close(self, ids):
         self.cache = None
+
+
+def kept_vocabulary(path: str) -> list[int] | None:
+    """The reduced output vocabulary a distilled drafter was trained on, if it has one."""
+    f = Path(path) / VOCAB_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.drafters.base import LookupSession
+from draftpick.workers.drafters.base import LookupDrafter, LookupSession
 
 
 def prompt_lookup(ids: np.ndarray, k: int, min_ngram: int, max_ngram: int) -> list[int]:
@@ -27,15 +27,17 @@ def prompt_lookup(ids: np.ndarray, k: int, min_ngram: int, max_ngram: int) -> li
     return []
 
 
-class NgramDrafter:
-    is_model = False
-
+class NgramDrafter(LookupDrafter):
     def __init__(self, name: str = "ngram", min_ngram: int = 1, max_ngram: int = 3):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"ngram drafter {name!r}: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.name, self.min_ngram, self.max_ngram = name, min_ngram, max_ngram
 
-    def session(self, tenant: str, prompt_len: int):
+    @classmethod
+    def from_config(cls, cfg, ctx) -> "NgramDrafter":
+        return cls(cfg.name, cfg.min_ngram, cfg.max_ngram)
+
+    def session(self, tenant: str, prompt_len: int, features=None):
         return _NgramSession(self)
 
 

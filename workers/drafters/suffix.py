@@ -15,8 +15,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from workers.drafters.base import LookupSession
-from workers.drafters.ngram import prompt_lookup
+from draftpick.workers.drafters.base import LookupDrafter, LookupSession
+from draftpick.workers.drafters.ngram import prompt_lookup
 
 
 class SuffixIndex:
@@ -59,9 +59,7 @@ class SuffixIndex:
         return 0, []
 
 
-class SuffixDrafter:
-    is_model = False
-
+class SuffixDrafter(LookupDrafter):
     def __init__(self, name: str = "suffix", min_ngram: int = 2, max_ngram: int = 8, max_tokens_per_tenant: int = 200_000):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"suffix drafter {name!r}: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -72,13 +70,17 @@ class SuffixDrafter:
         self._indexes: dict[str, SuffixIndex] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_config(cls, cfg, ctx) -> "SuffixDrafter":
+        return cls(cfg.name, cfg.min_ngram, cfg.max_ngram, cfg.max_tokens_per_tenant)
+
     def index(self, tenant: str) -> SuffixIndex:
         with self._lock:
             if tenant not in self._indexes:
                 self._indexes[tenant] = SuffixIndex(self.min_ngram, self.max_ngram, self.max_tokens_per_tenant)
             return self._indexes[tenant]
 
-    def session(self, tenant: str, prompt_len: int):
+    def session(self, tenant: str, prompt_len: int, features=None):
         return _SuffixSession(self, tenant, prompt_len)
 
 

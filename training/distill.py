@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 
-from workers.drafters.feature import WEIGHTS, FeatureHead, is_feature_drafter, load_head, save_head
+from draftpick.workers.drafters.model import VOCAB_FILE
+from draftpick.workers.drafters.feature import WEIGHTS, FeatureHead, is_feature_drafter, load_head, save_head
 
-VOCAB_FILE = "draftpick_vocab.json"
 DEFAULT_VOCAB = 8192  # a new student's reduced output vocabulary (--vocab)
 
 
@@ -140,7 +140,7 @@ def generate_sequences(target, tokenizer, prompts: list[list[int]], path: Path, 
     answered prompts, in the sorted order."""
     from tqdm import tqdm
 
-    from workers.inputs import iter_jsonl
+    from draftpick.workers.inputs import iter_jsonl
 
     order = sorted(prompts, key=len)
     done = [d["prompt_token_ids"] + d["token_ids"] for _, d in iter_jsonl(path)] if path.exists() else []
@@ -422,7 +422,7 @@ def _weighted_mean(per_token: torch.Tensor, weight: torch.Tensor | None) -> torc
 def _load_drafter(path: Path, tokenizer, target):
     from transformers import AutoModelForCausalLM
 
-    from workers.models import check_same_vocabulary
+    from draftpick.workers.models import check_same_vocabulary
 
     if not (path / "config.json").exists():
         raise ValueError(f"--init {str(path)!r} is not a drafter directory (and not feature or target-layers:N)")
@@ -447,20 +447,22 @@ def _init_layers(init: str) -> int:
 
 def validate(engine, drafter_name: str, prompts: list[list[int]], max_tokens: int = 64, k: int = 4) -> dict:
     """Mean acceptance length at k (greedy, counting the bonus token) and speed vs plain decoding."""
-    from policies.types import Arm
-    from workers.sampling import SamplingParams
+    from draftpick.policies.types import Arm
+    from draftpick.workers.sampling import SamplingParams
+
+    from draftpick.workers.metrics import spec_decode_metrics
 
     spec = plain = 0.0
-    steps = accepted = tokens = 0
+    tokens = 0
+    records = []
     for ids in prompts:
         a = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm(drafter_name, k))
         b = engine.generate(ids, SamplingParams(max_tokens=max_tokens), Arm("none", 0))
         assert a.token_ids == b.token_ids, "distilled drafter changed the output: verification is broken"
-        m = a.metrics()
-        steps += m["num_spec_steps"]
-        accepted += m["num_accepted_draft_tokens"]
+        records += a.records
         spec += a.generate_s
         plain += b.generate_s
         tokens += len(a.token_ids)
-    return {"k": k, "prompts": len(prompts), "mean_acceptance_length": 1 + accepted / max(steps, 1),
+    mean = spec_decode_metrics(records)["mean_acceptance_length"] or 1.0
+    return {"k": k, "prompts": len(prompts), "mean_acceptance_length": mean,
             "speedup_vs_plain": plain / spec if spec else math.nan, "tokens": tokens}

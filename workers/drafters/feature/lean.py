@@ -29,8 +29,11 @@ class LeanCache:
     def get_seq_length(self) -> int:
         return self.n
 
-    def crop(self, max_length: int) -> None:
-        self.n = self.n + max_length if max_length < 0 else min(self.n, max_length)
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove positions (<= 0, as transformers' caches take it)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to drop, got {tokens_to_remove}")
+        self.n = max(self.n + tokens_to_remove, 0)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [kv_heads, T, head_dim] -> every cached key and value, these included."""
