@@ -50,3 +50,13 @@ def test_suffix_index_is_bounded_and_drops_the_oldest():
     assert idx.num_tokens <= 10
     assert idx.lookup([1, 2], 2) == (0, [])
     assert idx.lookup([9, 10], 2) == (2, [11, 12])
+
+
+def test_suffix_index_keeps_only_n_grams_with_a_continuation():
+    """The output's final n-gram also occurs earlier: the lookup must follow the earlier occurrence,
+    not the final one (which has nothing after it)."""
+    from draftpick.workers.drafters.suffix import SuffixIndex
+
+    idx = SuffixIndex(min_ngram=2, max_ngram=2, max_tokens=100)
+    idx.add([5, 6, 7, 8, 5, 6])
+    assert idx.lookup([1, 5, 6], 3) == (2, [7, 8, 5])

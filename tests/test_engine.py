@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from draftpick.policies.types import Arm
-from tiny import chi2_pvalue, feature_drafter, noisy_copy, tiny_model
+from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, tiny_model, tiny_sliding_model
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
@@ -216,12 +216,8 @@ def test_full_information_can_be_switched_off(target, tok):
     assert res.token_ids == hf_greedy(target, tok(PROMPTS[0]).input_ids, 30)
 
 
-@pytest.mark.parametrize("drafter", ["ngram", "close", "feat", "featgate", "closegate"])
-def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
-    """Three sampled tokens (the last two from one speculative round) vs the exact target law."""
-    ids = sampling_context(target, tok)
-    params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3)
-    # exact law of (t1, t2, t3) under the target with the same warp: 27 outcomes
+def exact_law(target, ids, params) -> dict:
+    """The exact law of the next three tokens (t1, t2, t3) under the target with the params' warp."""
     law = {}
     p1 = probs_from_logits(forward(target, new_cache(target), ids)[-1], params)
     for a in p1.nonzero().flatten().tolist():
@@ -230,12 +226,22 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
             p3 = probs_from_logits(forward(target, new_cache(target), ids + [a, b])[-1], params)
             for c in p3.nonzero().flatten().tolist():
                 law[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    return law
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "close", "feat", "featgate", "closegate"])
+def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
+    """Unseeded requests (the standard rule, min(1, p / q)): three sampled tokens, the last two from
+    one speculative round, vs the exact target law."""
+    ids = sampling_context(target, tok)
+    params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3, ignore_eos=True)
+    law = exact_law(target, ids, params)
     keys = list(law)
     counts = np.zeros(len(keys))
     n = 3000
     drafted = accepted = skipped = 0
-    for seed in range(n):
-        res = engine.generate(ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True), Arm(drafter, 2))
+    for _ in range(n):
+        res = engine.generate(ids, params, Arm(drafter, 2))
         counts[keys.index(tuple(res.token_ids))] += 1
         drafted += res.records[0].num_drafted > 0
         accepted += res.records[0].accepted > 0
@@ -246,12 +252,49 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
     assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
 
 
-def test_same_seed_same_sampled_output(engine, tok):
+def test_seeded_output_follows_target_distribution_over_seeds(engine, target, tok):
+    """Seeded requests (Gumbel-max with position-keyed noise): over seeds, the target's law. With
+    the next test (the same output whatever the arm), this holds for every drafter and k."""
+    ids = sampling_context(target, tok)
+    law = exact_law(target, ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3))
+    keys = list(law)
+    counts = np.zeros(len(keys))
+    for seed in range(2000):
+        res = engine.generate(ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True),
+                              Arm("none", 0))
+        counts[keys.index(tuple(res.token_ids))] += 1
+    assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
+
+
+SEEDED_ARMS = [Arm("none", 0), Arm("ngram", 3), Arm("suffix", 4), Arm("suffix", 4), Arm("close", 2), Arm("close", 6),
+               Arm("far", 3), Arm("feat", 4), Arm("featgate", 3), Arm("closegate", 5)]
+
+
+@pytest.mark.parametrize("warp", [{"temperature": 0.8, "top_p": 0.9}, {"temperature": 1.3, "top_k": 6}])
+def test_a_seeded_request_gets_the_same_output_whatever_drafter_k_or_repetition(engine, tok, warp):
+    """The output of a seeded request is a function of (prompt, parameters, seed): every arm, and the
+    same arm twice (the suffix index grows in between), give the same tokens; drafts are still accepted."""
+    outputs, accepted = set(), 0
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        for seed in range(6):
+            params = SamplingParams(max_tokens=24, seed=seed, ignore_eos=True, **warp)
+            results = [engine.generate(ids, params, arm) for arm in SEEDED_ARMS]
+            assert len({tuple(r.token_ids) for r in results}) == 1, (prompt, seed)
+            outputs.add(tuple(results[0].token_ids))
+            accepted += sum(r.accepted for res in results for r in res.records)
+    assert len(outputs) > 12  # seeds do change the output
+    assert accepted > 0
+
+
+def test_seeds_up_to_2_64_work_and_the_seed_is_checked(engine, tok):
     ids = tok(PROMPTS[2]).input_ids
-    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=11)
-    a = engine.generate(ids, params, Arm("close", 3)).token_ids
-    b = engine.generate(ids, params, Arm("close", 3)).token_ids
-    assert a == b
+    for seed in (0, 2**63, 2**64 - 1):
+        params = SamplingParams(max_tokens=5, temperature=1.0, seed=seed)
+        assert engine.generate(ids, params, Arm("close", 3)).token_ids == engine.generate(ids, params).token_ids
+    for bad in (-1, 2**64, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            SamplingParams(temperature=1.0, seed=bad)
 
 
 @pytest.mark.parametrize("arm", [Arm("none", 0), Arm("ngram", 8), Arm("close", 8)])
@@ -375,3 +418,105 @@ def test_engine_on_cuda_is_exact_and_samples_with_the_requests_seed(engine, targ
         a = eng.generate(tok(PROMPTS[1]).input_ids, params, arm)
         assert a.token_ids == eng.generate(tok(PROMPTS[1]).input_ids, params, arm).token_ids
         assert len(a.token_ids) == 30 or a.finish_reason == "stop"
+
+
+def test_sliding_window_targets_roll_back_rejected_drafts(tok):
+    """A Mistral-style target (every layer a sliding window of 8) with rejected drafts well past the
+    window: model, feature and n-gram drafters keep greedy output exact (transformers' sliding
+    layers refuse to crop once full unless they record their past, which new_cache asks)."""
+    from draftpick.workers.drafters.feature import FeatureHead
+
+    target = tiny_sliding_model(seed=0, window=8)
+    head = FeatureHead.from_target(target)  # untrained: it drafts, and is mostly wrong
+    drafters = {"ngram": NgramDrafter(), "close": ModelDrafter("close", noisy_copy(target, 0.05)),
+                "far": ModelDrafter("far", tiny_sliding_model(seed=3, window=8)),
+                "feat": FeatureDrafter("feat", head, target, list(range(VOCAB)))}
+    engine = SpeculativeEngine(target, tok, drafters)
+    ids = tok(PROMPTS[1]).input_ids  # 31 tokens: the window is full from the prefill on
+    ref = hf_greedy(target, ids, 40)
+    for name in drafters:
+        res = engine.generate(ids, SamplingParams(max_tokens=40), Arm(name, 4))
+        assert res.token_ids == ref, name
+        assert sum(r.accepted < r.num_drafted for r in res.records) > 0, name  # rollbacks happened
+
+
+def test_prompts_the_target_cannot_run_are_refused_at_the_boundary(engine, tok):
+    with pytest.raises(ValueError, match=r"prompt token id 47 is outside the target's vocabulary \[0, 47\)"):
+        engine.start([1, 47], SamplingParams(), Arm("none", 0))
+    with pytest.raises(ValueError, match="prompt token id -1"):
+        engine.start([-1, 2], SamplingParams(), Arm("none", 0))
+    window = engine.target.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds the target's context window of {window} tokens"):
+        engine.start([1] * (window - 10), SamplingParams(max_tokens=11), Arm("none", 0))
+    engine.start([1] * (window - 10), SamplingParams(max_tokens=10), Arm("none", 0))  # just fits
+
+
+def test_a_stop_string_at_the_start_of_the_output_ends_it_there(engine, tok):
+    ids = tok(PROMPTS[0]).input_ids
+    plain = engine.generate(ids, SamplingParams(max_tokens=20, ignore_eos=True), Arm("none", 0))
+    stop = plain.text[:2]  # the output's first two characters
+    for arm in [Arm("none", 0), Arm("close", 4)]:
+        res = engine.generate(ids, SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True), arm)
+        assert res.finish_reason == "stop" and res.text == "" and res.token_ids == plain.token_ids[:2]
+
+
+def test_a_round_cut_short_by_a_stop_counts_only_what_it_emitted(engine, tok):
+    """A stop inside a round's accepted drafts: accepted counts the emitted drafts only, so the
+    metrics add up to the output (1 prefill token + emitted per round)."""
+    ids = tok(PROMPTS[1]).input_ids
+    plain = engine.generate(ids, SamplingParams(max_tokens=40, ignore_eos=True), Arm("none", 0))
+    cut = 0
+    for i in range(3, 30):
+        stop = tok.decode(plain.token_ids[i : i + 1], skip_special_tokens=True)  # token i's text
+        if not stop or stop in tok.decode(plain.token_ids[:i], skip_special_tokens=True):
+            continue  # EOS (no text), or it would stop earlier
+        res = engine.generate(ids, SamplingParams(max_tokens=40, stop=(stop,), ignore_eos=True), Arm("close", 8))
+        assert res.token_ids == plain.token_ids[: i + 1]
+        assert 1 + sum(r.emitted for r in res.records) == len(res.token_ids)
+        last = res.records[-1]
+        assert last.accepted <= last.emitted and sum(last.accepted_per_pos) == last.accepted
+        m = res.metrics()
+        assert m["num_accepted_draft_tokens"] == sum(r.accepted for r in res.records) <= len(res.token_ids) - 1
+        assert m["mean_acceptance_length"] <= len(res.token_ids) / len(res.records) + 1e-9
+        cut += last.emitted <= last.num_drafted  # the stop came inside the drafts
+    assert cut > 0
+
+
+def test_records_carry_the_draft_length_used_near_max_tokens(engine, tok):
+    ids = tok(PROMPTS[1]).input_ids
+    res = engine.generate(ids, SamplingParams(max_tokens=6, ignore_eos=True), Arm("ngram", 8))
+    assert 1 + sum(r.emitted for r in res.records) == 6
+    for r in res.records:
+        assert r.k <= 8 and r.num_drafted <= r.k
+    assert res.records[0].k == 4  # 6 tokens, 1 from the prefill, 1 bonus: at most 4 drafts pay
+    assert res.records[-1].k == 0 or res.records[-1].drafter != "none"
+
+
+def test_a_round_that_emits_nothing_fails_loudly(engine, tok, monkeypatch):
+    from draftpick.workers import engine as engine_module
+    from draftpick.workers.verify import VerifyResult
+
+    monkeypatch.setattr(engine_module, "verify", lambda p, draft, q, g: VerifyResult(0, []))
+    with pytest.raises(RuntimeError, match="emitted no token"):
+        engine.generate(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=10), Arm("ngram", 3))
+
+
+@pytest.mark.parametrize("pad", [1, 3, 4])
+def test_padded_verification_keeps_greedy_output_and_counts(target, tok, pad):
+    drafters = {"ngram": NgramDrafter(), "close": ModelDrafter("close", noisy_copy(target, 0.05))}
+    ids = tok(PROMPTS[0]).input_ids
+    ref = hf_greedy(target, ids, 30)
+    for name in drafters:
+        engine = SpeculativeEngine(target, tok, drafters, verify_pad_multiple=pad)
+        res = engine.generate(ids, SamplingParams(max_tokens=30), Arm(name, 5))
+        assert res.token_ids == ref
+        assert 1 + sum(r.emitted for r in res.records) == len(ref)
+
+
+def test_sinks_receive_each_finished_request_and_a_failing_sink_fails_nothing(target, tok):
+    got = []
+    engine = SpeculativeEngine(target, tok, {"ngram": NgramDrafter()})
+    engine.add_sink(lambda res: 1 / 0)
+    engine.add_sink(got.append)
+    res = engine.generate(tok("ab").input_ids, SamplingParams(max_tokens=5), Arm("ngram", 2), tenant="t1")
+    assert got == [res] and got[0].tenant == "t1" and engine.sink_errors == 1

@@ -93,7 +93,8 @@ def test_a_wrong_verify_rule_is_detected():
     assert chi2_pvalue(counts, p[0].numpy()) < 1e-6
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8), (0.9, 4, 0.6)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8), (0.9, 4, 0.6),
+                                                     (0.5, 0, 0.7), (2.0, 0, 0.9)])  # temperature and top-p alone too
 def test_warp_matches_transformers_logits_processors(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50, generator=g) * 3
@@ -111,7 +112,28 @@ def test_greedy_warp_is_one_hot_at_argmax():
     assert probs_from_logits(logits, SamplingParams()).tolist() == [[0, 1, 0], [1, 0, 0]]
 
 
-@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
+def test_top_p_breaks_exact_ties_at_the_nucleus_boundary_as_transformers_does():
+    """Tokens with equal logits straddle the top-p boundary: the same ones are kept as by
+    transformers' TopPLogitsWarper (the same ascending sort decides)."""
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 1.0, 0.0, -1.0, 1.0],
+                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                           [3.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    for top_p in (0.3, 0.5, 0.55, 0.6, 0.7, 0.9):
+        ours = probs_from_logits(logits, SamplingParams(temperature=1.0, top_p=top_p))
+        ref = TopPLogitsWarper(top_p)(None, logits.clone()).softmax(-1)
+        assert torch.equal(ours > 0, ref > 0), top_p
+        torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(temperature=1e-30), dict(top_p=float("nan")), dict(max_tokens=2.5),
+                                 dict(stop=("",)), dict(stop=("ok", 3))])
 def test_bad_sampling_params_are_refused_with_the_field_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_a_stop_given_as_one_string_is_one_stop_string():
+    assert SamplingParams(stop="ab").stop == ("ab",)
+    assert SamplingParams(stop=["ab", "c"]).stop == ("ab", "c")

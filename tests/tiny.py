@@ -41,6 +41,19 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = VO
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_sliding_model(seed: int = 0, window: int = 8, hidden: int = 64) -> "MistralForCausalLM":
+    """A random Mistral whose attention sees only the last `window` tokens (sliding-window cache layers)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=window,
+        eos_token_id=0, bos_token_id=None, pad_token_id=None, initializer_range=0.2, tie_word_embeddings=False,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
 def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int = 1) -> LlamaForCausalLM:
     """A drafter that agrees with `model` often but not always."""
     g = torch.Generator().manual_seed(seed)

@@ -216,8 +216,6 @@ class Generation:
         per_drafter = self._sync(drafter, ids, ids + res.tokens, p, draft, q, res.num_accepted, exhausted)  # 4. sync
         t3 = time.perf_counter()
         emitted = self._append(res.tokens)  # 5. emit, stopping at the exact token
-        if not emitted:
-            raise RuntimeError("a round emitted no token: verification must emit at least one (engine defect)")
         # a round cut short by a stop counts only the drafts it emitted
         accepted = min(res.num_accepted, len(emitted))
         rejected = [0] if accepted == res.num_accepted < len(draft) else []
@@ -247,6 +245,9 @@ class Generation:
         # rows predict positions len(ids) ..; the accept / reject draws use the request's CPU generator
         p = self.sampler.probs(logits, len(ids))  # [d + 1, vocab] on the CPU
         res = verify(p, draft, None if q is None else q.cpu(), self.sampler.generator)
+        if len(res.tokens) != res.num_accepted + 1:  # else generation would never end
+            raise RuntimeError(f"a round emitted no token: verification must emit accepted + 1 tokens, got "
+                               f"{len(res.tokens)} with {res.num_accepted} accepted (engine defect)")
         rollback(self.cache, len(ids) + res.num_accepted)
         if keep:
             self.target_features.append(hidden[: res.num_accepted + 1])  # the pending token and the accepted drafts
