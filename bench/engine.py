@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import zlib
 from collections import defaultdict
 
 from draftpick.bench import machine, write_results
@@ -39,6 +40,11 @@ def add_arguments(p) -> None:
                    help="model drafters also run with these confidence thresholds (rows engine:<drafter>:<k>@<t>: "
                         "drafting stops after a token the drafter gives less than t)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], help="override engine.dtype (bf16 on CPU is lossy: see divergence)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="> 0: sample; each engine row then runs twice, unseeded (the standard rule, min(1, p/q)) "
+                        "and seeded (`+seed`: position-keyed Gumbel-max, output independent of the arm), and "
+                        "`mismatches` counts seeded outputs that differ from seeded plain decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
     p.add_argument("--no-hf", action="store_true",
                    help="skip transformers' prompt lookup and assisted generation rows (its plain generate, "
                         "the baseline, always runs)")
@@ -47,73 +53,105 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from draftpick.workers.config import load_config
-    from draftpick.bench.prompts import load_domain
-    from draftpick.workers.factory import build_engine
-    from draftpick.workers.inputs import encode_input
-
-    cfg = load_config(args.config)
-    if args.dtype:
-        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"dtype": args.dtype})})
+    """Load the configured engine and prompts, run every configuration on every prompt, write the results."""
+    cfg, engine, drafters = _engine(args)
     ks = [int(k) for k in args.ks.split(",")]
-    try:
-        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"--thresholds: {args.thresholds!r} is not a comma-separated list of numbers") from None
-    if not all(0 < t < 1 for t in thresholds):
-        raise ValueError(f"--thresholds: each threshold must lie in (0, 1), got {args.thresholds!r}")
-    drafters = args.drafters.split(",") if args.drafters else [d.name for d in cfg.drafters]
-    for d in drafters:
-        if d not in cfg.drafter_names():
-            raise ValueError(f"--drafters: {d!r} is not configured ({', '.join(cfg.drafter_names())})")
-    # only the drafters asked for are loaded, so full-information sync costs only what is measured
-    cfg = cfg.model_copy(update={"drafters": [d for d in cfg.drafters if d.name in drafters]})
-    engine = build_engine(cfg)
-    drafters = [d for d in drafters if d != "none"]
-    prompts = []
-    for domain in args.domains.split(","):
-        for item in load_domain(domain, args.prompts_per_domain):
-            ids = encode_input(engine.tokenizer, item)[-args.max_prompt_tokens :]
-            prompts.append((domain, item["id"], ids))
-    configs = _configs(engine, drafters, ks, args.max_tokens, hf=not args.no_hf, thresholds=thresholds)
+    thresholds = _thresholds(args.thresholds)
+    sampling = None
+    if args.temperature > 0:
+        from draftpick.workers.sampling import SamplingParams
 
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)  # checks them
+    prompts = _prompts(engine, args.domains.split(","), args.prompts_per_domain, args.max_prompt_tokens)
+    configs = _configs(engine, drafters, ks, args.max_tokens, hf=not args.no_hf and sampling is None,
+                       thresholds=thresholds, sampling=sampling)
     how = {
         "command": "draftpick bench engine " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "engine"] else "bench",
         "machine": machine(),
         "device": str(engine.target.device), "dtype": str(engine.target.dtype).removeprefix("torch."),
-        "target": cfg.target.name, "prompts": len(prompts), "max_tokens": args.max_tokens, "greedy": True,
+        "target": cfg.target.name, "prompts": len(prompts), "max_tokens": args.max_tokens, "greedy": sampling is None,
+        "temperature": args.temperature, "top_p": args.top_p,
         "method": "wall time of each generate call (prefill included); configs rotated per prompt; one warm-up pass",
     }
     print(json.dumps(how), file=sys.stderr)
-    warm = engine.tokenizer("def f(x):\n    return x + 1\n").input_ids
-    for name, fn in tqdm(configs.items(), desc="warm-up", file=sys.stderr):
-        fn(warm, 8, "warmup")
-
-    acc = defaultdict(_Acc)  # (config, domain) -> accumulator
-    names = list(configs)
-    bar = tqdm(total=len(prompts) * len(names), desc="bench engine", unit="gen", file=sys.stderr)
-    for i, (domain, pid, ids) in enumerate(prompts):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        outs = {}
-        for name in order:
-            t0 = time.perf_counter()
-            tokens, records = configs[name](ids, args.max_tokens, name)
-            outs[name] = (tokens, records, time.perf_counter() - t0)
-            bar.update()
-        ref = outs["hf:target-only"][0] if "hf:target-only" in outs else outs["engine:none:0"][0]
-        for name, (tokens, records, secs) in outs.items():
-            a = acc[(name, domain)]
-            a.add(tokens, records, secs, tokens == ref)
-    bar.close()
-    report = _report(how, acc, names, args.domains.split(","))
+    acc = _measure(engine, configs, prompts, args.max_tokens)
+    report = _report(how, acc, list(configs), args.domains.split(","))
     write_results(args.out, "engine", report, _markdown(report))
     return 0
 
 
-def _configs(engine, drafters, ks, max_tokens, hf: bool, thresholds=()) -> dict:
-    """name -> fn(prompt_ids, max_tokens, tenant) -> (generated token ids, round records or None)."""
+def _engine(args):
+    """The configuration (with --dtype applied), the engine with only the drafters asked for (so
+    full-information sync costs only what is measured), and those drafters' names."""
+    from draftpick.workers.config import load_config
+    from draftpick.workers.factory import build_engine
+
+    cfg = load_config(args.config)
+    if args.dtype:
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"dtype": args.dtype})})
+    drafters = args.drafters.split(",") if args.drafters else [d.name for d in cfg.drafters]
+    for d in drafters:
+        if d not in cfg.drafter_names():
+            raise ValueError(f"--drafters: {d!r} is not configured ({', '.join(cfg.drafter_names())})")
+    cfg = cfg.model_copy(update={"drafters": [d for d in cfg.drafters if d.name in drafters]})
+    return cfg, build_engine(cfg), [d for d in drafters if d != "none"]
+
+
+def _thresholds(text: str) -> list[float]:
+    try:
+        thresholds = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds: {text!r} is not a comma-separated list of numbers") from None
+    if not all(0 < t < 1 for t in thresholds):
+        raise ValueError(f"--thresholds: each threshold must lie in (0, 1), got {text!r}")
+    return thresholds
+
+
+def _prompts(engine, domains: list[str], per_domain: int, max_prompt_tokens: int) -> list[tuple[str, str, list[int]]]:
+    """(domain, prompt id, token ids cut from the left to max_prompt_tokens) of each prompt."""
+    from draftpick.bench.prompts import load_domain
+    from draftpick.workers.inputs import encode_input
+
+    return [(domain, item["id"], encode_input(engine.tokenizer, item)[-max_prompt_tokens:])
+            for domain in domains for item in load_domain(domain, per_domain)]
+
+
+def _measure(engine, configs: dict, prompts, max_tokens: int) -> dict:
+    """(config, domain) -> _Acc: every configuration on every prompt, in an order rotated per prompt."""
+    from tqdm import tqdm
+
+    warm = engine.tokenizer("def f(x):\n    return x + 1\n").input_ids
+    for name, fn in tqdm(configs.items(), desc="warm-up", file=sys.stderr):
+        fn(warm, 8, "warmup")
+    acc = defaultdict(_Acc)
+    names = list(configs)
+    bar = tqdm(total=len(prompts) * len(names), desc="bench engine", unit="gen", file=sys.stderr)
+    for i, (domain, pid, ids) in enumerate(prompts):
+        outs = {}
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            tokens, records = configs[name](ids, max_tokens, name)
+            outs[name] = (tokens, records, time.perf_counter() - t0)
+            bar.update()
+        for name, (tokens, records, secs) in outs.items():
+            acc[(name, domain)].add(tokens, records, secs, tokens == _reference(outs, name))
+    bar.close()
+    return acc
+
+
+def _reference(outs: dict, name: str):
+    """The output a row must reproduce: greedy rows the target's plain greedy output; seeded rows
+    seeded plain decoding; unseeded sampled rows nothing (any sample is right: counted as equal)."""
+    if name.endswith("+seed"):
+        return outs["engine:none:0+seed"][0]
+    if "engine:none:0+seed" in outs:
+        return outs[name][0]
+    return outs["hf:target-only"][0] if "hf:target-only" in outs else outs["engine:none:0"][0]
+
+
+def _configs(engine, drafters, ks, max_tokens, hf: bool, thresholds=(), sampling=None) -> dict:
+    """name -> fn(prompt_ids, max_tokens, tenant) -> (generated token ids, round records or None).
+    sampling: SamplingParams to sample with (each engine row then also runs seeded, `+seed`)."""
     import torch
 
     from draftpick.policies.types import Arm, Choice
@@ -129,14 +167,27 @@ def _configs(engine, drafters, ks, max_tokens, hf: bool, thresholds=()) -> dict:
             return out[0, len(ids) :].tolist(), None
         return fn
 
-    def ours(arm, threshold=None):
+    def ours(arm, threshold=None, seeded=False):
         chooser = None if threshold is None else (lambda g: Choice(arm, 1.0, threshold))
 
         def fn(ids, n, tenant):
-            res = engine.generate(ids, SamplingParams(max_tokens=n), arm, tenant=tenant, chooser=chooser)
+            if sampling is None:
+                params = SamplingParams(max_tokens=n)
+            else:  # a seed of the prompt's own: the same for every row
+                seed = zlib.crc32(repr(ids).encode()) if seeded else None
+                params = SamplingParams(max_tokens=n, temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
+            res = engine.generate(ids, params, arm, tenant=tenant, chooser=chooser)
             return res.token_ids, res.records
         return fn
 
+    if sampling is not None:  # each engine row, unseeded and seeded; plain decoding is the baseline
+        rows = {"engine:none:0": Arm("none", 0)}
+        rows.update({f"engine:{d}:{k}": Arm(d, k) for d in drafters for k in ks if k > 0})
+        configs = {}
+        for name, arm in rows.items():
+            configs[name] = ours(arm)
+            configs[name + "+seed"] = ours(arm, seeded=True)
+        return configs
     configs = {"hf:target-only": hf_generate()}  # the baseline of every ratio
     configs["engine:none:0"] = ours(Arm("none", 0))
     for d in drafters:

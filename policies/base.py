@@ -107,3 +107,14 @@ class BasePolicy:
 
 def record_arm(record: RoundRecord) -> Arm:
     return Arm(record.drafter, record.k) if record.k else Arm("none", 0)
+
+
+def pick_drafter(arms: list[Arm], name: str) -> str:
+    """The drafter a one-drafter policy controls: `name`, or the first drafter among the arms."""
+    drafters = [a.drafter for a in arms if a.k]
+    if not drafters:
+        raise ValueError("needs an arm with k > 0")
+    name = name or drafters[0]
+    if name not in drafters:
+        raise ValueError(f"drafter {name!r} is not among the arms")
+    return name

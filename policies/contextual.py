@@ -31,7 +31,7 @@ import numpy as np
 from draftpick.policies.base import BasePolicy, PolicyConfig, key
 from draftpick.policies.costs import cost_increments, round_costs
 from draftpick.policies.features import NAMES
-from draftpick.policies.hedge import arm_tokens_per_round, position_increments
+from draftpick.policies.estimators import arm_tokens_per_round, position_increments
 from draftpick.policies.registry import register
 from draftpick.policies.types import Choice, aggregate, tokens_per_round
 

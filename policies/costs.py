@@ -15,7 +15,7 @@ import numpy as np
 from draftpick.policies.base import key, record_arm
 from draftpick.policies.types import Arm, RoundRecord
 
-VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (fp32, 2-core CPU)
+VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (measured data replaces it)
 
 
 def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:

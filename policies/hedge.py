@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from draftpick.policies.base import BasePolicy, PolicyConfig, key
+from draftpick.policies.base import BasePolicy, PolicyConfig
 from draftpick.policies.costs import cost_increments, round_costs
 from draftpick.policies.registry import register
-from draftpick.policies.types import Arm, aggregate, tokens_per_round
+from draftpick.policies.estimators import arm_tokens_per_round, position_increments
 
 
 @dataclass(frozen=True)
@@ -49,26 +49,3 @@ class Hedge(BasePolicy):
 
     def increments(self, record):
         return {"obs": 1.0, **cost_increments(record), **position_increments(record)}
-
-
-def position_increments(record, prefix: str = "") -> dict[str, float]:
-    """reach|[prefix|]drafter|j and hit|... deltas from a record's full-information feedback."""
-    if not record.reach:
-        record = aggregate([record])
-    inc = {}
-    for name, reach in record.reach.items():
-        for j, (r, h) in enumerate(zip(reach, record.hits[name])):
-            if r:
-                inc[key("reach", prefix, name, j)] = r
-                inc[key("hit", prefix, name, j)] = h
-    return inc
-
-
-def arm_tokens_per_round(stats, arms: list[Arm], prefix: str = "") -> np.ndarray:
-    """[K] estimated tokens per round of each arm from the reach/hit statistics (k = 0: 1 token)."""
-    out = []
-    for a in arms:
-        reach = [stats.get(key("reach", prefix, a.drafter, j), 0.0) for j in range(a.k)]
-        hits = [stats.get(key("hit", prefix, a.drafter, j), 0.0) for j in range(a.k)]
-        out.append(tokens_per_round(reach, hits, a.k))
-    return np.array(out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from draftpick.policies.base import BasePolicy, PolicyConfig
+from draftpick.policies.base import BasePolicy, PolicyConfig, pick_drafter
 from draftpick.policies.registry import register
 from draftpick.policies.types import Arm, Choice
 
@@ -26,12 +26,7 @@ class HFHeuristic(BasePolicy):
 
     def __init__(self, arms, **config):
         super().__init__(arms, **config)
-        drafters = [a.drafter for a in self.arms if a.k]
-        if not drafters:
-            raise ValueError("hf-heuristic needs an arm with k > 0")
-        self.drafter = self.cfg.drafter or drafters[0]
-        if self.drafter not in drafters:
-            raise ValueError(f"drafter {self.drafter!r} is not among the arms")
+        self.drafter = pick_drafter(self.arms, self.cfg.drafter)
         self.max_k = max(a.k for a in self.arms if a.drafter == self.drafter)
 
     def select(self, context, stats, rng):

@@ -14,7 +14,7 @@ import numpy as np
 from draftpick.policies.base import BasePolicy, PolicyConfig
 from draftpick.policies.registry import register
 from draftpick.policies.types import Choice
-from draftpick.policies.ucb1 import ucb_index
+from draftpick.policies.estimators import ucb_index
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from draftpick.policies.base import BasePolicy, PolicyConfig
+from draftpick.policies.estimators import ucb_index
 from draftpick.policies.registry import register
 from draftpick.policies.types import Choice
-
-
-def ucb_index(n: np.ndarray, r: np.ndarray, c: float) -> np.ndarray:
-    """n, r: [K] observations and summed rewards -> [K] upper confidence bounds (inf if unplayed)."""
-    total = max(n.sum(), 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        idx = r / n + c * np.sqrt(2 * np.log(total) / n)
-    return np.where(n > 0, idx, np.inf)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,26 @@ def test_bench_engine_writes_side_by_side_results(tmp_path, target, tok, capsys)
     assert "| engine:close:2 |" in md and "formula" in md
 
 
+def test_bench_engine_samples_with_both_rules_side_by_side(tmp_path, target, tok):
+    """--temperature: every engine row unseeded and seeded; seeded outputs all equal seeded plain decoding."""
+    save_models(tmp_path, target, tok)
+    cfg = {"target": {"name": "tiny", "path": str(tmp_path / "target")},
+           "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(tmp_path / "close")}],
+           "engine": {"device": "cpu"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    code = main(["bench", "engine", "--config", str(tmp_path / "cfg.yaml"), "--domains", "humaneval,mtbench-coding",
+                 "--prompts-per-domain", "2", "--max-tokens", "16", "--ks", "0,3", "--temperature", "0.8",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0
+    rows = json.loads(next((tmp_path / "out").glob("engine-*.json")).read_text())["configs"]
+    assert set(rows) == {f"engine:{a}{s}" for a in ("none:0", "ngram:3", "close:3") for s in ("", "+seed")}
+    for name, row in rows.items():
+        assert row["all"]["mismatches"] == 0, name
+        assert row["all"]["prompts"] == 4
+    assert rows["engine:close:3+seed"]["all"]["mean_acceptance_length"] > 1
+    assert rows["engine:close:3"]["all"]["mean_acceptance_length"] > 1
+
+
 def test_bench_forward_measures_both_variants_side_by_side(tmp_path, target, tok, capsys):
     save_models(tmp_path, target, tok, close_noise=None)
     cfg = {"target": {"name": "tiny", "path": str(tmp_path / "target")}, "drafters": [], "engine": {"device": "cpu"}}

@@ -58,7 +58,7 @@ class DistillSettings:
     lr: float = 1e-3
     vocab: int | None = None  # reduced output vocabulary: 8,192 for a new student; one continued (--init DIR)
     # keeps its own unless this is given, which widens it with the most frequent learnt tokens it lacks
-    teacher_dtype: str = "fp32"  # bf16 is ~3x faster on CPUs with avx512_bf16 (top-1 agrees ~98 %)
+    teacher_dtype: str = "fp32"  # bf16: faster on CPUs with native bf16 and on GPUs (its top-1 rarely differs)
     student_dtype: str = "fp32"  # bf16: the student's matrix products autocast (fp32 weights); ~1.6x on such CPUs
     checkpoint_every: int = 50
     unroll: int = 1  # feature heads: extra training steps that feed the head its own predictions
@@ -231,36 +231,15 @@ class Distiller:
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = self.out / "checkpoint.pt"
         self._check_out_dir(tokenizer, target)
-        fresh = settings.init == "feature" or settings.init.startswith("target-layers:")
         learnt = [t for t, a in zip(self.stream, answer) if a] if self.weight is not None else self.stream
         self.step, self.elapsed, self.pos = 0, 0.0, 0
-        if ckpt.exists():  # resume
-            state = torch.load(ckpt, weights_only=False, map_location="cpu")
-            self.kept, self.n_layers = state["kept"], state["n_layers"]
-            self.kind = state.get("kind", "layers")
-            self.student = self._new_student(target)
-            self.student.load_state_dict(state["model"])
-            self.step, self.elapsed, self.pos = state["step"], state["elapsed"], state["pos"]
-        elif not fresh:  # continue from an earlier drafter: a feature head or a distilled LM
-            if is_feature_drafter(settings.init):
-                self.kind, self.n_layers = "feature", 1
-                self.student, self.kept = load_head(settings.init, target)
-            else:
-                self.kind = "layers"
-                self.student, self.kept = _load_drafter(Path(settings.init), tokenizer, target)
-                self.student.model.embed_tokens.weight.requires_grad_(False)
-                self.n_layers = self.student.config.num_hidden_layers
-            if settings.vocab is not None:  # widen: output rows are the target's, nothing to relearn but the new ones
-                if settings.vocab < len(self.kept):
-                    raise ValueError(f"--vocab {settings.vocab} is below the vocabulary of --init ({len(self.kept)}): "
-                                     "a continued drafter's vocabulary only widens")
-                self.kept = kept_vocabulary(learnt, settings.vocab, self.kept)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu") if ckpt.exists() else None
+        if state is not None:
+            self._resume(state, target)
+        elif settings.init == "feature" or settings.init.startswith("target-layers:"):
+            self._fresh(target, tokenizer, learnt)
         else:
-            specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
-            self.kept = kept_vocabulary(learnt, settings.vocab or DEFAULT_VOCAB, specials)
-            self.kind = "feature" if settings.init == "feature" else "layers"
-            self.n_layers = 1 if self.kind == "feature" else _init_layers(settings.init)
-            self.student = self._new_student(target)
+            self._continue(target, tokenizer, learnt)
         self.student.to(self.device)
         self.kept_t = torch.tensor(self.kept, device=self.device)
         # the teacher's output rows of the kept ids: its logits there are hidden @ rows.T
@@ -268,12 +247,44 @@ class Distiller:
         self.embed = target.get_input_embeddings()
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-        if ckpt.exists():
+        if state is not None:
             self.opt.load_state_dict(state["opt"])
         self.losses: list[float] = []
         d = target.config.hidden_size
         self.cache: dict[int, torch.Tensor] = {}  # window start -> the teacher's hidden states there (fp16)
         self.cache_windows = int(settings.teacher_cache_gb * 2**30 / (settings.seq_len * d * 2))
+
+    def _resume(self, state: dict, target) -> None:
+        """The student and the run's position from a checkpoint of this output directory."""
+        self.kept, self.n_layers = state["kept"], state["n_layers"]
+        self.kind = state.get("kind", "layers")
+        self.student = self._new_student(target)
+        self.student.load_state_dict(state["model"])
+        self.step, self.elapsed, self.pos = state["step"], state["elapsed"], state["pos"]
+
+    def _fresh(self, target, tokenizer, learnt: list[int]) -> None:
+        """A new student (--init feature or target-layers:N) with the most frequent learnt tokens as its vocabulary."""
+        specials = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
+        self.kept = kept_vocabulary(learnt, self.s.vocab or DEFAULT_VOCAB, specials)
+        self.kind = "feature" if self.s.init == "feature" else "layers"
+        self.n_layers = 1 if self.kind == "feature" else _init_layers(self.s.init)
+        self.student = self._new_student(target)
+
+    def _continue(self, target, tokenizer, learnt: list[int]) -> None:
+        """Continue from an earlier drafter (--init DIR): a feature head or a distilled LM; --vocab widens it."""
+        if is_feature_drafter(self.s.init):
+            self.kind, self.n_layers = "feature", 1
+            self.student, self.kept = load_head(self.s.init, target)
+        else:
+            self.kind = "layers"
+            self.student, self.kept = _load_drafter(Path(self.s.init), tokenizer, target)
+            self.student.model.embed_tokens.weight.requires_grad_(False)
+            self.n_layers = self.student.config.num_hidden_layers
+        if self.s.vocab is not None:  # widen: output rows are the target's, nothing to relearn but the new ones
+            if self.s.vocab < len(self.kept):
+                raise ValueError(f"--vocab {self.s.vocab} is below the vocabulary of --init ({len(self.kept)}): "
+                                 "a continued drafter's vocabulary only widens")
+            self.kept = kept_vocabulary(learnt, self.s.vocab, self.kept)
 
     def _new_student(self, target):
         if self.kind == "feature":

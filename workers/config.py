@@ -24,27 +24,35 @@ class _Strict(BaseModel):
 
 
 class TargetConfig(_Strict):
+    """The target model."""
+
     name: str = Field(description="Name reported by `draftpick info` and the API")
     path: str = Field(description="HF hub id, local directory, .gguf file, or builtin:<name>")
     gguf_file: str | None = Field(None, description="GGUF file inside `path`, if any")
 
 
 class NgramConfig(_Strict):
+    """`ngram`: prompt lookup, proposes what followed the latest earlier match of the last n tokens."""
+
     type: Literal["ngram"]
-    name: str = "ngram"
-    min_ngram: int = Field(1, ge=1)
-    max_ngram: int = Field(3, ge=1)
+    name: str = Field("ngram", description="drafter name (arms are name:k)")
+    min_ngram: int = Field(1, ge=1, description="shortest suffix matched")
+    max_ngram: int = Field(3, ge=1, description="longest suffix matched (tried first)")
 
 
 class SuffixConfig(_Strict):
+    """`suffix`: drafts from the tenant's earlier outputs and the request's own output."""
+
     type: Literal["suffix"]
-    name: str = "suffix"
-    min_ngram: int = Field(2, ge=1)
-    max_ngram: int = Field(8, ge=1)
+    name: str = Field("suffix", description="drafter name (arms are name:k)")
+    min_ngram: int = Field(2, ge=1, description="shortest suffix matched")
+    max_ngram: int = Field(8, ge=1, description="longest suffix matched (tried first)")
     max_tokens_per_tenant: int = Field(200_000, ge=1, description="index bound per tenant")
 
 
 class _NeuralDrafterConfig(_Strict):
+    """Options shared by the neural drafters (`model`, `feature`)."""
+
     full_information: bool = Field(True, description="measure its acceptance on every round, also when another "
                                    "drafter is played (one forward of it per round); false: only when it is played")
     min_confidence: float = Field(0.0, ge=0, lt=1, description="draft only while the drafter's top-1 probability "
@@ -53,15 +61,19 @@ class _NeuralDrafterConfig(_Strict):
 
 
 class ModelDrafterConfig(_NeuralDrafterConfig):
+    """`model`: a small causal LM with the target's tokenizer and its own KV cache."""
+
     type: Literal["model"]
-    name: str
+    name: str = Field(description="drafter name (arms are name:k)")
     path: str = Field(description="HF hub id, local directory or .gguf file; must share the target's tokenizer")
-    gguf_file: str | None = None
+    gguf_file: str | None = Field(None, description="GGUF file inside `path`, if any")
 
 
 class FeatureDrafterConfig(_NeuralDrafterConfig):
+    """`feature`: an EAGLE-like head on the target's hidden states, made by `draftpick distill`."""
+
     type: Literal["feature"]
-    name: str
+    name: str = Field(description="drafter name (arms are name:k)")
     path: str = Field(description="directory written by `draftpick distill --init feature` for this target "
                       "(a relative path is read from the working directory, else beside the config file)")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
@@ -74,14 +86,16 @@ DrafterConfig = Annotated[Union[NgramConfig, SuffixConfig, ModelDrafterConfig, F
 
 
 class EngineConfig(_Strict):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """The speculative engine: where it runs, in which precision, defaults for pinned requests."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU is faster but not lossless there)"
     )
     full_information: bool = Field(True, description="feed verified tokens to every model drafter each round")
     default_drafter: str | None = Field(None, description="drafter used when a request names none "
                                         "(default: the first configured drafter, or `none`)")
-    default_k: int = Field(3, ge=0, le=64)
+    default_k: int = Field(3, ge=0, le=64, description="draft length when a request names a drafter but no k")
     max_k: int = Field(16, ge=0, le=64, description="largest draft length a request or policy may ask for")
     small_batch_linears: bool = Field(
         True, description="on the CPU in fp32, compute the linear layers of 2-16-token forwards (verification) "
@@ -113,6 +127,8 @@ class EngineConfig(_Strict):
 
 
 class WorkerConfig(_Strict):
+    """The Ray worker actor hosting target and drafters."""
+
     num_cpus: float = Field(2, gt=0, description="Ray CPU shares per worker actor")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker actor (0 on CPU)")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads in the actor")
@@ -120,6 +136,8 @@ class WorkerConfig(_Strict):
 
 
 class PolicySection(_Strict):
+    """The policy that chooses each request's arm (drafter, k) and learns from the feedback."""
+
     name: str = Field("contextual", description="built-in name, `draftpick.policies` entry point, or module:Class")
     options: dict = Field(default_factory=dict, description="keyword options of the policy")
     ks: list[int] = Field([1, 2, 3, 5, 8], description="draft lengths offered for every drafter (k = 0 is always offered)")
@@ -133,11 +151,12 @@ class PolicySection(_Strict):
 
 
 class DraftpickConfig(_Strict):
-    target: TargetConfig
-    drafters: list[DrafterConfig] = Field(default_factory=list)
-    engine: EngineConfig = EngineConfig()
-    worker: WorkerConfig = WorkerConfig()
-    policy: PolicySection = PolicySection()
+    target: TargetConfig = Field(description="the model whose output is kept")
+    drafters: list[DrafterConfig] = Field(default_factory=list, description="drafters by `type`; `none` (k = 0) "
+                                          "is always there")
+    engine: EngineConfig = Field(EngineConfig(), description="see below")
+    worker: WorkerConfig = Field(WorkerConfig(), description="see below")
+    policy: PolicySection = Field(PolicySection(), description="see below")
 
     @field_validator("drafters")
     @classmethod
@@ -250,3 +269,45 @@ def _resolve_drafter_paths(data: dict, base: Path) -> None:
 def _describe(err: dict) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     return f"field `{where}`: {err['msg']}"
+
+
+SECTIONS = [("top level", DraftpickConfig), ("target", TargetConfig), ("drafters: type ngram", NgramConfig),
+            ("drafters: type suffix", SuffixConfig), ("drafters: type model", ModelDrafterConfig),
+            ("drafters: type feature", FeatureDrafterConfig), ("engine", EngineConfig), ("worker", WorkerConfig),
+            ("policy", PolicySection)]
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from the schema above (a test keeps the two equal):
+    `python3 -m draftpick.workers.config > docs/configuration.md`."""
+    out = ["# Configuration reference", "",
+           "Generated from `workers/config.py` by `python3 -m draftpick.workers.config > docs/configuration.md`;",
+           "a test checks that this file and the schema agree. Unknown fields are refused at start-up, naming",
+           "the field. The embedded default is `deploy/local.yaml`.", ""]
+    for title, model in SECTIONS:
+        doc = (model.__doc__ or "").strip()
+        out += [f"## {title}", ""] + ([doc, ""] if doc and not doc.startswith("Usage docs") else [])
+        out += ["| field | type | default | description |", "|---|---|---|---|"]
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else _show(f.get_default(call_default_factory=True))
+            out.append(f"| `{name}` | {_type(f.annotation)} | {default} | {(f.description or '').replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _show(value) -> str:
+    if isinstance(value, BaseModel):
+        return "(section)"
+    return f"`{value!r}`" if not isinstance(value, str) else f"`{value}`"
+
+
+def _type(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    text = text or str(annotation).replace("typing.", "")
+    if "DrafterConfig" in text or "Annotated" in text:
+        return "list of drafters"
+    return text.replace("|", "or")
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

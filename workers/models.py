@@ -67,17 +67,15 @@ WIDE_LAYER = 8192  # output features from which one-row products read a transpos
 
 
 def small_batch_linears(model) -> int:
-    """Faster linear layers for decoding and verification on the CPU in fp32 (the numbers are the
-    same dot products, summed in another order). PyTorch's CPU `linear` is slow for a few rows:
-    on a 2-core x86 CPU, SmolLM2's 49,152 x 576 output layer took ~10 ms for one row and ~17-22 ms
-    for 2-8 rows, where reading its 113 MB of weights takes ~4.5 ms. `W @ x.T` reaches that for
-    2-16 rows (~3-7 ms), and for one row `x @ W.T` with W.T stored contiguously (a copy, kept for
-    layers at least WIDE_LAYER wide: the output layer); the narrow layers gain from `W @ x.T` up
-    to 4 rows. A target forward of 2-4 tokens then costs about what one token does (stock: 1.5-2x),
-    one of 5-8 tokens 1.1-1.3x (stock 1.3-1.6x); `draftpick bench forward` measures it. Larger inputs (prefill, training) keep `linear`.
-    Models on other devices or in other precisions are left alone. The copy is taken once: the
-    model must be used for inference (its weights not changed afterwards). Returns the number of
-    layers changed."""
+    """Faster linear layers for decoding and verification on the CPU in fp32 (the same dot
+    products, summed in another order). PyTorch's CPU `linear` is slow for a few rows, slower than
+    reading the weights once takes. `W @ x.T` is fast for 2-16 rows, and for one row `x @ W.T`
+    with W.T stored contiguously (a copy, kept for layers at least WIDE_LAYER wide: the output
+    layer); the narrow layers gain from `W @ x.T` up to NARROW_ROWS rows. A target forward of 2-4
+    tokens then costs about what one token does (`draftpick bench forward` measures it;
+    docs/results.md has the figures). Larger inputs (prefill, training) keep `linear`. Models on
+    other devices or in other precisions are left alone. The copy is taken once: the model must be
+    used for inference (its weights not changed afterwards). Returns the number of layers changed."""
     n = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
@@ -162,9 +160,8 @@ def verify_forward(model, cache: DynamicCache, tokens: list[int], pad_multiple: 
 
     With pad_multiple > 1, a forward of more than one token is padded (by repeating the last
     token) to a multiple of it: with PyTorch's stock CPU `linear`, fp32 matmuls with 2, 3, 6 or 7
-    rows are slower than with 4 or 8 (on this project's 2-core CPU a 2-token forward of SmolLM2
-    costs 1.7x a 1-token one, a 3-token one 2x, a 4-token one 1.6x), so padding makes k = 1, 2, 5,
-    6 cheaper there; with `small_batch_linears` (the default for fp32 on the CPU) it does not pay.
+    rows can be slower than with 4 or 8, so padding made k = 1, 2, 5, 6 cheaper there; with
+    `small_batch_linears` (the default for fp32 on the CPU) it does not pay.
     The padded positions come after the real ones, so causal attention keeps them out of the real
     logits; the caller crops them from the cache with the rejected drafts.
     """

@@ -23,7 +23,7 @@ VOCAB_FILE = "draftpick_vocab.json"  # a distilled drafter's reduced output voca
 
 class ModelDrafter:
     """kept: optional token ids the drafter may propose (a distilled drafter's reduced output
-    vocabulary, see workers.distill); only their logits are computed."""
+    vocabulary, see training.distill); only their logits are computed."""
 
     is_model = True
     uses_target_features = False

@@ -7,7 +7,7 @@ cache, and predicts f_{j+1}; the target's output rows for a reduced vocabulary
 turn that into a draft of x_{j+2}. Further drafts feed the head's own predicted
 feature with the drafted token (Li et al., EAGLE, 2024).
 
-Only the head is trained and stored (`workers.distill`, `--init feature`): the
+Only the head is trained and stored (`training.distill`, `--init feature`): the
 token embeddings and output rows are the target's, so a feature drafter loads
 against the target it was distilled from and shares its tokenizer by construction.
 

@@ -4,11 +4,10 @@ Drafting runs the head one token at a time, where the layer's arithmetic is smal
 (SmolLM2: ~4 M weights) and transformers' per-call work dominates: building the
 causal mask, the cache bookkeeping, output objects, rotary tables. `LeanHead` runs
 the same Llama decoder layer on the head's own weights (the same tensors, not a
-copy) with a plain key/value buffer: on this project's 2-core CPU, a one-token
-step takes ~0.3 ms instead of ~1.1 ms in bf16 (`draftpick bench engine` shows the
-draft share). It is used for Llama-family heads only (the target families whose
+copy) with a plain key/value buffer, several times faster per draft step
+(`draftpick bench engine` shows the draft share). It is used for Llama-family heads only (the target families whose
 layer it reproduces); other heads run through transformers. Training
-(`workers.distill`) always uses the transformers module.
+(`training.distill`) always uses the transformers module.
 """
 from __future__ import annotations
 
