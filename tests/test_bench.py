@@ -7,12 +7,17 @@ from draftpick.deploy.cli import main
 from tiny import save_models
 
 
-def test_bench_engine_writes_side_by_side_results(tmp_path, target, tok, capsys):
+def _tiny_config(tmp_path, target, tok) -> None:
+    """cfg.yaml: the tiny target with an n-gram and a close model drafter."""
     save_models(tmp_path, target, tok)
     cfg = {"target": {"name": "tiny", "path": str(tmp_path / "target")},
            "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(tmp_path / "close")}],
            "engine": {"device": "cpu"}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_bench_engine_writes_side_by_side_results(tmp_path, target, tok, capsys):
+    _tiny_config(tmp_path, target, tok)
     code = main(["bench", "engine", "--config", str(tmp_path / "cfg.yaml"), "--domains", "humaneval,mtbench-coding",
                  "--prompts-per-domain", "1", "--max-tokens", "12", "--ks", "0,2", "--out", str(tmp_path / "out")])
     assert code == 0
@@ -32,11 +37,7 @@ def test_bench_engine_writes_side_by_side_results(tmp_path, target, tok, capsys)
 
 def test_bench_engine_samples_with_both_rules_side_by_side(tmp_path, target, tok):
     """--temperature: every engine row unseeded and seeded; seeded outputs all equal seeded plain decoding."""
-    save_models(tmp_path, target, tok)
-    cfg = {"target": {"name": "tiny", "path": str(tmp_path / "target")},
-           "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(tmp_path / "close")}],
-           "engine": {"device": "cpu"}}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    _tiny_config(tmp_path, target, tok)
     code = main(["bench", "engine", "--config", str(tmp_path / "cfg.yaml"), "--domains", "humaneval,mtbench-coding",
                  "--prompts-per-domain", "2", "--max-tokens", "16", "--ks", "0,3", "--temperature", "0.8",
                  "--out", str(tmp_path / "out")])

@@ -415,12 +415,15 @@ def test_sharegpt_turns_prompt_with_the_conversation_so_far_and_skip_the_benchma
 
 
 def test_training_sets_written_as_jsonl_read_back_as_the_same_items(tmp_path, capsys):
-    from draftpick.training.datasets import training_items
+    from draftpick.training.datasets import training_items, training_lines
+    from draftpick.workers.inputs import write_jsonl
 
     out = tmp_path / "items.jsonl"
-    assert main(["prompts", "--training", "sharegpt-turns,stdlib-defs", "--max-items", "30", "--out", str(out)]) == 0
+    write_jsonl(out, training_lines("sharegpt-turns,stdlib-defs", 30))
     items = training_items(str(out), 1000)
     assert len(items) == 60 and items == training_items("sharegpt-turns,stdlib-defs", 30)
+    assert main(["prompts", "--training", "sharegpt-turns", "--max-items", "5", "--out", str(out)]) == 0
+    assert training_items(str(out), 1000) == training_items("sharegpt-turns", 5)
     assert main(["prompts", "--training", "sharegpt,nope", "--out", str(out)]) == 2
     assert "unknown set 'nope'" in capsys.readouterr().err
 

@@ -238,10 +238,11 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
     law = exact_law(target, ids, params)
     keys = list(law)
     counts = np.zeros(len(keys))
-    n = 3000
+    n = 2000
     drafted = accepted = skipped = 0
+    alone = SpeculativeEngine(target, tok, {drafter: engine.drafters[drafter]})  # no other drafter to sync
     for _ in range(n):
-        res = engine.generate(ids, params, Arm(drafter, 2))
+        res = alone.generate(ids, params, Arm(drafter, 2))
         counts[keys.index(tuple(res.token_ids))] += 1
         drafted += res.records[0].num_drafted > 0
         accepted += res.records[0].accepted > 0
@@ -259,9 +260,9 @@ def test_seeded_output_follows_target_distribution_over_seeds(engine, target, to
     law = exact_law(target, ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3))
     keys = list(law)
     counts = np.zeros(len(keys))
+    plain = SpeculativeEngine(target, tok)
     for seed in range(2000):
-        res = engine.generate(ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True),
-                              Arm("none", 0))
+        res = plain.generate(ids, SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True))
         counts[keys.index(tuple(res.token_ids))] += 1
     assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
 
@@ -270,20 +271,20 @@ SEEDED_ARMS = [Arm("none", 0), Arm("ngram", 3), Arm("suffix", 4), Arm("suffix", 
                Arm("far", 3), Arm("feat", 4), Arm("featgate", 3), Arm("closegate", 5)]
 
 
-@pytest.mark.parametrize("warp", [{"temperature": 0.8, "top_p": 0.9}, {"temperature": 1.3, "top_k": 6}])
+@pytest.mark.parametrize("warp", [{"temperature": 0.8, "top_p": 0.9}, {"temperature": 1.3, "top_k": 6, "top_p": 0.95}])
 def test_a_seeded_request_gets_the_same_output_whatever_drafter_k_or_repetition(engine, tok, warp):
     """The output of a seeded request is a function of (prompt, parameters, seed): every arm, and the
     same arm twice (the suffix index grows in between), give the same tokens; drafts are still accepted."""
     outputs, accepted = set(), 0
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
-        for seed in range(6):
+        for seed in range(4):
             params = SamplingParams(max_tokens=24, seed=seed, ignore_eos=True, **warp)
             results = [engine.generate(ids, params, arm) for arm in SEEDED_ARMS]
             assert len({tuple(r.token_ids) for r in results}) == 1, (prompt, seed)
             outputs.add(tuple(results[0].token_ids))
             accepted += sum(r.accepted for res in results for r in res.records)
-    assert len(outputs) > 12  # seeds do change the output
+    assert len(outputs) > 8  # seeds do change the output
     assert accepted > 0
 
 
@@ -414,9 +415,10 @@ def test_engine_on_cuda_is_exact_and_samples_with_the_requests_seed(engine, targ
         for arm in (Arm("none", 0), Arm("ngram", 3), Arm("close", 4), Arm("feat", 4)):
             assert eng.generate(ids, SamplingParams(max_tokens=40), arm).token_ids == ref, (arm, prompt)
     params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5)
+    plain = eng.generate(tok(PROMPTS[1]).input_ids, params, Arm("none", 0)).token_ids
     for arm in (Arm("close", 3), Arm("feat", 3)):
         a = eng.generate(tok(PROMPTS[1]).input_ids, params, arm)
-        assert a.token_ids == eng.generate(tok(PROMPTS[1]).input_ids, params, arm).token_ids
+        assert a.token_ids == plain  # a seeded request: the same output whatever the arm, on the GPU too
         assert len(a.token_ids) == 30 or a.finish_reason == "stop"
 
 

@@ -1,5 +1,6 @@
 """record -> replay on tiny models: the simulator reproduces the engine, and the report's contract."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from tiny import VOCAB, feature_drafter, noisy_copy, save_models
 from draftpick.workers.drafters.model import VOCAB_FILE
 from draftpick.workers.config import DraftpickConfig
 from draftpick.workers.factory import build_engine
+from draftpick.workers.record import record_file
 from draftpick.workers.sampling import SamplingParams
 
 PROMPTS = [
@@ -40,10 +42,21 @@ def recorded(tmp_path_factory, target, tok):
                           {"type": "feature", "name": "featidle", "path": str(root / "feat"), "full_information": False}],
            "engine": {"device": "cpu"}}
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
-    assert main(["record", "--config", str(root / "cfg.yaml"), "--prompts", str(root / "p.jsonl"),
-                 "--max-tokens", "40", "--k-max", "6", "--out", str(root / "trace.jsonl")]) == 0
-    return root, DraftpickConfig.model_validate(cfg)
+    config = DraftpickConfig.model_validate(cfg)
+    assert record_file(build_engine(config), PROMPTS, str(root / "trace.jsonl"), max_tokens=40, k_max=6,
+                       progress=False) == len(PROMPTS)
+    return root, config
+
+
+def test_record_through_the_cli_writes_the_same_trace_shape(recorded, tmp_path):
+    root, _ = recorded
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS[:2]))
+    assert main(["record", "--config", str(root / "cfg.yaml"), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--max-tokens", "40", "--k-max", "6", "--out", str(tmp_path / "trace.jsonl")]) == 0
+    cli, lib = load_trace(tmp_path / "trace.jsonl"), load_trace(root / "trace.jsonl")[:2]
+    for a, b in zip(cli, lib):
+        assert a.data["num_tokens"] == b.data["num_tokens"] and set(a.data["drafters"]) == set(b.data["drafters"])
+        assert a.data["drafters"]["ngram"] == b.data["drafters"]["ngram"]
 
 
 @pytest.mark.parametrize("arm,threshold", [(Arm("ngram", 3), None), (Arm("close", 2), None), (Arm("close", 6), None),
@@ -168,3 +181,40 @@ def test_bad_trace_and_policy_are_clear_errors(recorded, capsys, tmp_path):
     assert "lacks" in capsys.readouterr().err
     assert main(["replay", str(root / "trace.jsonl"), "--policies", "nope", "--json", str(tmp_path / "o.json")]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+
+
+PLUGIN_WITHOUT_SCALE = '''
+from draftpick.policies import Arm, Choice
+
+
+class FirstArm:
+    """A plug-in written from the README's contract: its constructor takes the arms and its own option only."""
+    name = "first-arm"
+    level = "request"
+
+    def __init__(self, arms, index=0):
+        self.arms = list(arms)
+        self.index = index
+
+    def select(self, context, stats, rng):
+        return Choice(self.arms[self.index], 1.0)
+
+    def increments(self, record):
+        return {"n": 1.0}
+'''
+
+
+def test_a_plugin_gets_only_the_options_it_declares(recorded, tmp_path, monkeypatch):
+    """Replay offers its reward scale; a plug-in that does not take `scale` is built without it, and
+    one whose constructor names it (examples/greedy_mean.py) receives it."""
+    from draftpick.controller.replay import replay
+
+    (tmp_path / "first_arm.py").write_text(PLUGIN_WITHOUT_SCALE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    root, _ = recorded
+    out, _ = replay(str(root / "trace.jsonl"), ["first_arm:FirstArm", "greedy_mean:GreedyMean"], repeat=2,
+                    configs={"first_arm:FirstArm": {"index": 1}})
+    assert set(out["policies"]) == {"first_arm:FirstArm", "greedy_mean:GreedyMean"}
+    first = out["policies"]["first_arm:FirstArm"]
+    assert first["tokens_per_s"] == pytest.approx(out["fixed_arms"][out["arms"][1]], rel=1e-9)

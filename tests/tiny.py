@@ -41,7 +41,7 @@ def tiny_model(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = VO
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_sliding_model(seed: int = 0, window: int = 8, hidden: int = 64) -> "MistralForCausalLM":
+def tiny_sliding_model(seed: int = 0, window: int = 8, hidden: int = 64):
     """A random Mistral whose attention sees only the last `window` tokens (sliding-window cache layers)."""
     from transformers import MistralConfig, MistralForCausalLM
 
