@@ -241,8 +241,8 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
     n = 2000
     drafted = accepted = skipped = 0
     alone = SpeculativeEngine(target, tok, {drafter: engine.drafters[drafter]})  # no other drafter to sync
-    for _ in range(n):
-        res = alone.generate(ids, params, Arm(drafter, 2))
+    for i in range(n):
+        res = alone.generate(ids, params, Arm(drafter, 2), rng_seed=i)
         counts[keys.index(tuple(res.token_ids))] += 1
         drafted += res.records[0].num_drafted > 0
         accepted += res.records[0].accepted > 0
@@ -522,3 +522,12 @@ def test_sinks_receive_each_finished_request_and_a_failing_sink_fails_nothing(ta
     engine.add_sink(got.append)
     res = engine.generate(tok("ab").input_ids, SamplingParams(max_tokens=5), Arm("ngram", 2), tenant="t1")
     assert got == [res] and got[0].tenant == "t1" and engine.sink_errors == 1
+
+
+def test_rng_seed_reproduces_an_unseeded_request_and_never_changes_a_seeded_one(engine, tok):
+    ids = tok(PROMPTS[2]).input_ids
+    unseeded = SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True)
+    a, b, c = (engine.generate(ids, unseeded, Arm("close", 3), rng_seed=s).token_ids for s in (1, 1, 2))
+    assert a == b != c
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, seed=9, ignore_eos=True)
+    assert len({tuple(engine.generate(ids, seeded, Arm("close", 3), rng_seed=s).token_ids) for s in (1, 2, 3)}) == 1

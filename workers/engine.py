@@ -109,11 +109,14 @@ class SpeculativeEngine:
         chooser: RoundChooser | None = None,
         load: Callable[[], int] = lambda: 1,
         features: tuple[float, ...] = (),
+        rng_seed: int | None = None,
     ) -> "Generation":
+        """rng_seed: see workers.sampling.TokenSampler (reproducible unseeded sampling, for tests)."""
         if arm.drafter not in self.drafters:
             raise ValueError(f"unknown drafter {arm.drafter!r}; known: {', '.join(self.drafters)}")
         self.check_prompt(prompt_ids, params)
-        return Generation(self, list(prompt_ids), params, arm, tenant, context, chooser, load, tuple(features))
+        return Generation(self, list(prompt_ids), params, arm, tenant, context, chooser, load, tuple(features),
+                          rng_seed=rng_seed)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, arm: Arm = Arm("none", 0), **kw) -> GenerationResult:
         return self.start(prompt_ids, params, arm, **kw).run()
@@ -152,6 +155,7 @@ class Generation:
     chooser: RoundChooser | None
     load: Callable[[], int]
     features: tuple[float, ...] = ()  # the prompt features the policy saw, copied into each record
+    rng_seed: int | None = None  # the random stream of an unseeded request (None: fresh entropy)
     out: list[int] = field(default_factory=list)
     records: list[RoundRecord] = field(default_factory=list)
     done: bool = False
@@ -159,7 +163,7 @@ class Generation:
     stop_at: int | None = None  # index in the text where a stop string begins
 
     def __post_init__(self):
-        self.sampler = TokenSampler(self.params)  # the request's randomness (seeded: position-keyed noise)
+        self.sampler = TokenSampler(self.params, self.rng_seed)  # the request's randomness (seeded: position-keyed noise)
         self.cache = new_cache(self.engine.target)
         # the target's hidden states of the verified tokens, kept only when a feature drafter needs them
         uses = any(d.uses_target_features for d in self.engine.drafters.values())

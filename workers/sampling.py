@@ -118,11 +118,15 @@ class TokenSampler:
     warped distribution, drawn from with `draw` and the request's generator.
     """
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, rng_seed: int | None = None):
+        """rng_seed: the random stream of an unseeded request (the standard rule's draws; None:
+        fresh entropy). It never changes a seeded request, whose output its seed alone decides."""
         self.params = params
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(_mix(params.seed, -1))  # unused by the seeded rule; kept deterministic
+        elif rng_seed is not None:
+            self.generator.manual_seed(rng_seed)
         else:
             self.generator.seed()
         self._noise: dict[int, torch.Tensor] = {}
