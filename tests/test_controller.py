@@ -1,0 +1,240 @@
+"""The live controller against real redis-server processes: exactly-once folding, claims of a dead
+consumer's entries, persistence, shared state, outages, bad records, the embedded server."""
+import json
+import os
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import redis
+
+from draftpick.controller.controller import Controller
+from draftpick.controller.redis_server import EmbeddedRedis, RedisUnavailable, connect, free_port
+from draftpick.controller.store import GROUP
+from draftpick.policies import Arm, Context, RoundRecord
+from draftpick.policies.registry import create
+from draftpick.policies.types import aggregate
+
+ARMS = [Arm("none", 0)] + [Arm(d, k) for d in ("ngram", "chat") for k in (1, 2, 3)]
+
+
+def record(drafter="ngram", k=3, drafted=3, accepted=2, seconds=0.05, context="", **kw):
+    return RoundRecord(drafter=drafter, k=k if drafter != "none" else 0, num_drafted=drafted if drafter != "none" else 0,
+                       accepted=accepted if drafter != "none" else 0,
+                       emitted=(accepted if drafter != "none" else 0) + 1, draft_s=0.001, verify_s=seconds,
+                       per_drafter={"ngram": [1.0, 1.0, 0.0], "chat": [1.0, 0.0]}, context=context, **kw)
+
+
+def request(n=4, **kw):
+    return SimpleNamespace(records=[record(**kw) for _ in range(n)], context=kw.get("context", ""), tenant="")
+
+
+def controller(client, policy="hedge", options=None, consumer=None, description=None):
+    pol = create(policy, ARMS, options or {})
+    desc = description or {"schema": 1, "test": "controller", "policy": policy, "options": options or {}}
+    return Controller(client, pol, desc, {"ngram", "chat"}, max_k=8, consumer=consumer, seed=0)
+
+
+@pytest.fixture
+def client(redis_server):
+    redis_server.flushall()
+    return redis_server
+
+
+def stats_of(c):
+    from draftpick.policies.state import decode
+
+    return decode(c.client.hgetall(c.keys.stats))
+
+
+def test_feedback_is_folded_exactly_once_into_what_replay_would_fold(client):
+    c = controller(client)
+    sink = c.sink()
+    reqs = [request(accepted=a) for a in (0, 1, 2, 3, 2)]
+    for r in reqs:
+        sink(r)
+    assert sink.flush(10)
+    assert c.fold_pending() == 5
+    want = {}
+    for r in reqs:  # replay folds one aggregated record per request into a plain dict
+        for k, v in c.policy.increments(aggregate(r.records)).items():
+            want[k] = want.get(k, 0.0) + v
+    got = stats_of(c)
+    assert set(got) == set(want) and all(got[k] == pytest.approx(want[k], rel=1e-12) for k in want)
+    assert c.fold_pending() == 0  # nothing left, nothing folded twice
+    totals = c.stats()["totals"]
+    assert totals["requests"] == 5 and totals["rounds"] == 20 and totals["accepted_tokens"] == 4 * 8
+    assert client.xlen(c.keys.feedback) == 0  # acknowledged entries are trimmed
+    sink.close()
+
+
+def test_a_dead_consumers_entry_is_claimed_and_folded_once(client):
+    a, b = controller(client, consumer="a"), controller(client, consumer="b")
+    sink = a.sink()
+    sink(request())
+    sink.flush(10)
+    # a reads the entry and dies before folding it: it stays pending under a
+    (_, entries), = client.xreadgroup(GROUP, "a", {a.keys.feedback: ">"}, count=10)
+    assert client.xpending(a.keys.feedback, GROUP)["pending"] == 1
+    assert b.fold_pending(min_idle_ms=0) == 1  # b claims it (XAUTOCLAIM) and folds it
+    before = stats_of(b)
+    entry_id, fields = entries[0]
+    assert a.fold(entry_id.decode(), fields[b"data"]) is False  # a, back late: the done mark stops a second fold
+    assert stats_of(b) == before and b.stats()["totals"]["requests"] == 1
+    assert client.xpending(a.keys.feedback, GROUP)["pending"] == 0
+    sink.close()
+
+
+def test_two_controllers_share_one_learned_state_and_namespaces_separate(client):
+    a, b = controller(client, consumer="a"), controller(client, consumer="b")
+    sink = a.sink()
+    for _ in range(3):
+        sink(request())
+    sink.flush(10)
+    a.fold_pending()
+    assert b.stats()["totals"]["requests"] == 3 and b.snapshot() == a.snapshot() != {}
+    other = controller(client, options={"floor": 0.2})  # another policy configuration: another namespace
+    assert other.keys.prefix != a.keys.prefix and other.stats()["totals"]["requests"] == 0
+    sink.close()
+
+
+def test_bad_records_are_rejected_and_counted_never_folded(client):
+    c = controller(client)
+    sink = c.sink()
+    good = request()
+    bad = [request(drafter="eagle"), request(seconds=float("nan")), request(accepted=5),
+           request(context="no spaces allowed"), SimpleNamespace(records=[], context="", tenant="")]
+    for r in bad + [good]:
+        sink(r)
+    sink.put("not json")
+    sink.flush(10)
+    assert c.fold_pending() == len(bad) + 2
+    s = c.stats()["totals"]
+    assert s["rejected_records"] == len(bad) + 1 and s["requests"] == 1
+
+
+def test_stats_show_each_context_and_arm(client):
+    c = controller(client)
+    sink = c.sink()
+    sink(request(context="code", accepted=3, seconds=0.1))
+    sink(request(drafter="none", context=""))
+    sink.flush(10)
+    c.fold_pending()
+    out = c.stats()
+    rows = {(a["context"], a["drafter"], a["k"]): a for a in out["arms"]}
+    assert rows[("code", "ngram", 3)]["rounds"] == 4 and rows[("code", "ngram", 3)]["mean_acceptance_length"] == 4.0
+    assert rows[("", "none", 0)]["mean_acceptance_length"] == 1.0
+    assert rows[("code", "ngram", 3)]["tokens_per_s"] == pytest.approx(4 / 0.101)
+    assert out["totals"]["rounds"] == sum(a["rounds"] for a in out["arms"])
+    c.reset()
+    assert c.stats()["totals"]["requests"] == 0 and c.stats()["arms"] == []
+
+
+def test_decisions_follow_the_learned_state_and_go_on_when_redis_is_down(tmp_path):
+    server = EmbeddedRedis(tmp_path / "r").start()
+    client = redis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+    c = controller(client, policy="ucb1")
+    sink = c.sink()
+    for _ in range(30):  # chat:2 is fast, everything else slow
+        for arm in ARMS:
+            fast = arm == Arm("chat", 2)
+            sink(SimpleNamespace(records=[record(arm.drafter, arm.k, drafted=arm.k, accepted=arm.k if fast else 0,
+                                                 seconds=0.01 if fast else 0.2)], context="", tenant=""))
+    sink.flush(20)
+    c.fold_pending()
+    assert c.decide(Context()).arm == Arm("chat", 2)
+    server.stop()  # Redis down: decisions continue from the last statistics, feedback stays buffered
+    c.refresh_s = 0
+    assert c.decide(Context()).arm == Arm("chat", 2) and c.redis_error
+    sink(request())
+    assert not sink.flush(1.0) and sink.status()["buffered"] == 1
+    assert c.status()["redis"].startswith("down")
+    server.port, server.proc = server.port, None
+    server.start()  # back, from its append-only file: nothing lost
+    assert sink.flush(20)
+    assert c.fold_pending() == 1 and c.stats()["totals"]["requests"] == 30 * len(ARMS) + 1
+    sink.close()
+    server.stop()
+
+
+def test_state_survives_a_killed_redis_and_a_restarted_controller(tmp_path):
+    server = EmbeddedRedis(tmp_path / "r").start()
+    client = redis.Redis.from_url(server.url)
+    c = controller(client)
+    sink = c.sink()
+    for _ in range(4):
+        sink(request())
+    sink.flush(10)
+    c.fold_pending()
+    want = stats_of(c)
+    os.kill(server.proc.pid, signal.SIGKILL)  # appendfsync always: every acknowledged write is on disk
+    server.proc.wait()
+    server.stop()
+    server2 = EmbeddedRedis(tmp_path / "r").start()
+    again = controller(redis.Redis.from_url(server2.url))  # a new controller process, same namespace
+    assert stats_of(again) == want and again.stats()["totals"]["requests"] == 4
+    sink.close()
+    server2.stop()
+
+
+def test_the_embedded_server_locks_its_directory_and_stops(tmp_path):
+    with EmbeddedRedis(tmp_path / "r") as server:
+        with pytest.raises(RedisUnavailable, match="another draftpick Redis server uses"):
+            EmbeddedRedis(tmp_path / "r").start()
+        pid = server.proc.pid
+        assert redis.Redis.from_url(server.url).config_get("appendfsync")["appendfsync"] == "always"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    EmbeddedRedis(tmp_path / "r").start().stop()  # unlocked again
+
+
+def test_a_missing_redis_server_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RedisUnavailable, match="apt-get install redis-server"):
+        EmbeddedRedis(tmp_path / "r").start()
+
+
+def test_redis_url_with_a_password(tmp_path, monkeypatch):
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "s3cret",
+                             "--save", "", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis(port=port, password="s3cret").ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        monkeypatch.setenv("REDIS_URL", f"redis://:s3cret@127.0.0.1:{port}/0")
+        client, server = connect()
+        assert server is None and client.ping()
+        monkeypatch.setenv("REDIS_URL", f"redis://:wrong@127.0.0.1:{port}/0")
+        with pytest.raises(RedisUnavailable, match=r"redis://\*\*\*@127.0.0.1"):
+            connect()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_a_plugin_policy_learns_live_exactly_as_in_replay(client, monkeypatch):
+    """The README's plug-in, by dotted path: the same records give the same statistics folded by the
+    controller as by replay's fold."""
+    from pathlib import Path
+
+    from draftpick.controller.replay import _fold
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
+    c = controller(client, policy="greedy_mean:GreedyMean")
+    sink = c.sink()
+    reqs = [request(accepted=a % 4, seconds=0.01 * (1 + a)) for a in range(12)]
+    offline: dict = {}
+    for r in reqs:
+        sink(r)
+        _fold(offline, c.policy.increments(aggregate(r.records)))
+    sink.flush(10)
+    c.fold_pending()
+    live = stats_of(c)
+    assert set(live) == set(offline) and all(live[k] == pytest.approx(offline[k], rel=1e-12) for k in offline)
+    assert json.loads(client.hget(c.keys.meta, "description"))["policy"] == "greedy_mean:GreedyMean"
