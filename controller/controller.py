@@ -203,7 +203,8 @@ def fingerprint(obj) -> str:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
-    params = getattr(model, "state_dict", None)
+    # a feature head's trained state leaves out its unused (randomly initialised) token embedding
+    params = getattr(model, "trained_state", None) or getattr(model, "state_dict", None)
     if callable(params):
         for name, t in sorted(params().items()):
             flat = t.detach().float().flatten().cpu()

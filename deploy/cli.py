@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (ConfigError, InputError, ValueError, FileNotFoundError, OSError) as e:
+    except (ConfigError, InputError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         print(f"draftpick: error: {e}", file=sys.stderr)
         return 2
 
@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
     _add_generate(sub.add_parser("generate", help="generate with speculative decoding (in-process engine)"))
+    s = sub.add_parser("stats", help="what the policy has learned (Redis: REDIS_URL, else the embedded server)")
+    s.add_argument("--config")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--reset", action="store_true", help="forget this configuration's learned state")
+    s.set_defaults(func=cmd_stats)
     _add_prompts(sub.add_parser("prompts", help="write prompts from the installed prompt sets as JSONL"))
     _add_record(sub.add_parser("record", help="record a full-information trace of real requests (for replay)"))
     _add_replay(sub.add_parser("replay", help="replay a trace through policies: throughput and regret"))
@@ -47,9 +52,10 @@ def _add_generate(s) -> None:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one raw completion prompt")
     src.add_argument("--prompts", help='JSONL file: {"prompt": ...} or {"messages": [...]} per line, optional "id"')
-    s.add_argument("--drafter", help="drafter name (default: engine.default_drafter, else the first drafter; "
-                                     "`none` = plain decoding)")
-    s.add_argument("--num-speculative-tokens", "-k", type=int, help="draft length k (default: engine.default_k)")
+    s.add_argument("--drafter", help="pin the drafter (`none` = plain decoding); without --drafter and -k the "
+                                     "configured policy decides from the learned state and learns from the rounds")
+    s.add_argument("--num-speculative-tokens", "-k", type=int,
+                   help="pin the draft length k (with no --drafter: engine.default_drafter, else the first drafter)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
@@ -186,14 +192,64 @@ def cmd_generate(args) -> int:
 
     cfg = load_config(args.config)
     items = [{"prompt": args.prompt}] if args.prompt is not None else read_jsonl(args.prompts)
-    arm = cfg.pinned_arm(args.drafter, args.num_speculative_tokens)
+    pinned = args.drafter is not None or args.num_speculative_tokens is not None
+    arm = cfg.pinned_arm(args.drafter, args.num_speculative_tokens) if pinned else None
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     engine = build_engine(cfg)
     encoded = encode_inputs(engine.tokenizer, items)
-    for item, ids in zip(items, tqdm(encoded, desc="generate", unit="prompt", disable=len(items) < 2, file=sys.stderr)):
-        res = engine.generate(ids, params, arm, tenant=args.tenant)
-        print(json.dumps(res.to_json(item.get("id"))) if args.json else res.text, flush=True)
+    learning = None
+    if not pinned:
+        from draftpick.controller.local import LocalLearning
+
+        learning = LocalLearning(cfg, engine)
+    try:
+        for item, ids in zip(items, tqdm(encoded, desc="generate", unit="prompt", disable=len(items) < 2, file=sys.stderr)):
+            _generate_one(engine, learning, item, ids, params, arm, args)
+    finally:
+        if learning is not None:
+            learning.close()
+    return 0
+
+
+def _generate_one(engine, learning, item, ids, params, arm, args) -> None:
+    if learning is None:
+        res, extra = engine.generate(ids, params, arm, tenant=args.tenant), {}
+    else:
+        from draftpick.controller.local import plan_json
+
+        res, plan = learning.generate(item, ids, params, args.tenant)
+        extra = {"draftpick": plan_json(plan)}
+    print(json.dumps({**res.to_json(item.get("id")), **extra}) if args.json else res.text, flush=True)
+
+
+def cmd_stats(args) -> int:
+    from draftpick.controller.controller import from_config
+    from draftpick.controller.redis_server import connect
+    from draftpick.workers.factory import build_engine
+
+    cfg = load_config(args.config)
+    engine = build_engine(cfg)  # the namespace is the target's and drafters' fingerprints
+    client, server = connect()
+    try:
+        controller = from_config(cfg, engine, client)
+        if args.reset:
+            controller.reset()
+        out = controller.stats()
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        t = out["totals"]
+        print(f"{out['namespace']}  policy {out['policy']}: {t['requests']} requests, {t['rounds']} rounds, "
+              f"{t['rejected_records']} rejected, {t['dropped_records']} dropped")
+        for a in out["arms"]:
+            mal = "-" if a["mean_acceptance_length"] is None else f"{a['mean_acceptance_length']:.2f}"
+            tps = "-" if a["tokens_per_s"] is None else f"{a['tokens_per_s']:.1f}"
+            print(f"  {a['context'] or '-':>12} {a['drafter']}:{a['k']:<3} rounds {a['rounds']:>6}  "
+                  f"acc. length {mal:>5}  tok/s {tps:>6}")
     return 0
 
 

@@ -238,3 +238,66 @@ def test_a_plugin_policy_learns_live_exactly_as_in_replay(client, monkeypatch):
     live = stats_of(c)
     assert set(live) == set(offline) and all(live[k] == pytest.approx(offline[k], rel=1e-12) for k in offline)
     assert json.loads(client.hget(c.keys.meta, "description"))["policy"] == "greedy_mean:GreedyMean"
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(target, tok, tmp_path_factory):
+    """A config on disk: the tiny target, n-gram, a close model drafter and a feature head."""
+    import yaml
+
+    from tiny import feature_drafter, save_models
+
+    root = tmp_path_factory.mktemp("learn")
+    save_models(root, target, tok)
+    feature_drafter(target, tok, root / "feat", steps=50)
+    cfg = {"target": {"name": "tiny", "path": str(root / "target")},
+           "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")},
+                        {"type": "feature", "name": "feat", "path": str(root / "feat")}],
+           "engine": {"device": "cpu"}, "policy": {"name": "contextual", "ks": [1, 3]}}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (root / "p.jsonl").write_text("\n".join(json.dumps(p) for p in [
+        {"prompt": "def add(a, b):\n", "id": 1}, {"prompt": "the cat sat", "tag": "chat", "id": 2}]))
+    return root
+
+
+def test_fingerprints_are_stable_across_loads_and_change_with_the_weights(tiny_setup):
+    from draftpick.controller.controller import describe
+    from draftpick.workers.config import load_config
+    from draftpick.workers.factory import build_engine
+
+    cfg = load_config(tiny_setup / "cfg.yaml")
+    a, b = describe(cfg, build_engine(cfg)), describe(cfg, build_engine(cfg))
+    assert a == b
+    other = cfg.model_copy(update={"drafters": [d.model_copy(update={"path": str(tiny_setup / "target")})
+                                                if d.name == "close" else d for d in cfg.drafters]})
+    c = describe(other, build_engine(other))
+    assert c["drafters"]["close"]["fingerprint"] != a["drafters"]["close"]["fingerprint"]
+    assert c["drafters"]["feat"] == a["drafters"]["feat"] and c["target"] == a["target"]
+
+
+def test_generate_without_a_pinned_arm_learns_and_stats_show_it(tiny_setup, client, monkeypatch, capsys):
+    """Each run decides with the policy over the learned state, feeds its rounds back and folds them
+    before it exits; `stats` then counts them (rounds = the sum of num_spec_steps)."""
+    from draftpick.deploy.cli import main
+
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0")
+    base = ["--config", str(tiny_setup / "cfg.yaml")]
+    steps = 0
+    for _ in range(2):
+        assert main(["generate", *base, "--prompts", str(tiny_setup / "p.jsonl"), "--max-tokens", "20", "--json"]) == 0
+        outs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [o["id"] for o in outs] == [1, 2] and all(o["draftpick"]["policy"] == "contextual" for o in outs)
+        assert outs[1]["draftpick"]["context"] == "chat"
+        steps += sum(o["metrics"]["speculative_decoding"]["num_spec_steps"] for o in outs)
+    assert main(["stats", *base, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["totals"]["requests"] == 4 and stats["totals"]["rounds"] == steps
+    assert {a["context"] for a in stats["arms"]} == {"", "chat"}
+    assert main(["stats", *base, "--reset", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["requests"] == 0
+    # a pinned arm is served as before, without Redis
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    assert main(["generate", *base, "--prompt", "ab", "--drafter", "ngram", "--json"]) == 0
+    assert "draftpick" not in json.loads(capsys.readouterr().out)
+    assert main(["generate", *base, "--prompt", "ab", "--json"]) == 2
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err

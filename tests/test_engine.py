@@ -519,9 +519,9 @@ def test_sinks_receive_each_finished_request_and_a_failing_sink_fails_nothing(ta
     got = []
     engine = SpeculativeEngine(target, tok, {"ngram": NgramDrafter()})
     engine.add_sink(lambda res: 1 / 0)
-    engine.add_sink(got.append)
+    engine.add_sink(lambda res: got.append((res, len(res.records), list(res.token_ids))))  # as seen when called
     res = engine.generate(tok("ab").input_ids, SamplingParams(max_tokens=5), Arm("ngram", 2), tenant="t1")
-    assert got == [res] and got[0].tenant == "t1" and engine.sink_errors == 1
+    assert got == [(res, len(res.records), res.token_ids)] and res.tenant == "t1" and engine.sink_errors == 1
 
 
 def test_rng_seed_reproduces_an_unseeded_request_and_never_changes_a_seeded_one(engine, tok):

@@ -181,9 +181,10 @@ class Generation:
         """Advance by the prefill or one round; returns the tokens it appended."""
         if self.done:
             return []
-        if self.started is None:
-            return self._prefill()
-        return self._round()
+        tokens = self._prefill() if self.started is None else self._round()
+        if self.done:  # its last round recorded: the result goes to the engine's sinks
+            self.engine._emit(self.result())
+        return tokens
 
     def run(self) -> GenerationResult:
         """Step to the end and return the result."""
@@ -304,7 +305,6 @@ class Generation:
         for s in self.sessions.values():
             s.close(self.ids)
         self.cache = None
-        self.engine._emit(self.result())
 
     def _decode(self) -> str:
         return self.engine.tokenizer.decode(self.out, skip_special_tokens=True)
