@@ -301,3 +301,57 @@ def test_generate_without_a_pinned_arm_learns_and_stats_show_it(tiny_setup, clie
     assert "draftpick" not in json.loads(capsys.readouterr().out)
     assert main(["generate", *base, "--prompt", "ab", "--json"]) == 2
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ray_loopback():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_the_controller_actor_decides_folds_restarts_and_workers_fall_back(ray_loopback, client):
+    """Named and detached in the `draftpick` namespace; restarted by Ray after a crash with its state
+    from Redis; when it is gone, a worker's DecisionClient decides with the same policy itself."""
+    import ray
+
+    from draftpick.controller.actor import NAME, NAMESPACE, DecisionClient, start_controller, stop_controller
+    from draftpick.workers.config import DraftpickConfig
+
+    cfg = DraftpickConfig.model_validate({"target": {"name": "t", "path": "unused"},
+                                          "drafters": [{"type": "ngram"}, {"type": "ngram", "name": "chat"}],
+                                          "policy": {"name": "ucb1", "ks": [1, 2, 3]}})
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+    desc = {"schema": 1, "test": "actor"}
+    actor = start_controller(cfg, desc, url)
+    worker = DecisionClient(cfg, desc, url, timeout_s=5)
+    assert ray.get_actor(NAME, namespace=NAMESPACE)._actor_id == actor._actor_id
+    sink = worker.local.sink()
+    for arm in cfg.arms():
+        fast = arm == Arm("chat", 2)
+        sink(SimpleNamespace(records=[record(arm.drafter, arm.k, drafted=arm.k, accepted=arm.k if fast else 0,
+                                             seconds=0.01 if fast else 0.2)], context="", tenant=""))
+    sink.flush(10)
+    deadline = time.monotonic() + 20
+    while ray.get(actor.stats.remote())["totals"]["requests"] < len(cfg.arms()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.get(actor.stats.remote())["totals"]["requests"] == len(cfg.arms())  # folded in the background
+    plan = worker.decide(Context())
+    assert worker.fallbacks == 0 and plan.arm == worker.local.decide(Context()).arm
+    ray.kill(actor, no_restart=False)  # a crash: Ray restarts it, and it resumes from Redis
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            assert ray.get(actor.stats.remote(), timeout=5)["totals"]["requests"] == len(cfg.arms())
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.2)
+    else:
+        pytest.fail("the controller actor was not restarted")
+    assert stop_controller()
+    plan = worker.decide(Context())  # gone: the worker decides itself, with the same policy and state
+    assert worker.fallbacks == 1 and plan.arm == worker.local.decide(Context()).arm
+    assert worker.status()["controller"].startswith("down")
+    sink.close()

@@ -1,0 +1,115 @@
+"""The controller as a Ray actor, and the client workers decide through.
+
+`start_controller(cfg, description, redis_url)` starts (or finds) the actor named
+`draftpick_controller` in the Ray namespace `draftpick`: detached, so it does not die with the
+process that created it (a Serve replica, a driver), and restarted by Ray when it dies
+(`max_restarts=-1`); whoever starts it stops it on shutdown (`stop_controller`). The actor folds
+feedback in a background thread and answers `decide`, `stats` and `status`.
+
+`DecisionClient` is what a worker holds: it asks the actor, and when the actor cannot answer in
+time it decides with the same policy over its own snapshot of the statistics in Redis, so requests
+never wait on the controller; feedback goes to Redis through the worker's sink either way.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+from draftpick.controller.controller import Controller, Plan
+from draftpick.policies.types import Context
+
+log = logging.getLogger(__name__)
+NAME, NAMESPACE = "draftpick_controller", "draftpick"
+
+
+def _controller(cfg, description: dict, redis_url: str, consumer: str | None = None) -> Controller:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    return Controller(client, cfg.build_policy(), description, {d.name for d in cfg.drafters}, cfg.engine.max_k,
+                      consumer=consumer)
+
+
+class ControllerActor:
+    def __init__(self, cfg, description: dict, redis_url: str, fold_block_ms: int = 500):
+        self.controller = _controller(cfg, description, redis_url, consumer=f"{NAME}-{int(time.time() * 1000)}")
+        self.folded, self.fold_error = 0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fold_loop, args=(fold_block_ms,), daemon=True)
+        self._thread.start()
+
+    def _fold_loop(self, block_ms: int) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self.folded += self.controller.fold_pending(block_ms=block_ms)
+                self.fold_error, backoff = None, 0.1
+            except Exception as e:  # Redis down: retry with backoff; decisions go on from the last snapshot
+                self.fold_error = f"{type(e).__name__}: {e}"
+                time.sleep(backoff)
+                backoff = min(2 * backoff, 5.0)
+
+    def decide(self, context: Context) -> Plan:
+        return self.controller.decide(context)
+
+    def stats(self) -> dict:
+        return self.controller.stats()
+
+    def status(self) -> dict:
+        return {**self.controller.status(), "folded": self.folded, "fold_error": self.fold_error,
+                "snapshot_error": self.controller.redis_error}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def start_controller(cfg, description: dict, redis_url: str):
+    """The named, detached controller actor (an existing one is reused)."""
+    cls = ray.remote(ControllerActor).options(
+        name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+        max_task_retries=-1, num_cpus=0, max_concurrency=16)
+    return cls.remote(cfg, description, redis_url)
+
+
+def stop_controller() -> bool:
+    """Stop the controller actor if it runs; returns whether one was stopped."""
+    try:
+        actor = ray.get_actor(NAME, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.stop.remote(), timeout=10)
+    except Exception:  # already dying: kill it all the same
+        pass
+    ray.kill(actor, no_restart=True)
+    return True
+
+
+class DecisionClient:
+    """Decisions for a worker: from the controller actor, else (it is down or slow) from the same
+    policy over this worker's own snapshot of the learned state."""
+
+    def __init__(self, cfg, description: dict, redis_url: str, timeout_s: float = 0.5):
+        self.local = _controller(cfg, description, redis_url)
+        self.timeout_s = timeout_s
+        self.fallbacks = 0
+        self.controller_error: str | None = None
+
+    def decide(self, context: Context) -> Plan:
+        try:
+            actor = ray.get_actor(NAME, namespace=NAMESPACE)
+            plan = ray.get(actor.decide.remote(context), timeout=self.timeout_s)
+            self.controller_error = None
+            return plan
+        except Exception as e:  # no actor, dead, restarting or slow: decide here
+            self.fallbacks += 1
+            self.controller_error = f"{type(e).__name__}: {e}"
+            return self.local.decide(context)
+
+    def status(self) -> dict:
+        return {"controller": "up" if self.controller_error is None else f"down: {self.controller_error}",
+                "local_decisions": self.fallbacks, **self.local.status()}
