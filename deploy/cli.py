@@ -152,7 +152,7 @@ def _add_distill(s) -> None:
 
 
 def _add_bench(b) -> None:
-    from draftpick.bench import engine as bench_engine, forward as bench_forward
+    from draftpick.bench import controller as bench_controller, engine as bench_engine, forward as bench_forward
 
     sub = b.add_subparsers(metavar="BENCH")
     s = sub.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
@@ -161,6 +161,9 @@ def _add_bench(b) -> None:
     s = sub.add_parser("forward", help="cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears")
     bench_forward.add_arguments(s)
     s.set_defaults(func=bench_forward.run)
+    s = sub.add_parser("controller", help="decision latency, decisions/s through Ray, folding rate, Redis commands")
+    bench_controller.add_arguments(s)
+    s.set_defaults(func=bench_controller.run)
 
 
 def cmd_setup(args) -> int:

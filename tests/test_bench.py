@@ -68,3 +68,14 @@ def test_bench_forward_measures_both_variants_side_by_side(tmp_path, target, tok
     assert "| small_batch ÷ stock |" in next((tmp_path / "out").glob("forward-*.md")).read_text()
     assert main(["bench", "forward", "--config", str(tmp_path / "cfg.yaml"), "--tokens", "0"]) == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+def test_bench_controller_measures_decisions_folding_and_ray(tmp_path, target, tok):
+    _tiny_config(tmp_path, target, tok)
+    code = main(["bench", "controller", "--config", str(tmp_path / "cfg.yaml"), "--requests", "60", "--decisions", "200",
+                 "--callers", "2", "--seconds", "1", "--max-tokens", "8", "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads(next((tmp_path / "out").glob("controller-*.json")).read_text())
+    assert report["folding"]["entries"] == 60 and report["folding"]["records_per_s"] > 0
+    assert 0 < report["decisions"]["p50_ms"] <= report["decisions"]["p99_ms"]
+    assert report["ray"]["decisions_per_s"] > 0 and report["folding"]["redis_commands_per_request"] > 0
