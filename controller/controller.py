@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from draftpick.controller.feedback import BadRecord, FeedbackSink, parse_entry
-from draftpick.controller.store import DONE_LIMIT, FOLD, GROUP, SCHEMA, Keys, entry_score, flatten, namespace
+from draftpick.controller.store import DONE_LIMIT, FOLD, GROUP, SCHEMA, Keys, flatten, namespace
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import decode
 from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
@@ -124,17 +124,25 @@ class Controller:
         return stats, totals, arms
 
     def fold(self, entry_id: str, data) -> bool:
-        """Fold one stream entry (exactly once); a bad entry is counted and acknowledged, never folded.
-        Returns whether this call folded it."""
-        try:
-            records, context = parse_entry(data, self.drafters, self.max_k)
-            incs = self.increments(records, context)
-        except BadRecord as e:
-            log.warning("draftpick: feedback entry %s rejected: %s", entry_id, e)
-            incs = ({}, {"rejected_records": 1}, {})
+        """Fold one stream entry (exactly once); returns whether this call folded it."""
+        return self.fold_batch([(entry_id, data)]) == 1
+
+    def fold_batch(self, entries: list[tuple[str, bytes]]) -> int:
+        """Fold stream entries in one script call; a bad entry is counted and acknowledged, never
+        folded. Returns how many this call folded (entries already done are not counted)."""
+        if not entries:
+            return 0
+        args: list = [GROUP, DONE_LIMIT, len(entries)]
+        for entry_id, data in entries:
+            try:
+                records, context = parse_entry(data, self.drafters, self.max_k)
+                incs = self.increments(records, context)
+            except BadRecord as e:
+                log.warning("draftpick: feedback entry %s rejected: %s", entry_id, e)
+                incs = ({}, {"rejected_records": 1}, {})
+            args += flatten(entry_id, *incs)
         keys = [self.keys.stats, self.keys.totals, self.keys.arms, self.keys.done, self.keys.feedback]
-        args = [GROUP, entry_id, entry_score(entry_id), DONE_LIMIT] + flatten(*incs)
-        folded = bool(self._fold(keys=keys, args=args))
+        folded = int(self._fold(keys=keys, args=args))
         if folded:
             self._snapshot_at = -1e9  # the next decision reads the new statistics
         return folded
@@ -147,7 +155,7 @@ class Controller:
         while True:  # a dead consumer's entries first
             start, claimed, *_ = self.client.xautoclaim(self.keys.feedback, GROUP, self.consumer, min_idle_ms,
                                                        start_id=start, count=count)
-            folded += sum(self.fold(_id(i), f[b"data"]) for i, f in claimed if f)
+            folded += self.fold_batch([(_id(i), f[b"data"]) for i, f in claimed if f])
             if _id(start) == "0-0":
                 break
         while True:
@@ -155,7 +163,7 @@ class Controller:
             entries = got[0][1] if got else []
             if not entries:
                 return folded
-            folded += sum(self.fold(_id(i), f[b"data"]) for i, f in entries)
+            folded += self.fold_batch([(_id(i), f[b"data"]) for i, f in entries])
             block_ms = None
 
     # -- what was learned --

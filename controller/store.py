@@ -11,9 +11,9 @@ Schema (version 1; docs/controller.md), every key under `draftpick:v1:<namespace
 The namespace is a hash of the target's and every drafter's fingerprint, the policy, its options
 and its arms: statistics learned for other weights or another policy are never reused.
 
-Folding one entry is one Lua script: if the entry is marked done, acknowledge it and stop; else add
-its increments to :stats, :totals and :arms, mark it done, acknowledge it and delete it from the
-stream. A consumer that dies before the script leaves the entry pending (another claims it with
+Folding a batch of entries is one Lua script: an entry marked done is only acknowledged; the others'
+increments are summed and added to :stats, :totals and :arms (one HINCRBYFLOAT a field), and each is
+marked done, acknowledged and deleted from the stream. A consumer that dies before the script leaves the entry pending (another claims it with
 XAUTOCLAIM); one that dies after it leaves nothing to redo; a stalled consumer that runs the script
 for an entry another already folded finds the done mark.
 """
@@ -28,24 +28,41 @@ DONE_LIMIT = 100_000  # done marks kept (oldest dropped first): far more than ca
 
 FOLD = """
 local stats, totals, arms, done, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, id, score, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('ZSCORE', done, id) then
+local group, limit, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local sums, order = {{}, {}, {}}, {{}, {}, {}}
+local i, folded = 4, 0
+for e = 1, n do
+  local id, score = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
+  local skip = redis.call('ZSCORE', done, id)
+  for h = 1, 3 do
+    local m = tonumber(ARGV[i]); i = i + 1
+    if not skip then
+      for j = 1, m do
+        local f = ARGV[i]
+        if sums[h][f] == nil then sums[h][f] = 0; order[h][#order[h] + 1] = f end
+        sums[h][f] = sums[h][f] + tonumber(ARGV[i + 1])
+        i = i + 2
+      end
+    else
+      i = i + 2 * m
+    end
+  end
+  if not skip then
+    redis.call('ZADD', done, score, id)
+    folded = folded + 1
+  end
   redis.call('XACK', stream, group, id)
-  return 0
+  redis.call('XDEL', stream, id)
 end
-local i = 5
-for _, key in ipairs({stats, totals, arms}) do
-  local n = tonumber(ARGV[i]); i = i + 1
-  for j = 1, n do
-    redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1]); i = i + 2
+local hashes = {stats, totals, arms}
+for h = 1, 3 do
+  for _, f in ipairs(order[h]) do
+    redis.call('HINCRBYFLOAT', hashes[h], f, string.format('%.17g', sums[h][f]))
   end
 end
-redis.call('ZADD', done, score, id)
 local extra = redis.call('ZCARD', done) - limit
 if extra > 0 then redis.call('ZPOPMIN', done, extra) end
-redis.call('XACK', stream, group, id)
-redis.call('XDEL', stream, id)
-return 1
+return folded
 """
 
 
@@ -65,9 +82,10 @@ class Keys:
         return [self.meta, self.stats, self.totals, self.arms, self.feedback, self.done]
 
 
-def flatten(*increments: dict[str, float]) -> list:
-    """ARGV of the fold script: for each hash, its count, then field, delta pairs."""
-    out: list = []
+def flatten(entry_id: str, *increments: dict[str, float]) -> list:
+    """One entry's part of the fold script's ARGV: its id and score, then for each hash its count
+    and field, delta pairs."""
+    out: list = [entry_id, entry_score(entry_id)]
     for inc in increments:
         out.append(len(inc))
         for k, v in inc.items():

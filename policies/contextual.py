@@ -91,8 +91,9 @@ class Contextual(BasePolicy):
         A = np.zeros((n, d, d))
         b = np.zeros((n, d))
         for i, (X, j) in enumerate(cols):
-            A[i][self.iu] = [stats.get(key("A", X, j, p, q), 0.0) for p, q in zip(*self.iu)]
-            b[i] = [stats.get(key("b", X, j, p), 0.0) for p in range(d)]
+            bk, ak = self._names(X, j)
+            A[i][self.iu] = [stats.get(ak[p][q], 0.0) for p, q in zip(*self.iu)]
+            b[i] = [stats.get(bk[p], 0.0) for p in range(d)]
         A = A + np.triu(A, 1).transpose(0, 2, 1) + self.cfg.ridge * np.eye(d)  # symmetric [n, d, d]
         rhs = np.concatenate([b[..., None], np.broadcast_to(x, (n, d))[..., None]], -1)  # [n, d, 2]
         sol = np.linalg.solve(A, rhs)
