@@ -355,3 +355,47 @@ def test_the_controller_actor_decides_folds_restarts_and_workers_fall_back(ray_l
     assert worker.fallbacks == 1 and plan.arm == worker.local.decide(Context()).arm
     assert worker.status()["controller"].startswith("down")
     sink.close()
+
+
+def test_a_learning_worker_decides_through_the_controller_and_feeds_back(ray_loopback, client, tiny_setup):
+    """The worker actor with a Redis URL: requests without an arm are decided by the controller
+    actor, their rounds reach the stream, and the actor folds them."""
+    import ray
+
+    from draftpick.controller.actor import start_controller, stop_controller
+    from draftpick.workers.actor import GenerateRequest, worker_actor
+    from draftpick.workers.config import load_config
+    from draftpick.workers.sampling import SamplingParams
+
+    cfg = load_config(tiny_setup / "cfg.yaml")
+    cfg = cfg.model_copy(update={"worker": cfg.worker.model_copy(update={"num_cpus": 1, "torch_threads": 1})})
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+    worker = worker_actor(cfg, url)
+    desc = ray.get(worker.__ray_call__.remote(lambda w: w.description))
+    controller = start_controller(cfg, desc, url)
+    try:
+        outs = ray.get([worker.generate.remote(GenerateRequest([3, 4, 5, 3, 4], SamplingParams(max_tokens=12), None,
+                                                               context=c)) for c in ("", "code", "code")])
+        assert all(o["plan"]["policy"] == "contextual" for o in outs)
+        steps = sum(o["result"]["metrics"]["speculative_decoding"]["num_spec_steps"] for o in outs)
+        deadline = time.monotonic() + 20
+        while ray.get(controller.stats.remote())["totals"]["requests"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        totals = ray.get(controller.stats.remote())["totals"]
+        assert totals["requests"] == 3 and totals["rounds"] == steps
+        assert ray.get(worker.info.remote())["feedback"]["appended"] == 3
+    finally:
+        stop_controller()
+        ray.kill(worker)
+
+
+def test_done_marks_are_bounded(client, monkeypatch):
+    from draftpick.controller import controller as module
+
+    monkeypatch.setattr(module, "DONE_LIMIT", 3)
+    c = controller(client)
+    sink = c.sink()
+    for _ in range(5):
+        sink(request())
+    sink.flush(10)
+    assert c.fold_pending() == 5 and client.zcard(c.keys.done) == 3

@@ -21,7 +21,7 @@ from draftpick.workers.sampling import SamplingParams
 class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    arm: Arm
+    arm: Arm | None  # None: the controller decides (the worker needs a redis_url)
     tenant: str = ""
     context: str = ""
     request_id: str | None = None
@@ -31,7 +31,10 @@ class GenerateRequest:
 class EngineWorker:
     """Ray actor body (wrap with `worker_actor(cfg)`); testable as a plain class too."""
 
-    def __init__(self, cfg: DraftpickConfig):
+    def __init__(self, cfg: DraftpickConfig, redis_url: str | None = None):
+        """redis_url: learn live. Each finished request's rounds go to the feedback stream (a sink on
+        the engine), and requests without an arm are decided through the controller actor, or
+        by this worker over its own snapshot when the actor is down (controller.actor.DecisionClient)."""
         from draftpick.workers.factory import build_engine
         from draftpick.workers.models import set_threads
 
@@ -40,9 +43,31 @@ class EngineWorker:
         self.engine = build_engine(cfg)
         self.lock = asyncio.Lock()
         self.in_flight = 0
+        self.decisions = self.sink = None
+        if redis_url:
+            from draftpick.controller.actor import DecisionClient
+            from draftpick.controller.controller import describe
+
+            self.description = describe(cfg, self.engine)
+            self.decisions = DecisionClient(cfg, self.description, redis_url)
+            self.sink = self.decisions.local.sink()
+            self.engine.add_sink(self.sink)
 
     def info(self) -> dict:
-        return {"drafters": list(self.engine.drafters), "in_flight": self.in_flight}
+        return {"drafters": list(self.engine.drafters), "in_flight": self.in_flight,
+                **({"feedback": self.sink.status(), "decisions": self.decisions.status()} if self.sink else {})}
+
+    def _plan(self, req: GenerateRequest):
+        """(arm, round chooser or None, plan or None) of a request: its own arm, or the controller's."""
+        if req.arm is not None:
+            return req.arm, None, None
+        if self.decisions is None:
+            raise ValueError("a request without an arm needs a worker that learns (started with a redis_url)")
+        from draftpick.policies.types import Context
+
+        ctx = Context(tag=req.context, features=req.features, temperature=req.params.temperature, load=self.in_flight + 1)
+        plan = self.decisions.decide(ctx)
+        return plan.arm, self.decisions.local.chooser(plan, ctx), plan
 
     def tokenize(self, item: dict) -> list[int]:
         from draftpick.workers.inputs import encode_input
@@ -51,10 +76,11 @@ class EngineWorker:
 
     async def generate_stream(self, req: GenerateRequest):
         """Yields {"token_ids": [...]} per round, then {"result": <generate --json object>, "records": [...]}."""
-        if req.arm.k > self.cfg.engine.max_k:
-            raise ValueError(f"k = {req.arm.k} exceeds engine.max_k = {self.cfg.engine.max_k}")
-        g = self.engine.start(req.prompt_ids, req.params, req.arm, tenant=req.tenant, context=req.context,
-                              load=lambda: self.in_flight, features=req.features)
+        arm, chooser, plan = self._plan(req)
+        if arm.k > self.cfg.engine.max_k:
+            raise ValueError(f"k = {arm.k} exceeds engine.max_k = {self.cfg.engine.max_k}")
+        g = self.engine.start(req.prompt_ids, req.params, arm, tenant=req.tenant, context=req.context,
+                              chooser=chooser, load=lambda: self.in_flight, features=req.features)
         self.in_flight += 1
         try:
             while not g.done:
@@ -64,7 +90,11 @@ class EngineWorker:
         finally:
             self.in_flight -= 1
         res = g.result()
-        yield {"result": res.to_json(req.request_id), "records": [r.to_dict() for r in res.records]}
+        out = {"result": res.to_json(req.request_id), "records": [r.to_dict() for r in res.records]}
+        if plan is not None:
+            out["plan"] = {"arm": str(plan.arm), "policy": plan.policy, "context": plan.context,
+                           "decision_s": plan.decided_s}
+        yield out
 
     async def generate(self, req: GenerateRequest) -> dict:
         last = None
@@ -73,12 +103,13 @@ class EngineWorker:
         return last
 
 
-def worker_actor(cfg: DraftpickConfig):
-    """Start one worker actor with the CPU/GPU shares and thread count from the configuration."""
+def worker_actor(cfg: DraftpickConfig, redis_url: str | None = None):
+    """Start one worker actor with the CPU/GPU shares and thread count from the configuration
+    (with a redis_url it learns live, see EngineWorker)."""
     w = cfg.worker
     threads = str(w.torch_threads)
     cls = ray.remote(EngineWorker).options(
         num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_concurrency=w.max_concurrency,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
     )
-    return cls.remote(cfg)
+    return cls.remote(cfg, redis_url)
