@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from draftpick.controller.feedback import BadRecord, FeedbackSink, parse_entry
-from draftpick.controller.store import DONE_LIMIT, FOLD, GROUP, SCHEMA, Keys, flatten, namespace
+from draftpick.controller.store import DONE_LIMIT, FOLD, GROUP, SCHEMA, Keys, entry_score, flatten, namespace
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import decode
 from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
@@ -128,24 +128,33 @@ class Controller:
         return self.fold_batch([(entry_id, data)]) == 1
 
     def fold_batch(self, entries: list[tuple[str, bytes]]) -> int:
-        """Fold stream entries in one script call; a bad entry is counted and acknowledged, never
-        folded. Returns how many this call folded (entries already done are not counted)."""
-        if not entries:
-            return 0
-        args: list = [GROUP, DONE_LIMIT, len(entries)]
+        """Fold stream entries with one script call over their summed increments; a bad entry is
+        counted and acknowledged, never folded. Returns how many this call folded (entries another
+        consumer folded first are left out and the rest folded again)."""
+        incs = {}
         for entry_id, data in entries:
             try:
                 records, context = parse_entry(data, self.drafters, self.max_k)
-                incs = self.increments(records, context)
+                incs[entry_id] = self.increments(records, context)
             except BadRecord as e:
                 log.warning("draftpick: feedback entry %s rejected: %s", entry_id, e)
-                incs = ({}, {"rejected_records": 1}, {})
-            args += flatten(entry_id, *incs)
+                incs[entry_id] = ({}, {"rejected_records": 1}, {})
         keys = [self.keys.stats, self.keys.totals, self.keys.arms, self.keys.done, self.keys.feedback]
-        folded = int(self._fold(keys=keys, args=args))
-        if folded:
-            self._snapshot_at = -1e9  # the next decision reads the new statistics
-        return folded
+        while incs:
+            ids = list(incs)
+            sums: tuple[dict, dict, dict] = ({}, {}, {})
+            for parts in incs.values():
+                for total, part in zip(sums, parts):
+                    for k, v in part.items():
+                        total[k] = total.get(k, 0.0) + v
+            args = [GROUP, DONE_LIMIT, len(ids), *ids, *(entry_score(i) for i in ids), *flatten(*sums)]
+            already = [_id(i) for i in self._fold(keys=keys, args=args)]
+            if not already:
+                self._snapshot_at = -1e9  # the next decision reads the new statistics
+                return len(ids)
+            for i in already:
+                del incs[i]
+        return 0
 
     def fold_pending(self, count: int = 256, min_idle_ms: int = 30_000, block_ms: int | None = None) -> int:
         """Claim entries pending longer than min_idle_ms (a dead consumer's), then read new ones;

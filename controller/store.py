@@ -11,9 +11,10 @@ Schema (version 1; docs/controller.md), every key under `draftpick:v1:<namespace
 The namespace is a hash of the target's and every drafter's fingerprint, the policy, its options
 and its arms: statistics learned for other weights or another policy are never reused.
 
-Folding a batch of entries is one Lua script: an entry marked done is only acknowledged; the others'
-increments are summed and added to :stats, :totals and :arms (one HINCRBYFLOAT a field), and each is
-marked done, acknowledged and deleted from the stream. A consumer that dies before the script leaves the entry pending (another claims it with
+Folding a batch of entries is one Lua script over their summed increments: if any entry of the batch
+is already marked done, the script only acknowledges those and returns their ids, and the caller
+folds the rest again without them; otherwise it adds the sums to :stats, :totals and :arms (one
+HINCRBYFLOAT a field), marks every entry done, acknowledges it and deletes it from the stream. A consumer that dies before the script leaves the entry pending (another claims it with
 XAUTOCLAIM); one that dies after it leaves nothing to redo; a stalled consumer that runs the script
 for an entry another already folded finds the done mark.
 """
@@ -29,40 +30,34 @@ DONE_LIMIT = 100_000  # done marks kept (oldest dropped first): far more than ca
 FOLD = """
 local stats, totals, arms, done, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, limit, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local sums, order = {{}, {}, {}}, {{}, {}, {}}
-local i, folded = 4, 0
+local already = {}
 for e = 1, n do
-  local id, score = ARGV[i], tonumber(ARGV[i + 1]); i = i + 2
-  local skip = redis.call('ZSCORE', done, id)
-  for h = 1, 3 do
-    local m = tonumber(ARGV[i]); i = i + 1
-    if not skip then
-      for j = 1, m do
-        local f = ARGV[i]
-        if sums[h][f] == nil then sums[h][f] = 0; order[h][#order[h] + 1] = f end
-        sums[h][f] = sums[h][f] + tonumber(ARGV[i + 1])
-        i = i + 2
-      end
-    else
-      i = i + 2 * m
-    end
+  local id = ARGV[3 + e]
+  if redis.call('ZSCORE', done, id) then
+    redis.call('XACK', stream, group, id)
+    redis.call('XDEL', stream, id)
+    already[#already + 1] = id
   end
-  if not skip then
-    redis.call('ZADD', done, score, id)
-    folded = folded + 1
+end
+if #already > 0 then
+  return already
+end
+local i = 4 + 2 * n
+for _, key in ipairs({stats, totals, arms}) do
+  local m = tonumber(ARGV[i]); i = i + 1
+  for j = 1, m do
+    redis.call('HINCRBYFLOAT', key, ARGV[i], ARGV[i + 1]); i = i + 2
   end
+end
+for e = 1, n do
+  local id = ARGV[3 + e]
+  redis.call('ZADD', done, tonumber(ARGV[3 + n + e]), id)
   redis.call('XACK', stream, group, id)
   redis.call('XDEL', stream, id)
 end
-local hashes = {stats, totals, arms}
-for h = 1, 3 do
-  for _, f in ipairs(order[h]) do
-    redis.call('HINCRBYFLOAT', hashes[h], f, string.format('%.17g', sums[h][f]))
-  end
-end
 local extra = redis.call('ZCARD', done) - limit
 if extra > 0 then redis.call('ZPOPMIN', done, extra) end
-return folded
+return {}
 """
 
 
@@ -82,10 +77,9 @@ class Keys:
         return [self.meta, self.stats, self.totals, self.arms, self.feedback, self.done]
 
 
-def flatten(entry_id: str, *increments: dict[str, float]) -> list:
-    """One entry's part of the fold script's ARGV: its id and score, then for each hash its count
-    and field, delta pairs."""
-    out: list = [entry_id, entry_score(entry_id)]
+def flatten(*increments: dict[str, float]) -> list:
+    """The increments' part of the fold script's ARGV: for each hash its count and field, delta pairs."""
+    out: list = []
     for inc in increments:
         out.append(len(inc))
         for k, v in inc.items():
