@@ -399,3 +399,41 @@ def test_done_marks_are_bounded(client, monkeypatch):
         sink(request())
     sink.flush(10)
     assert c.fold_pending() == 5 and client.zcard(c.keys.done) == 3
+
+
+def test_the_controller_actor_outlives_the_process_that_started_it(ray_loopback, client):
+    """Started from inside another actor (as a Serve replica would), the controller survives when
+    that actor dies: it is detached, not owned."""
+    import ray
+
+    from draftpick.controller.actor import NAME, NAMESPACE, stop_controller
+    from draftpick.workers.config import DraftpickConfig
+
+    cfg = DraftpickConfig.model_validate({"target": {"name": "t", "path": "unused"}, "drafters": [{"type": "ngram"}],
+                                          "policy": {"name": "ucb1", "ks": [1, 2]}})
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/0"
+
+    @ray.remote(num_cpus=0)
+    class Starter:
+        def start(self, cfg, url):
+            from draftpick.controller.actor import start_controller
+
+            return ray.get(start_controller(cfg, {"schema": 1, "test": "owner"}, url).status.remote())["redis"]
+
+    starter = Starter.remote()
+    assert ray.get(starter.start.remote(cfg, url)) == "up"
+    ray.kill(starter)
+    time.sleep(1.0)
+    try:
+        assert ray.get(ray.get_actor(NAME, namespace=NAMESPACE).status.remote(), timeout=10)["redis"] == "up"
+    finally:
+        assert stop_controller()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # stopped for good: no restart
+        try:
+            ray.get_actor(NAME, namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the controller actor was not stopped")
