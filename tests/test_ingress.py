@@ -1,0 +1,96 @@
+"""The OpenAI-compatible ingress over an in-process engine (tiny models): completions, chat,
+streaming, errors, and decisions by the policy when a request pins no arm."""
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from draftpick.deploy.ingress import EngineBackend, make_app
+from draftpick.policies import Arm
+from draftpick.workers.config import DraftpickConfig
+from draftpick.workers.factory import build_engine
+from draftpick.workers.sampling import SamplingParams
+from tiny import save_models
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, target, tok):
+    root = save_models(tmp_path_factory.mktemp("ingress"), target, tok)
+    return DraftpickConfig.model_validate({
+        "target": {"name": "tiny", "path": str(root / "target")},
+        "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")}],
+        "engine": {"device": "cpu"}, "policy": {"name": "ucb1", "ks": [1, 3]}})
+
+
+@pytest.fixture(scope="module")
+def engine(cfg):
+    return build_engine(cfg)
+
+
+@pytest.fixture(scope="module")
+def http(cfg, engine):
+    return TestClient(make_app(EngineBackend(cfg, engine, max_tokens_limit=64)))
+
+
+def test_greedy_completion_over_http_equals_the_engine(http, engine, tok):
+    for arm in (Arm("ngram", 3), Arm("close", 2)):
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "the cat sat", "max_tokens": 24, "temperature": 0,
+                                              "draftpick": {"drafter": arm.drafter, "num_speculative_tokens": arm.k}})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = engine.generate(tok("the cat sat").input_ids, SamplingParams(max_tokens=24), Arm("none", 0))
+        assert body["choices"][0]["text"] == want.text and body["choices"][0]["finish_reason"] == want.finish_reason
+        assert body["usage"]["completion_tokens"] == len(want.token_ids)
+        assert body["metrics"]["speculative_decoding"]["num_spec_steps"] >= 1
+
+
+def test_chat_and_streaming_give_the_same_text(http):
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 20,
+            "temperature": 0, "draftpick": {"drafter": "close", "num_speculative_tokens": 3}}
+    whole = http.post("/v1/chat/completions", json=base).json()
+    assert whole["object"] == "chat.completion"
+    with http.stream("POST", "/v1/chat/completions", json={**base, "stream": True,
+                                                           "stream_options": {"include_usage": True}}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == whole["usage"] and "speculative_decoding" in chunks[-1]["metrics"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == whole["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/completions", b"{oops", 400, None),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 3}, 400, "n"),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "draftpick": {"drafter": "eagle"}}, 400, "draftpick.drafter"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+])
+def test_bad_requests_get_a_4xx_and_the_service_stays_healthy(http, path, body, status, param):
+    r = http.post(path, content=body if isinstance(body, bytes) else json.dumps(body),
+                  headers={"content-type": "application/json"})
+    assert r.status_code == status and r.json()["error"]["param"] == param
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_an_unpinned_request_is_decided_by_the_policy_and_learned(cfg, engine, redis_server):
+    from draftpick.controller.local import LocalLearning
+
+    redis_server.flushall()
+    url = f"redis://127.0.0.1:{redis_server.connection_pool.connection_kwargs['port']}/0"
+    learning = LocalLearning(cfg, engine, url)
+    try:
+        http = TestClient(make_app(EngineBackend(cfg, engine, learning, max_tokens_limit=64)))
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 10,
+                                              "draftpick": {"context": "code"}})
+        assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "ucb1"
+        assert r.json()["draftpick"]["context"] == "code"
+        assert http.get("/health").json()["redis"] == "up"
+    finally:
+        engine.sinks.remove(learning.sink)
+        learning.close()
+    assert learning.controller.stats()["totals"]["requests"] == 1
