@@ -24,10 +24,7 @@ class LocalLearning:
         engine.add_sink(self.sink)
 
     def context(self, item: dict, ids: list[int], temperature: float) -> Context:
-        tag = item.get("tag", "")
-        if not isinstance(tag, str) or not CONTEXT.match(tag):
-            raise InputError(f"`tag` must be up to 64 letters, digits or _.:/-, got {tag!r}")
-        return Context(tag=tag, features=prompt_features(input_text(item), ids, temperature), temperature=temperature)
+        return request_context(item, ids, temperature)
 
     def generate(self, item: dict, ids: list[int], params, tenant: str = ""):
         """(result, plan) of one request decided by the policy."""
@@ -37,6 +34,15 @@ class LocalLearning:
                                    chooser=self.controller.chooser(plan, ctx), features=ctx.features)
         return res, plan
 
+    def decide(self, context: Context) -> Plan:
+        return self.controller.decide(context)
+
+    def chooser(self, plan: Plan, context: Context):
+        return self.controller.chooser(plan, context)
+
+    def status(self) -> dict:
+        return {**self.controller.status(), "feedback": self.sink.status()}
+
     def close(self) -> int:
         """Append what is buffered, fold it, stop the embedded server; returns the entries folded."""
         try:
@@ -45,6 +51,14 @@ class LocalLearning:
         finally:
             if self.server is not None:
                 self.server.stop()
+
+
+def request_context(item: dict, ids: list[int], temperature: float) -> Context:
+    """What the policy sees of a request: its context tag (checked) and its prompt features."""
+    tag = item.get("tag", "")
+    if not isinstance(tag, str) or not CONTEXT.match(tag):
+        raise InputError(f"`tag` must be up to 64 letters, digits or _.:/-, got {tag!r}")
+    return Context(tag=tag, features=prompt_features(input_text(item), ids, temperature), temperature=temperature)
 
 
 def plan_json(plan: Plan) -> dict:

@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_info)
     _add_generate(sub.add_parser("generate", help="generate with speculative decoding (in-process engine)"))
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible endpoint with Ray Serve (learns live)")
+    s.add_argument("--config")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=cmd_serve)
     s = sub.add_parser("stats", help="what the policy has learned (Redis: REDIS_URL, else the embedded server)")
     s.add_argument("--config")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -224,6 +229,13 @@ def _generate_one(engine, learning, item, ids, params, arm, args) -> None:
         res, plan = learning.generate(item, ids, params, args.tenant)
         extra = {"draftpick": plan_json(plan)}
     print(json.dumps({**res.to_json(item.get("id")), **extra}) if args.json else res.text, flush=True)
+
+
+def cmd_serve(args) -> int:
+    from draftpick.deploy.serve import run_service
+
+    run_service(args.config, args.host, args.port)
+    return 0
 
 
 def cmd_stats(args) -> int:

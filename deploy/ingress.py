@@ -21,7 +21,9 @@ from draftpick.deploy.openai_protocol import ParsedRequest, ProtocolError, error
 
 
 class EngineBackend:
-    """An in-process engine behind the ingress; requests run one at a time in a worker thread."""
+    """An in-process engine behind the ingress; requests run one at a time in a worker thread.
+    learning: decides unpinned requests (`context`, `decide`, `chooser`, `status`), e.g.
+    controller.local.LocalLearning; None serves every request with its pinned or default arm."""
 
     def __init__(self, cfg, engine, learning=None, max_tokens_limit: int = 1024):
         self.cfg, self.engine, self.learning = cfg, engine, learning
@@ -55,9 +57,9 @@ class EngineBackend:
         item = {"prompt_token_ids": ids, "tag": context, **({"prompt": req.input["prompt"]} if "prompt" in req.input
                                                              else {"messages": req.input.get("messages", [])})}
         ctx = self.learning.context(item, ids, req.params.temperature)
-        plan = self.learning.controller.decide(ctx)
+        plan = self.learning.decide(ctx)
         g = self.engine.start(ids, req.params, plan.arm, context=context, features=ctx.features,
-                              chooser=self.learning.controller.chooser(plan, ctx))
+                              chooser=self.learning.chooser(plan, ctx))
         return g, plan
 
     async def steps(self, g):
@@ -68,7 +70,8 @@ class EngineBackend:
             yield tokens
 
 
-def make_app(backend) -> FastAPI:
+def new_app() -> FastAPI:
+    """A FastAPI app whose ProtocolErrors become their OpenAI-style 4xx responses."""
     app = FastAPI(title="draftpick")
 
     @app.exception_handler(ProtocolError)
@@ -76,36 +79,47 @@ def make_app(backend) -> FastAPI:
         status, body = error_body(exc)
         return JSONResponse(body, status_code=status)
 
-    @app.get("/health")
-    async def health():
-        state = {"engine": "up"}
-        if backend.learning is not None:
-            state.update(backend.learning.controller.status())
-        return {"status": "ok", **state}
+    return app
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": backend.model_name, "object": "model", "owned_by": "draftpick"}]}
 
-    async def serve(request: Request, kind: str):
-        req = parse(await request.body(), kind, backend.model_name, backend.cfg.drafter_names(),
-                    backend.cfg.engine.max_k, backend.max_tokens_limit, [backend.cfg.policy.name])
-        ids = backend.encode(req)
-        g, plan = backend.start(req, ids)
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        if req.stream:
-            return StreamingResponse(_stream(backend, g, plan, req, rid), media_type="text/event-stream")
-        async for _ in backend.steps(g):
-            pass
-        return _response(g.result(), plan, req, rid)
+def health(backend) -> dict:
+    state = {"engine": "up"}
+    if backend.learning is not None:
+        state.update(backend.learning.status())
+    return {"status": "ok", **state}
+
+
+def models(backend) -> dict:
+    return {"object": "list", "data": [{"id": backend.model_name, "object": "model", "owned_by": "draftpick"}]}
+
+
+async def handle(backend, request: Request, kind: str):
+    """One completion or chat request: parse, encode, decide, generate (or stream)."""
+    req = parse(await request.body(), kind, backend.model_name, backend.cfg.drafter_names(),
+                backend.cfg.engine.max_k, backend.max_tokens_limit, [backend.cfg.policy.name])
+    ids = backend.encode(req)
+    g, plan = backend.start(req, ids)
+    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+    if req.stream:
+        return StreamingResponse(_stream(backend, g, plan, req, rid), media_type="text/event-stream")
+    async for _ in backend.steps(g):
+        pass
+    return _response(g.result(), plan, req, rid)
+
+
+def make_app(backend) -> FastAPI:
+    """The ingress over one backend, without Serve (tests, embedding)."""
+    app = new_app()
+    app.get("/health")(lambda: health(backend))
+    app.get("/v1/models")(lambda: models(backend))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await serve(request, "completion")
+        return await handle(backend, request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await serve(request, "chat")
+        return await handle(backend, request, "chat")
 
     return app
 

@@ -94,3 +94,55 @@ def test_an_unpinned_request_is_decided_by_the_policy_and_learned(cfg, engine, r
         engine.sinks.remove(learning.sink)
         learning.close()
     assert learning.controller.stats()["totals"]["requests"] == 1
+
+
+@pytest.mark.integration
+def test_draftpick_serve_answers_over_http_learns_and_shuts_down_cleanly(cfg, engine, tok, redis_server, tmp_path):
+    """`draftpick serve` in a process of its own: real HTTP on loopback, a pinned request equal to
+    the engine's greedy output, an unpinned one decided by the controller; SIGTERM stops it all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import yaml
+
+    from draftpick.controller.redis_server import free_port
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_server.connection_pool.connection_kwargs['port']}/0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "draftpick.deploy.cli", "serve", "--config", str(tmp_path / "cfg.yaml"),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "ray address:" in line or proc.poll() is not None:
+                break
+        assert any("draftpick serving tiny at http://127.0.0.1:" in x for x in lines), "".join(lines)
+
+        def post(body):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+
+        pinned = post({"model": "tiny", "prompt": "the cat sat", "max_tokens": 16, "temperature": 0,
+                       "draftpick": {"drafter": "close", "num_speculative_tokens": 3}})
+        want = engine.generate(tok("the cat sat").input_ids, SamplingParams(max_tokens=16), Arm("none", 0))
+        assert pinned["choices"][0]["text"] == want.text
+        decided = post({"model": "tiny", "prompt": "x = 1\n", "max_tokens": 8, "temperature": 0})
+        assert decided["draftpick"]["policy"] == "ucb1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
+            assert json.loads(r.read())["status"] == "ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "shutting down" in out
