@@ -12,8 +12,10 @@ import signal
 import sys
 import threading
 
-from fastapi import Request
-from ray import serve
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray loads: a local Ray as one loopback node
+
+from fastapi import Request  # noqa: E402
+from ray import serve  # noqa: E402
 
 from draftpick.deploy import ingress
 
@@ -95,7 +97,6 @@ def build_app(cfg, redis_url: str | None = None):
 def run_service(config_path: str | None, host: str, port: int, ready=None) -> None:
     """`draftpick serve`: Ray (RAY_ADDRESS or a local one on loopback), Redis (REDIS_URL or the
     embedded server), the app; until SIGINT or SIGTERM, then everything it started is stopped."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray as one loopback node
     import ray
 
     from draftpick.controller.actor import stop_controller
@@ -120,10 +121,18 @@ def run_service(config_path: str | None, host: str, port: int, ready=None) -> No
         stop.wait()
     finally:
         print("draftpick: shutting down", file=sys.stderr, flush=True)
-        try:
-            serve.shutdown()
+        try:  # each step bounded: a cluster that is already going away must not hold the shutdown
+            _bounded(stop_controller, 20)
+            _bounded(serve.shutdown, 40)
         finally:
-            stop_controller()
             ray.shutdown()
             if redis_server is not None:
                 redis_server.stop()
+
+
+def _bounded(fn, seconds: float) -> None:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        print(f"draftpick: {getattr(fn, '__name__', fn)} did not finish in {seconds:.0f} s; going on", file=sys.stderr)
