@@ -43,6 +43,9 @@ class LocalLearning:
     def status(self) -> dict:
         return {**self.controller.status(), "feedback": self.sink.status()}
 
+    def stats(self) -> dict:
+        return self.controller.stats()
+
     def close(self) -> int:
         """Append what is buffered, fold it, stop the embedded server; returns the entries folded."""
         try:

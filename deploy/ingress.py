@@ -1,18 +1,21 @@
 """The OpenAI-compatible HTTP ingress (FastAPI), a thin shim over an injected backend.
 
 `make_app(backend)` serves `POST /v1/completions`, `POST /v1/chat/completions` (with `stream`:
-server-sent events ending with `data: [DONE]`, and `stream_options.include_usage`), `GET /v1/models`
-and `GET /health`. The backend turns a parsed request into tokens; `EngineBackend` runs an
-in-process engine (and, given a `LocalLearning`, lets the policy decide unpinned requests). The
-Ray Serve deployment of the coming `build_app` wraps this same app. Bad input is a 4xx with an
+server-sent events ending with `data: [DONE]`, and `stream_options.include_usage`), `GET /v1/models`,
+`GET /health` and `GET /v1/draftpick/stats`. An optional API key (401 without it) and a bound on
+admitted requests (429 with `Retry-After` beyond it) guard the routes. The backend turns a parsed
+request into tokens: `EngineBackend` runs an in-process engine (and, given a `LocalLearning`, lets
+the policy decide unpinned requests). The Ray Serve deployment (deploy.serve) serves the same routes. Bad input is a 4xx with an
 OpenAI-style body (deploy.openai_protocol); the app stays up.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,10 +28,16 @@ class EngineBackend:
     learning: decides unpinned requests (`context`, `decide`, `chooser`, `status`), e.g.
     controller.local.LocalLearning; None serves every request with its pinned or default arm."""
 
-    def __init__(self, cfg, engine, learning=None, max_tokens_limit: int = 1024):
+    def __init__(self, cfg, engine, learning=None, max_tokens_limit: int = 1024, api_key: str | None = None,
+                 max_queued: int | None = None):
+        """api_key: required as `Authorization: Bearer KEY` (default: $DRAFTPICK_API_KEY; unset: open).
+        max_queued: requests admitted at once (default: worker.max_concurrency); more get a 429."""
         self.cfg, self.engine, self.learning = cfg, engine, learning
         self.model_name = cfg.target.name
         self.max_tokens_limit = max_tokens_limit
+        self.api_key = api_key if api_key is not None else os.environ.get("DRAFTPICK_API_KEY") or None
+        self.max_queued = max_queued or cfg.worker.max_concurrency
+        self.admitted = 0
         self.lock = asyncio.Lock()
 
     def encode(self, req: ParsedRequest) -> list[int]:
@@ -77,9 +86,37 @@ def new_app() -> FastAPI:
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request, exc: ProtocolError):
         status, body = error_body(exc)
-        return JSONResponse(body, status_code=status)
+        headers = {"Retry-After": "1"} if status == 429 else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     return app
+
+
+def authorize(backend, request: Request) -> None:
+    if backend.api_key and request.headers.get("authorization") != f"Bearer {backend.api_key}":
+        raise ProtocolError("a valid API key is required: `Authorization: Bearer KEY`", None, status=401,
+                            code="invalid_api_key")
+
+
+@asynccontextmanager
+async def admitted(backend):
+    """Admit a request, or refuse it with a 429 when max_queued are already admitted."""
+    if backend.admitted >= backend.max_queued:
+        raise ProtocolError(f"the server is at its bound of {backend.max_queued} requests; retry later", None,
+                            status=429, type_="rate_limit_error", code="rate_limit_exceeded")
+    backend.admitted += 1
+    try:
+        yield
+    finally:
+        backend.admitted -= 1
+
+
+def stats(backend, request: Request) -> dict:
+    """What `draftpick stats --json` prints, for the service's namespace."""
+    authorize(backend, request)
+    if backend.learning is None:
+        raise ProtocolError("this server does not learn (no Redis)", None, status=404, code="not_learning")
+    return backend.learning.stats()
 
 
 def health(backend) -> dict:
@@ -94,17 +131,32 @@ def models(backend) -> dict:
 
 
 async def handle(backend, request: Request, kind: str):
-    """One completion or chat request: parse, encode, decide, generate (or stream)."""
+    """One completion or chat request: authorize, admit, parse, encode, decide, generate (or stream)."""
+    authorize(backend, request)
+    async with admitted(backend):
+        return await _handle(backend, request, kind)
+
+
+async def _handle(backend, request: Request, kind: str):
     req = parse(await request.body(), kind, backend.model_name, backend.cfg.drafter_names(),
                 backend.cfg.engine.max_k, backend.max_tokens_limit, [backend.cfg.policy.name])
     ids = backend.encode(req)
     g, plan = backend.start(req, ids)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-    if req.stream:
-        return StreamingResponse(_stream(backend, g, plan, req, rid), media_type="text/event-stream")
+    if req.stream:  # admitted until the stream ends
+        backend.admitted += 1
+        return StreamingResponse(_release(backend, _stream(backend, g, plan, req, rid)), media_type="text/event-stream")
     async for _ in backend.steps(g):
         pass
     return _response(g.result(), plan, req, rid)
+
+
+async def _release(backend, events):
+    try:
+        async for e in events:
+            yield e
+    finally:
+        backend.admitted -= 1
 
 
 def make_app(backend) -> FastAPI:
@@ -112,6 +164,10 @@ def make_app(backend) -> FastAPI:
     app = new_app()
     app.get("/health")(lambda: health(backend))
     app.get("/v1/models")(lambda: models(backend))
+
+    @app.get("/v1/draftpick/stats")
+    def draftpick_stats(request: Request):
+        return stats(backend, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

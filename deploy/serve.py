@@ -48,6 +48,9 @@ class _ServiceLearning:
     def status(self) -> dict:
         return {**self.decisions.status(), "feedback": self.sink.status()}
 
+    def stats(self) -> dict:
+        return self.decisions.local.stats()
+
 
 @serve.deployment
 @serve.ingress(api)
@@ -68,6 +71,10 @@ class DraftpickServer:
     @api.get("/v1/models")
     def models(self):
         return ingress.models(self.backend)
+
+    @api.get("/v1/draftpick/stats")
+    def draftpick_stats(self, request: Request):
+        return ingress.stats(self.backend, request)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):

@@ -77,23 +77,28 @@ def test_bad_requests_get_a_4xx_and_the_service_stays_healthy(http, path, body, 
     assert http.get("/v1/models").json()["data"][0]["id"] == "tiny"
 
 
-def test_an_unpinned_request_is_decided_by_the_policy_and_learned(cfg, engine, redis_server):
+@pytest.fixture
+def learning(cfg, engine, redis_server):
+    """The policy deciding and learning in Redis, with its sink on the (shared) engine while the test runs."""
     from draftpick.controller.local import LocalLearning
 
     redis_server.flushall()
     url = f"redis://127.0.0.1:{redis_server.connection_pool.connection_kwargs['port']}/0"
     learning = LocalLearning(cfg, engine, url)
-    try:
-        http = TestClient(make_app(EngineBackend(cfg, engine, learning, max_tokens_limit=64)))
-        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 10,
-                                              "draftpick": {"context": "code"}})
-        assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "ucb1"
-        assert r.json()["draftpick"]["context"] == "code"
-        assert http.get("/health").json()["redis"] == "up"
-    finally:
-        engine.sinks.remove(learning.sink)
-        learning.close()
-    assert learning.controller.stats()["totals"]["requests"] == 1
+    yield learning
+    engine.sinks.remove(learning.sink)
+    learning.close()
+
+
+def test_an_unpinned_request_is_decided_by_the_policy_and_learned(cfg, engine, learning):
+    http = TestClient(make_app(EngineBackend(cfg, engine, learning, max_tokens_limit=64)))
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 10,
+                                          "draftpick": {"context": "code"}})
+    assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "ucb1"
+    assert r.json()["draftpick"]["context"] == "code"
+    assert http.get("/health").json()["redis"] == "up"
+    learning.sink.flush(10)
+    assert learning.controller.fold_pending() == 1 and learning.controller.stats()["totals"]["requests"] == 1
 
 
 @pytest.mark.integration
@@ -146,3 +151,40 @@ def test_draftpick_serve_answers_over_http_learns_and_shuts_down_cleanly(cfg, en
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, "".join(lines) + out
     assert "shutting down" in out
+
+
+def test_an_api_key_is_required_when_configured(cfg, engine):
+    http = TestClient(make_app(EngineBackend(cfg, engine, max_tokens_limit=64, api_key="k3y")))
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 4, "draftpick": {"drafter": "ngram"}}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k3y"}).status_code == 200
+    assert http.get("/health").status_code == 200  # health stays open
+
+
+def test_a_burst_beyond_the_bound_gets_429_with_retry_after_and_the_rest_is_served(cfg, engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = EngineBackend(cfg, engine, max_tokens_limit=64, max_queued=1)
+    http = TestClient(make_app(backend))
+    body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 60, "temperature": 0,
+            "draftpick": {"drafter": "close", "num_speculative_tokens": 1}}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: http.post("/v1/completions", json=body), range(6)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.headers["retry-after"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
+    assert backend.admitted == 0 and http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_stats_route_shows_what_was_learned(cfg, engine, learning):
+    http = TestClient(make_app(EngineBackend(cfg, engine, learning, max_tokens_limit=64)))
+    for _ in range(2):
+        assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 6}).status_code == 200
+    learning.sink.flush(10)
+    learning.controller.fold_pending()
+    assert http.get("/v1/draftpick/stats").json()["totals"]["requests"] == 2
+    plain = TestClient(make_app(EngineBackend(cfg, engine)))
+    assert plain.get("/v1/draftpick/stats").status_code == 404
