@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 
 from draftpick.bench import machine, write_results
 
@@ -36,9 +37,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import os
-
-    from draftpick.controller.controller import from_config
     from draftpick.controller.local import LocalLearning
     from draftpick.workers.config import load_config
     from draftpick.workers.factory import build_engine
@@ -49,32 +47,22 @@ def run(args) -> int:
         raise ValueError("--requests, --decisions, --callers must be >= 1 and --seconds > 0")
     cfg = load_config(args.config)
     engine = build_engine(cfg)
-    url = os.environ.get("REDIS_URL")
     with tempfile.TemporaryDirectory() as tmp:
-        learning = LocalLearning(cfg, engine, url) if url else _private(cfg, engine, tmp)
-        results = [learning.generate(item, ids, SamplingParams(max_tokens=args.max_tokens))
-                   for item, ids in zip(PROMPTS, encode_inputs(engine.tokenizer, PROMPTS))]
-        learning.sink.close()
-        learning.controller.fold_pending()
-        ctrl = from_config(cfg, engine, learning.client)
-        report = {"how": _how(args, cfg), "requests_generated": len(results)}
-        report["decisions"] = _decisions(ctrl, results, args.decisions)
-        report["folding"] = _folding(ctrl, results, args.requests)
-        report["ray"] = _ray_decisions(cfg, ctrl, learning, args.callers, args.seconds)
-        if learning.server is not None:
-            learning.server.stop()
+        learning = LocalLearning(cfg, engine, data_dir=tmp)  # REDIS_URL, else a private server in tmp
+        try:
+            results = [learning.generate(item, ids, SamplingParams(max_tokens=args.max_tokens))
+                       for item, ids in zip(PROMPTS, encode_inputs(engine.tokenizer, PROMPTS))]
+            learning.sink.close()
+            ctrl = learning.controller
+            ctrl.fold_pending()
+            report = {"how": _how(args, cfg), "requests_generated": len(results)}
+            report["decisions"] = _decisions(ctrl, results, args.decisions)
+            report["folding"] = _folding(ctrl, results, args.requests)
+            report["ray"] = _ray_decisions(cfg, ctrl, learning.redis_url, args.callers, args.seconds)
+        finally:
+            learning.close()
     write_results(args.out, "controller", report, _markdown(report))
     return 0
-
-
-def _private(cfg, engine, tmp):
-    from draftpick.controller.local import LocalLearning
-    from draftpick.controller.redis_server import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp).start()
-    learning = LocalLearning(cfg, engine, server.url)
-    learning.server = server
-    return learning
 
 
 def _how(args, cfg) -> dict:
@@ -120,7 +108,7 @@ def _folding(ctrl, results, n: int) -> dict:
     t0 = time.perf_counter()
     for i in range(n):
         res, _ = results[i % len(results)]
-        records = [r.__class__(**{**r.to_dict(), "context": contexts[i % 4]}) for r in res.records]
+        records = [replace(r, context=contexts[i % 4]) for r in res.records]
         sink(SimpleNamespace(records=records, context=contexts[i % 4], tenant=""))
     sink.close(120)
     appended = time.perf_counter() - t0
@@ -140,14 +128,12 @@ def _folding(ctrl, results, n: int) -> dict:
             "redis_commands_sent_per_request": trips / n}
 
 
-def _ray_decisions(cfg, ctrl, learning, callers: int, seconds: float) -> dict:
+def _ray_decisions(cfg, ctrl, redis_url: str, callers: int, seconds: float) -> dict:
     import ray
 
     from draftpick.controller.actor import start_controller, stop_controller
     from draftpick.policies.types import Context
 
-    url = learning.client.connection_pool.connection_kwargs
-    redis_url = f"redis://{url.get('host', '127.0.0.1')}:{url['port']}/{url.get('db', 0)}"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         actor = start_controller(cfg, ctrl.description, redis_url)

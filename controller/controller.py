@@ -22,7 +22,7 @@ import numpy as np
 from draftpick.controller.feedback import BadRecord, FeedbackSink, parse_entry
 from draftpick.controller.store import DONE_LIMIT, FOLD, GROUP, SCHEMA, Keys, entry_score, flatten, namespace
 from draftpick.policies.base import record_arm
-from draftpick.policies.state import decode
+from draftpick.policies.state import add, decode
 from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
 
 log = logging.getLogger(__name__)
@@ -111,16 +111,14 @@ class Controller:
         stats: dict[str, float] = {}
         folded = [aggregate(records)] if getattr(self.policy, "level", "request") == "request" else records
         for r in folded:
-            for k, v in self.policy.increments(r).items():
-                stats[k] = stats.get(k, 0.0) + v
+            add(stats, self.policy.increments(r))
         totals = {"requests": 1, "rounds": len(records), "draft_tokens": sum(r.num_drafted for r in records),
                   "accepted_tokens": sum(r.accepted for r in records)}
         arms: dict[str, float] = {}
         for r in records:
             base = f"{context or '-'}|{record_arm(r)}"
-            for name, v in (("rounds", 1), ("accepted", r.accepted), ("emitted", r.emitted),
-                            ("seconds", r.draft_s + r.verify_s)):
-                arms[f"{base}|{name}"] = arms.get(f"{base}|{name}", 0.0) + v
+            add(arms, {f"{base}|rounds": 1, f"{base}|accepted": r.accepted, f"{base}|emitted": r.emitted,
+                       f"{base}|seconds": r.draft_s + r.verify_s})
         return stats, totals, arms
 
     def fold(self, entry_id: str, data) -> bool:
@@ -145,8 +143,7 @@ class Controller:
             sums: tuple[dict, dict, dict] = ({}, {}, {})
             for parts in incs.values():
                 for total, part in zip(sums, parts):
-                    for k, v in part.items():
-                        total[k] = total.get(k, 0.0) + v
+                    add(total, part)
             args = [GROUP, DONE_LIMIT, len(ids), *ids, *(entry_score(i) for i in ids), *flatten(*sums)]
             already = [_id(i) for i in self._fold(keys=keys, args=args)]
             if not already:

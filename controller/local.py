@@ -7,6 +7,8 @@ that `draftpick stats` right after shows them and the next run decides from them
 """
 from __future__ import annotations
 
+import os
+
 from draftpick.controller.controller import Plan, from_config
 from draftpick.controller.feedback import CONTEXT
 from draftpick.controller.redis_server import connect
@@ -16,9 +18,12 @@ from draftpick.workers.inputs import InputError, input_text
 
 
 class LocalLearning:
-    def __init__(self, cfg, engine, redis_url: str | None = None):
+    def __init__(self, cfg, engine, redis_url: str | None = None, data_dir=None):
+        """redis_url: else REDIS_URL, else an embedded server with its data in data_dir (default:
+        $DRAFTPICK_HOME/redis)."""
         self.engine = engine
-        self.client, self.server = connect(redis_url)
+        self.client, self.server = connect(redis_url, data_dir)
+        self.redis_url = redis_url or os.environ.get("REDIS_URL") or self.server.url
         self.controller = from_config(cfg, engine, self.client)
         self.sink = self.controller.sink()
         engine.add_sink(self.sink)

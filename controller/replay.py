@@ -21,6 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from draftpick.policies.base import record_arm
+from draftpick.policies.state import add
 from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
 from draftpick.workers.trace import TraceError, TraceRequest, load_trace
 
@@ -61,7 +62,7 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
         emitted = min(matched + 1, n - g)
         draft_s = d["draft_s_per_token"].get(arm.drafter, 0.0) * proposed
         rec = RoundRecord(
-            drafter=arm.drafter if k else "none", k=max(k, 0), num_drafted=proposed, accepted=matched,
+            drafter=arm.drafter if k else "none", k=k, num_drafted=proposed, accepted=matched,
             emitted=emitted, draft_s=draft_s, verify_s=verify[proposed], propensity=choice.propensity,
             accepted_per_pos=[1] * matched + ([0] if matched < proposed else []),
             per_drafter=_per_drafter(d, g, matched + 1, arm.drafter, k), context=d.get("tag", ""), features=d.get("features", []),
@@ -142,7 +143,7 @@ class Replayer:
                     agg, secs, _ = self.fixed(i, choice.arm)
                     recs = []
                     if agg is not None:
-                        _fold(stats, policy.increments(replace(agg, propensity=choice.propensity, time=t)))
+                        add(stats, policy.increments(replace(agg, propensity=choice.propensity, time=t)))
                     arm = str(choice.arm)
                 total_tok += req.n
                 total_s += secs
@@ -165,7 +166,7 @@ class Replayer:
 
         recs, secs = simulate(req, choose, self.arms, t0=t)
         for rec in recs:
-            _fold(stats, policy.increments(rec))
+            add(stats, policy.increments(rec))
         return recs, secs
 
     def oracle(self) -> dict:
@@ -177,11 +178,6 @@ class Replayer:
             "best_fixed": {"arm": str(self.arms[best]), "tokens_per_s": tokens / seconds[:, best].sum()},
             "fixed": {str(a): tokens / seconds[:, j].sum() for j, a in enumerate(self.arms)},
         }
-
-
-def _fold(stats: dict, inc: dict) -> None:
-    for k, v in inc.items():
-        stats[k] = stats.get(k, 0.0) + v
 
 
 def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:

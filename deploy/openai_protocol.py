@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from draftpick.controller.feedback import CONTEXT
 from draftpick.workers.sampling import MAX_SEED, MIN_TEMPERATURE, SamplingParams
 
 # parameters the engine cannot honour without changing what the target would produce, and when a
@@ -53,7 +54,7 @@ class DraftpickOptions(BaseModel):
     drafter: str | None = None
     num_speculative_tokens: int | None = Field(None, ge=0)
     policy: str | None = None
-    context: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:/-]{0,64}$")
+    context: str | None = Field(None, pattern=CONTEXT.pattern)  # what a feedback record's context may be
 
 
 class StreamOptions(BaseModel):

@@ -111,9 +111,8 @@ def run_service(config_path: str | None, host: str, port: int, ready=None) -> No
     from draftpick.workers.config import load_config
 
     cfg = load_config(config_path)
-    client, redis_server = connect()
-    kw = client.connection_pool.connection_kwargs
-    redis_url = os.environ.get("REDIS_URL") or f"redis://{kw.get('host', '127.0.0.1')}:{kw['port']}/{kw.get('db', 0)}"
+    _, redis_server = connect()  # REDIS_URL (checked), else the embedded server
+    redis_url = os.environ.get("REDIS_URL") or redis_server.url  # the actor and replicas connect to the same
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,3 +19,9 @@ def decode(fields: Mapping[str | bytes, str | bytes]) -> dict[str, float]:
         k = k.decode() if isinstance(k, bytes) else k
         out[k] = float(v.decode() if isinstance(v, bytes) else v)
     return out
+
+
+def add(stats: dict[str, float], increments: Mapping[str, float]) -> None:
+    """Fold a policy's increments into a plain dict of statistics (what HINCRBYFLOAT does in Redis)."""
+    for k, v in increments.items():
+        stats[k] = stats.get(k, 0.0) + v

@@ -223,7 +223,7 @@ def test_a_plugin_policy_learns_live_exactly_as_in_replay(client, monkeypatch):
     controller as by replay's fold."""
     from pathlib import Path
 
-    from draftpick.controller.replay import _fold
+    from draftpick.policies.state import add
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "examples"))
     c = controller(client, policy="greedy_mean:GreedyMean")
@@ -232,7 +232,7 @@ def test_a_plugin_policy_learns_live_exactly_as_in_replay(client, monkeypatch):
     offline: dict = {}
     for r in reqs:
         sink(r)
-        _fold(offline, c.policy.increments(aggregate(r.records)))
+        add(offline, c.policy.increments(aggregate(r.records)))
     sink.flush(10)
     c.fold_pending()
     live = stats_of(c)
