@@ -34,7 +34,15 @@ def _controller(cfg, description: dict, redis_url: str, consumer: str | None = N
 
 
 class ControllerActor:
-    def __init__(self, cfg, description: dict, redis_url: str, fold_block_ms: int = 500):
+    def __init__(self, cfg, description: dict, redis_url: str | None, fold_block_ms: int = 500,
+                 redis_port: int | None = None, redis_password: str | None = None):
+        """redis_url None: start the embedded Redis on this node (its address, the given port and
+        password; stopped with the actor, restarted with it on the same address)."""
+        self.redis_server = None
+        if redis_url is None:
+            self.redis_server = _embedded_redis(redis_port, redis_password)
+            redis_url = self.redis_server.url
+        self._redis_url = redis_url
         self.controller = _controller(cfg, description, redis_url, consumer=f"{NAME}-{int(time.time() * 1000)}")
         self.folded, self.fold_error = 0, None
         self._stop = threading.Event()
@@ -62,17 +70,60 @@ class ControllerActor:
         return {**self.controller.status(), "folded": self.folded, "fold_error": self.fold_error,
                 "snapshot_error": self.controller.redis_error}
 
+    def redis_url(self) -> str:
+        return self._redis_url
+
     def stop(self) -> None:
+        """Stop folding in the background, fold what is left, then stop the embedded Redis (if any)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        try:
+            self.folded += self.controller.fold_pending()
+        except Exception as e:  # Redis down: the entries stay in the stream for the next controller
+            log.warning("draftpick: final fold failed: %s", e)
+        if self.redis_server is not None:
+            self.redis_server.stop()
 
 
-def start_controller(cfg, description: dict, redis_url: str):
-    """The named, detached controller actor (an existing one is reused)."""
+def _embedded_redis(port: int | None, password: str | None, wait_s: float = 15.0):
+    """The embedded Redis on this Ray node's address. After a restart of the actor the previous
+    server may still be flushing on the port for a moment: retry until it is free."""
+    from draftpick.controller.redis_server import EmbeddedRedis, RedisUnavailable
+
+    host = ray.util.get_node_ip_address()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return EmbeddedRedis(port=port, host=host, password=password, die_with_parent=True).start()
+        except RedisUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def start_controller(cfg, description: dict, redis_url: str | None):
+    """The named, detached controller actor (an existing one is reused). redis_url None: the actor
+    starts the embedded Redis on its node (`ray.get(actor.redis_url.remote())` says where)."""
+    import secrets
+
+    from draftpick.controller.redis_server import free_port
+
     cls = ray.remote(ControllerActor).options(
         name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
         max_task_retries=-1, num_cpus=0, max_concurrency=16)
-    return cls.remote(cfg, description, redis_url)
+    if redis_url:
+        return cls.remote(cfg, description, redis_url)
+    return cls.remote(cfg, description, None, redis_port=free_port(), redis_password=secrets.token_hex(16))
+
+
+def service_redis_url(cfg, description: dict, redis_url: str | None = None) -> str:
+    """Start (or find) the controller actor and return the Redis URL the service uses: redis_url,
+    else $REDIS_URL, else the controller's embedded server."""
+    import os
+
+    redis_url = redis_url or os.environ.get("REDIS_URL") or None
+    actor = start_controller(cfg, description, redis_url)
+    return redis_url or ray.get(actor.redis_url.remote(), timeout=60)
 
 
 def stop_controller() -> bool:
@@ -101,6 +152,8 @@ class DecisionClient:
 
     def decide(self, context: Context) -> Plan:
         try:
+            if not ray.is_initialized():  # no Ray here, so no actor (and no Ray started by asking)
+                raise RuntimeError("Ray is not initialized")
             actor = ray.get_actor(NAME, namespace=NAMESPACE)
             plan = ray.get(actor.decide.remote(context), timeout=self.timeout_s)
             self.controller_error = None

@@ -198,9 +198,13 @@ class Controller:
 
     def status(self) -> dict:
         try:
-            self.client.ping()
             pending = self.client.xpending(self.keys.feedback, GROUP)["pending"]
-            return {"redis": "up", "pending": pending, "namespace": self.keys.prefix}
+            groups = {_id(g["name"]): g for g in self.client.xinfo_groups(self.keys.feedback)}
+            undelivered = groups.get(GROUP, {}).get("lag") or 0
+            rejected, dropped = (float(v or 0) for v in self.client.hmget(self.keys.totals, "rejected_records",
+                                                                          "dropped_records"))
+            return {"redis": "up", "pending": pending, "lag": pending + undelivered, "namespace": self.keys.prefix,
+                    "rejected_records": rejected, "dropped_records": dropped}
         except Exception as e:
             return {"redis": f"down: {type(e).__name__}: {e}", "namespace": self.keys.prefix}
 

@@ -44,7 +44,8 @@ class FeedbackSink:
         self._thread.start()
 
     def __call__(self, result) -> None:
-        self.put(json.dumps(entry(result)))
+        if result.records:  # a request cancelled before its first round has nothing to learn from
+            self.put(json.dumps(entry(result)))
 
     def put(self, data: str) -> None:
         with self._cv:

@@ -1,7 +1,7 @@
 """Where the learned state lives: `REDIS_URL` (password and rediss:// URLs work), or a private
 `redis-server` that draftpick starts itself.
 
-The embedded server listens on a free loopback port, keeps its data in its own directory with an
+The embedded server listens on a free loopback port (or another address, then with a password), keeps its data in its own directory with an
 append-only file written with `appendfsync always` (an acknowledged write survives a kill), holds
 a lock on that directory so that a second server cannot use it at the same time, and is stopped
 when the process exits.
@@ -28,24 +28,40 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DRAFTPICK_HOME", Path.home() / ".cache" / "draftpick")) / "redis"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-class EmbeddedRedis:
-    """A private redis-server on 127.0.0.1 (use as a context manager, or `start()` / `stop()`)."""
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
 
-    def __init__(self, data_dir: str | Path | None = None, port: int | None = None):
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class EmbeddedRedis:
+    """A private redis-server (use as a context manager, or `start()` / `stop()`).
+
+    host: the address it binds (default 127.0.0.1); any other needs a password. die_with_parent:
+    the kernel stops the server when the process that started it dies (a killed Ray actor)."""
+
+    def __init__(self, data_dir: str | Path | None = None, port: int | None = None, host: str = "127.0.0.1",
+                 password: str | None = None, die_with_parent: bool = False):
+        if host != "127.0.0.1" and not password:
+            raise ValueError(f"an embedded Redis on {host} (not loopback) needs a password")
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
-        self.port = port
+        self.port, self.host, self.password = port, host, password
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen | None = None
         self._lock = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> "EmbeddedRedis":
         exe = shutil.which("redis-server")
@@ -60,11 +76,13 @@ class EmbeddedRedis:
             self._lock = None
             raise RedisUnavailable(f"another draftpick Redis server uses {self.data_dir} (locked); "
                                    "set REDIS_URL to share it, or give another data directory") from None
-        self.port = self.port or free_port()
+        self.port = self.port or free_port(self.host)
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir), "--appendonly", "yes",
-             "--appendfsync", "always", "--save", "", "--protected-mode", "yes", "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [exe, "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir), "--appendonly", "yes",
+             "--appendfsync", "always", "--save", "", "--protected-mode", "yes", "--logfile", "redis.log", *auth],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent else None)
         atexit.register(self.stop)
         self._wait()
         return self
@@ -72,7 +90,7 @@ class EmbeddedRedis:
     def _wait(self, timeout: float = 10.0) -> None:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port)
+        client = redis.Redis(host=self.host, port=self.port, password=self.password)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -1,86 +1,267 @@
-"""The OpenAI-compatible HTTP ingress (FastAPI), a thin shim over an injected backend.
+"""The OpenAI-compatible HTTP ingress (FastAPI) in front of worker(s) hosting the engine.
 
-`make_app(backend)` serves `POST /v1/completions`, `POST /v1/chat/completions` (with `stream`:
-server-sent events ending with `data: [DONE]`, and `stream_options.include_usage`), `GET /v1/models`,
-`GET /health` and `GET /v1/draftpick/stats`. An optional API key (401 without it) and a bound on
-admitted requests (429 with `Retry-After` beyond it) guard the routes. The backend turns a parsed
-request into tokens: `EngineBackend` runs an in-process engine (and, given a `LocalLearning`, lets
-the policy decide unpinned requests). The Ray Serve deployment (deploy.serve) serves the same routes. Bad input is a 4xx with an
-OpenAI-style body (deploy.openai_protocol); the app stays up.
+`Ingress` does what happens once per request, before and after the worker: the API key (401), the
+bound on admitted requests (429 with `Retry-After`), parsing and validation (deploy.openai_protocol:
+4xx with an OpenAI-style body), tokenisation and the chat template, the prompt check, the pinned
+arm or the prompt features the policy decides on, then the response (JSON, or server-sent events
+ending with `data: [DONE]`) and the Prometheus metrics. The worker is a backend with an async
+`stream(GenerateRequest)` of the events of workers.actor.EngineWorker.generate_stream:
+`LocalBackend` runs an EngineWorker in this process (tests, embedding), deploy.serve's
+`ServeBackend` calls the worker deployment through a Serve handle. A client that goes away cancels
+its generation; the rounds it ran still feed back.
+
+`make_app(ingress)` serves `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
+`GET /health`, `GET /metrics` and `GET /v1/draftpick/stats`; the Serve deployment serves the same
+app, its routes reading the replica's `Ingress` from `app.state.ingress`.
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import os
+import logging
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from draftpick.deploy.metrics import Metrics
 from draftpick.deploy.openai_protocol import ParsedRequest, ProtocolError, error_body, parse
+from draftpick.workers.actor import GenerateRequest
+
+log = logging.getLogger(__name__)
 
 
-class EngineBackend:
-    """An in-process engine behind the ingress; requests run one at a time in a worker thread.
-    learning: decides unpinned requests (`context`, `decide`, `chooser`, `status`), e.g.
-    controller.local.LocalLearning; None serves every request with its pinned or default arm."""
+class LocalBackend:
+    """An EngineWorker in this process behind the ingress."""
 
-    def __init__(self, cfg, engine, learning=None, max_tokens_limit: int = 1024, api_key: str | None = None,
-                 max_queued: int | None = None):
-        """api_key: required as `Authorization: Bearer KEY` (default: $DRAFTPICK_API_KEY; unset: open).
-        max_queued: requests admitted at once (default: worker.max_concurrency); more get a 429."""
-        self.cfg, self.engine, self.learning = cfg, engine, learning
+    def __init__(self, worker):
+        self.worker = worker
+
+    async def limits(self) -> dict:
+        return self.worker.limits()
+
+    def stream(self, req: GenerateRequest):
+        return self.worker.generate_stream(req)
+
+    async def status(self) -> dict:
+        return self.worker.status()
+
+    async def stats(self) -> dict | None:
+        return self.worker.stats()
+
+
+class Ingress:
+    def __init__(self, cfg, backend, tokenizer, api_key: str | None = None, max_admitted: int | None = None):
+        """api_key: required as `Authorization: Bearer KEY` (default: serve.api_key of the configuration,
+        else $DRAFTPICK_API_KEY; neither: open). max_admitted: requests admitted at once, streams until
+        they end (default: the workers' max_concurrency plus serve.max_queued); more get a 429."""
+        self.cfg, self.backend, self.tokenizer = cfg, backend, tokenizer
         self.model_name = cfg.target.name
-        self.max_tokens_limit = max_tokens_limit
-        self.api_key = api_key if api_key is not None else os.environ.get("DRAFTPICK_API_KEY") or None
-        self.max_queued = max_queued or cfg.worker.max_concurrency
+        self.api_key = api_key if api_key is not None else cfg.serve.resolved_api_key()
+        w = cfg.worker
+        replicas = w.autoscaling.max_replicas if w.autoscaling else w.replicas
+        self.max_admitted = max_admitted or w.max_concurrency * replicas + cfg.serve.max_queued
         self.admitted = 0
-        self.lock = asyncio.Lock()
+        self.metrics = Metrics()
+        self._limits: dict | None = None
 
-    def encode(self, req: ParsedRequest) -> list[int]:
+    # --- guards -------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise ProtocolError("a valid API key is required: `Authorization: Bearer KEY`", None, status=401,
+                                code="invalid_api_key")
+
+    @asynccontextmanager
+    async def admit(self):
+        if self.admitted >= self.max_admitted:
+            raise ProtocolError(f"the server is at its bound of {self.max_admitted} requests; retry later", None,
+                                status=429, type_="rate_limit_error", code="rate_limit_exceeded")
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
+
+    # --- routes -------------------------------------------------------------------------------
+    async def health(self) -> dict:
+        """200 while requests can be answered, also degraded (Redis or the controller down)."""
+        try:
+            state = await self.backend.status()
+        except Exception as e:
+            raise ProtocolError(f"the worker cannot answer: {type(e).__name__}", None, status=503,
+                                type_="service_unavailable", code="worker_down") from None
+        degraded = any(str(state.get(k, "up")).startswith("down") for k in ("redis", "controller"))
+        return {"status": "degraded" if degraded else "ok", "ingress": {"admitted": self.admitted}, **state}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "draftpick"}]}
+
+    async def stats(self, request: Request) -> dict:
+        """What `draftpick stats --json` prints, for the service's namespace."""
+        self.authorize(request)
+        out = await self.backend.stats()
+        if out is None:
+            raise ProtocolError("this server does not learn (no Redis)", None, status=404, code="not_learning")
+        return out
+
+    async def prometheus(self, request: Request) -> str:
+        self.authorize(request)
+        try:
+            self.metrics.observe_worker(await self.backend.status())
+        except Exception:  # the ingress's own metrics are still worth scraping
+            log.exception("draftpick: worker status for /metrics failed")
+        return self.metrics.exposition()
+
+    async def handle(self, request: Request, kind: str):
+        """One completion or chat request: authorize, admit, parse, encode, generate (or stream)."""
+        arrived = time.perf_counter()
+        try:
+            self.authorize(request)
+            async with self.admit():
+                return await self._handle(request, kind, arrived)
+        except ProtocolError as e:
+            self.metrics.errors.labels(str(e.status)).inc()
+            raise
+
+    # --- one request --------------------------------------------------------------------------
+    async def _handle(self, request: Request, kind: str, arrived: float):
+        if self._limits is None:
+            self._limits = await self.backend.limits()
+        cfg = self.cfg
+        req = parse(await request.body(), kind, self.model_name, cfg.drafter_names(), cfg.engine.max_k,
+                    cfg.serve.max_tokens, [cfg.policy.name])
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        events = self.backend.stream(self.generate_request(req, rid))
+        first = await _first(events)  # an error before any token is still an HTTP status
+        if req.stream:
+            self.admitted += 1  # admitted until the stream ends
+            return StreamingResponse(self._release(self._stream(first, events, req, rid, arrived)),
+                                     media_type="text/event-stream")
+        async with aclosing(events):
+            last = first
+            async for last in _timed(self.metrics, first, events, arrived):
+                if await request.is_disconnected():  # in Serve the proxy cancels this handler instead
+                    break
+        if "result" not in last:
+            return JSONResponse({}, status_code=499)
+        return self._response(last, req, rid)
+
+    def generate_request(self, req: ParsedRequest, rid: str) -> GenerateRequest:
+        """Tokens (the chat template applied here, once), checked; the pinned arm, else the features
+        the policy decides on."""
+        from draftpick.workers.engine import check_prompt
         from draftpick.workers.inputs import InputError, encode_input
 
-        if "prompt_token_ids" in req.input:
-            ids = req.input["prompt_token_ids"]
-        else:
-            try:
-                ids = encode_input(self.engine.tokenizer, req.input)
-            except InputError as e:
-                raise ProtocolError(str(e), "messages" if req.kind == "chat" else "prompt") from None
+        param = "messages" if req.kind == "chat" else "prompt"
         try:
-            self.engine.check_prompt(ids, req.params)
-        except ValueError as e:
-            raise ProtocolError(str(e), "prompt" if req.kind == "completion" else "messages") from None
-        return ids
-
-    def start(self, req: ParsedRequest, ids: list[int]):
-        """(generation, plan or None): the request's pinned arm, else the policy's decision."""
+            ids = req.input.get("prompt_token_ids") or encode_input(self.tokenizer, req.input)
+            check_prompt(ids, req.params.max_tokens, self._limits["vocab_size"], self._limits["context_window"])
+        except (InputError, ValueError) as e:
+            raise ProtocolError(str(e), param) from None
         o = req.options
         context = o.context or ""
-        if o.drafter is not None or o.num_speculative_tokens is not None or self.learning is None:
+        if o.drafter is not None or o.num_speculative_tokens is not None or not self._limits["learns"]:
             arm = self.cfg.pinned_arm(o.drafter, o.num_speculative_tokens)
-            return self.engine.start(ids, req.params, arm, context=context), None
-        item = {"prompt_token_ids": ids, "tag": context, **({"prompt": req.input["prompt"]} if "prompt" in req.input
-                                                             else {"messages": req.input.get("messages", [])})}
-        ctx = self.learning.context(item, ids, req.params.temperature)
-        plan = self.learning.decide(ctx)
-        g = self.engine.start(ids, req.params, plan.arm, context=context, features=ctx.features,
-                              chooser=self.learning.chooser(plan, ctx))
-        return g, plan
+            return GenerateRequest(ids, req.params, arm, context=context, request_id=rid)
+        from draftpick.controller.local import request_context
 
-    async def steps(self, g):
-        """The tokens of each step, as the engine appends them."""
-        while not g.done:
-            async with self.lock:
-                tokens = await asyncio.to_thread(g.step)
-            yield tokens
+        item = {"tag": context, **req.input}
+        ctx = request_context(item, ids, req.params.temperature)
+        return GenerateRequest(ids, req.params, None, context=context, request_id=rid, features=ctx.features)
+
+    async def _release(self, events):
+        try:
+            async for e in events:
+                yield e
+        finally:
+            self.admitted -= 1
+
+    def _response(self, last: dict, req: ParsedRequest, rid: str) -> dict:
+        res = last["result"]
+        self.metrics.observe_result(last)
+        obj = "chat.completion" if req.kind == "chat" else "text_completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
+                "choices": [_choice(req.kind, res["text"], res["finish_reason"])], "usage": _usage(res),
+                **_extras(last)}
+
+    async def _stream(self, first: dict, events, req: ParsedRequest, rid: str, arrived: float):
+        """Server-sent events: a chunk per step with the new text, the final chunk with the finish
+        reason, then (stream_options.include_usage) a usage chunk carrying the speculative metrics."""
+        obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
+        sent, out, last = "", [], first
+
+        def chunk(choices, **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
+                                          "choices": choices, **extra}) + "\n\n"
+
+        async with aclosing(events):
+            try:
+                async for last in _timed(self.metrics, first, events, arrived):
+                    if "token_ids" not in last:
+                        break
+                    out += last["token_ids"]
+                    text = self.tokenizer.decode(out, skip_special_tokens=True)
+                    if last["stop_at"] is not None:
+                        text = text[: last["stop_at"]]
+                    if len(text) > len(sent) and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                        yield chunk([_choice(req.kind, text[len(sent):], None, delta=True)])
+                        sent = text
+            except Exception as e:  # the status line is sent: the error goes in the stream
+                log.exception("draftpick: a stream failed")
+                yield "data: " + json.dumps({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error",
+                                                       "param": None, "code": None}}) + "\n\n"
+                return
+        res = last["result"]
+        self.metrics.observe_result(last)
+        yield chunk([_choice(req.kind, res["text"][len(sent):], res["finish_reason"], delta=True)])
+        if req.include_usage:
+            yield chunk([], usage=_usage(res), **_extras(last))
+        yield "data: [DONE]\n\n"
+
+
+async def _first(events) -> dict:
+    """The first event of a worker stream; the worker's refusals become 4xx."""
+    try:
+        return await events.__anext__()
+    except Exception as e:
+        await events.aclose()
+        raise _as_protocol_error(e) from None
+
+
+def _as_protocol_error(e: Exception) -> Exception:
+    if type(e).__name__ == "BackPressureError":  # ray.serve.exceptions: the worker's queue is full
+        return ProtocolError("the workers' queues are full; retry later", None, status=429,
+                             type_="rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(e, ValueError):  # the worker refused the request (Ray wraps it as its cause's type)
+        return ProtocolError(str(getattr(e, "cause", None) or e).strip().splitlines()[-1])
+    return e
+
+
+async def _timed(metrics: Metrics, first: dict, events, arrived: float):
+    """The events, first included, timing the first token and each later step's tokens."""
+    last_at = None
+    event = first
+    while True:
+        n = len(event.get("token_ids", ()))
+        if n:
+            now = time.perf_counter()
+            if last_at is None:
+                metrics.ttft.observe(now - arrived)
+            else:
+                for _ in range(n):
+                    metrics.itl.observe((now - last_at) / n)
+            last_at = now
+        yield event
+        try:
+            event = await events.__anext__()
+        except StopAsyncIteration:
+            return
 
 
 def new_app() -> FastAPI:
-    """A FastAPI app whose ProtocolErrors become their OpenAI-style 4xx responses."""
+    """The ingress app: routes read the `Ingress` from `app.state.ingress`; ProtocolErrors become their
+    OpenAI-style 4xx responses, anything else a 500 with the same body shape."""
     app = FastAPI(title="draftpick")
 
     @app.exception_handler(ProtocolError)
@@ -89,95 +270,54 @@ def new_app() -> FastAPI:
         headers = {"Retry-After": "1"} if status == 429 else None
         return JSONResponse(body, status_code=status, headers=headers)
 
-    return app
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc: Exception):
+        log.exception("draftpick: internal error")
+        body = {"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error", "param": None,
+                          "code": None}}
+        return JSONResponse(body, status_code=500)
 
+    def ingress(request: Request) -> Ingress:
+        return request.app.state.ingress
 
-def authorize(backend, request: Request) -> None:
-    if backend.api_key and request.headers.get("authorization") != f"Bearer {backend.api_key}":
-        raise ProtocolError("a valid API key is required: `Authorization: Bearer KEY`", None, status=401,
-                            code="invalid_api_key")
+    @app.get("/health")
+    async def health(request: Request):
+        return await ingress(request).health()
 
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return ingress(request).models()
 
-@asynccontextmanager
-async def admitted(backend):
-    """Admit a request, or refuse it with a 429 when max_queued are already admitted."""
-    if backend.admitted >= backend.max_queued:
-        raise ProtocolError(f"the server is at its bound of {backend.max_queued} requests; retry later", None,
-                            status=429, type_="rate_limit_error", code="rate_limit_exceeded")
-    backend.admitted += 1
-    try:
-        yield
-    finally:
-        backend.admitted -= 1
-
-
-def stats(backend, request: Request) -> dict:
-    """What `draftpick stats --json` prints, for the service's namespace."""
-    authorize(backend, request)
-    if backend.learning is None:
-        raise ProtocolError("this server does not learn (no Redis)", None, status=404, code="not_learning")
-    return backend.learning.stats()
-
-
-def health(backend) -> dict:
-    state = {"engine": "up"}
-    if backend.learning is not None:
-        state.update(backend.learning.status())
-    return {"status": "ok", **state}
-
-
-def models(backend) -> dict:
-    return {"object": "list", "data": [{"id": backend.model_name, "object": "model", "owned_by": "draftpick"}]}
-
-
-async def handle(backend, request: Request, kind: str):
-    """One completion or chat request: authorize, admit, parse, encode, decide, generate (or stream)."""
-    authorize(backend, request)
-    async with admitted(backend):
-        return await _handle(backend, request, kind)
-
-
-async def _handle(backend, request: Request, kind: str):
-    req = parse(await request.body(), kind, backend.model_name, backend.cfg.drafter_names(),
-                backend.cfg.engine.max_k, backend.max_tokens_limit, [backend.cfg.policy.name])
-    ids = backend.encode(req)
-    g, plan = backend.start(req, ids)
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-    if req.stream:  # admitted until the stream ends
-        backend.admitted += 1
-        return StreamingResponse(_release(backend, _stream(backend, g, plan, req, rid)), media_type="text/event-stream")
-    async for _ in backend.steps(g):
-        pass
-    return _response(g.result(), plan, req, rid)
-
-
-async def _release(backend, events):
-    try:
-        async for e in events:
-            yield e
-    finally:
-        backend.admitted -= 1
-
-
-def make_app(backend) -> FastAPI:
-    """The ingress over one backend, without Serve (tests, embedding)."""
-    app = new_app()
-    app.get("/health")(lambda: health(backend))
-    app.get("/v1/models")(lambda: models(backend))
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return PlainTextResponse(await ingress(request).prometheus(request),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/draftpick/stats")
-    def draftpick_stats(request: Request):
-        return stats(backend, request)
+    async def draftpick_stats(request: Request):
+        return await ingress(request).stats(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(backend, request, "completion")
+        return await ingress(request).handle(request, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await handle(backend, request, "chat")
+        return await ingress(request).handle(request, "chat")
 
     return app
+
+
+def make_app(ingress: Ingress) -> FastAPI:
+    """The ingress over one backend, without Serve (tests, embedding)."""
+    app = new_app()
+    app.state.ingress = ingress
+    return app
+
+
+def local_app(cfg, worker, **kw) -> FastAPI:
+    """The app over an in-process EngineWorker."""
+    return make_app(Ingress(cfg, LocalBackend(worker), worker.engine.tokenizer, **kw))
 
 
 def _choice(kind: str, text: str, finish: str | None, delta: bool = False) -> dict:
@@ -187,44 +327,13 @@ def _choice(kind: str, text: str, finish: str | None, delta: bool = False) -> di
     return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
 
 
-def _usage(res) -> dict:
-    return {"prompt_tokens": len(res.prompt_token_ids), "completion_tokens": len(res.token_ids),
-            "total_tokens": len(res.prompt_token_ids) + len(res.token_ids)}
+def _usage(res: dict) -> dict:
+    prompt, completion = len(res["prompt_token_ids"]), len(res["token_ids"])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _extras(res, plan) -> dict:
-    out = {"metrics": {"speculative_decoding": res.to_json()["metrics"]["speculative_decoding"]}}
-    if plan is not None:
-        out["draftpick"] = {"arm": str(plan.arm), "policy": plan.policy, "context": plan.context,
-                            "decision_s": plan.decided_s}
+def _extras(last: dict) -> dict:
+    out = {"metrics": {"speculative_decoding": last["result"]["metrics"]["speculative_decoding"]}}
+    if last.get("plan") is not None:
+        out["draftpick"] = last["plan"]
     return out
-
-
-def _response(res, plan, req: ParsedRequest, rid: str) -> dict:
-    obj = "chat.completion" if req.kind == "chat" else "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
-            "choices": [_choice(req.kind, res.text, res.finish_reason)], "usage": _usage(res), **_extras(res, plan)}
-
-
-async def _stream(backend, g, plan, req: ParsedRequest, rid: str):
-    """Server-sent events: a chunk per step with the new text, the final chunk with the finish
-    reason, then (stream_options.include_usage) a usage chunk carrying the speculative metrics."""
-    obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-    sent = ""
-
-    def chunk(choices, **extra) -> str:
-        return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
-                                      "choices": choices, **extra}) + "\n\n"
-
-    async for _ in backend.steps(g):
-        text = g.engine.tokenizer.decode(g.out, skip_special_tokens=True)
-        if g.stop_at is not None:
-            text = text[: g.stop_at]
-        if len(text) > len(sent) and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            yield chunk([_choice(req.kind, text[len(sent):], None, delta=True)])
-            sent = text
-    res = g.result()
-    yield chunk([_choice(req.kind, res.text[len(sent):], res.finish_reason, delta=True)])
-    if req.include_usage:
-        yield chunk([], usage=_usage(res), **_extras(res, plan))
-    yield "data: [DONE]\n\n"

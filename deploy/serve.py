@@ -1,10 +1,14 @@
-"""Ray Serve: `build_app(config, redis_url) -> Application` and `draftpick serve`.
+"""Ray Serve: the application builder `build_app` and `draftpick serve`.
 
-This first version is one deployment that hosts the engine and the OpenAI ingress together
-(deploy.ingress). The engine's replica attaches the feedback sink and decides unpinned requests
-through the controller actor (controller.actor), which it starts if none runs; that actor folds
-the feedback. Separate ingress and worker deployments, replicas and autoscaling, Prometheus metrics,
-authentication, back-pressure and the cluster rehearsal are still to come (issue 17).
+Two deployments: `DraftpickIngress` (FastAPI, deploy.ingress: auth, parsing, tokenisation and the
+chat template, responses, metrics; light, no CPU share) calls `DraftpickWorker` (workers.actor's
+EngineWorker: target + drafters, decisions and feedback; the CPU/GPU shares, replicas or
+autoscaling of the configuration's `worker` section) through a streaming Serve handle. The first
+worker replica starts the controller actor (controller.actor), which also starts the embedded Redis
+on its node unless the service is given a Redis URL ($REDIS_URL or the builder's `redis_url`).
+
+`build_app` is what `import_path` names in a Serve config (deploy/serve.yaml: `serve run`,
+`serve deploy`); `draftpick serve` runs the same application.
 """
 
 import os
@@ -14,96 +18,123 @@ import threading
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray loads: a local Ray as one loopback node
 
-from fastapi import Request  # noqa: E402
 from ray import serve  # noqa: E402
 
-from draftpick.deploy import ingress
+from draftpick.workers.actor import EngineWorker, GenerateRequest  # noqa: E402
 
-api = ingress.new_app()
+GRACEFUL_SHUTDOWN_S = 15  # in-flight streams get this long to end when a replica stops
 
 
-class _ServiceLearning:
-    """Decisions for the replica: the controller actor, else the same policy over its own snapshot."""
+def _replica_grpc_on_node_address() -> None:
+    """Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on [::]:0, all
+    interfaces, whatever Ray's node address; bind it to the node's address instead (loopback for the
+    embedded default). Each replica calls this in its constructor, which runs before that server
+    starts (a test checks that the running service listens on loopback only)."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "draftpick", False):
+        return
 
-    def __init__(self, cfg, engine, redis_url: str):
-        from draftpick.controller.actor import DecisionClient, start_controller
-        from draftpick.controller.controller import describe
-        self.description = describe(cfg, engine)
-        start_controller(cfg, self.description, redis_url)
-        self.decisions = DecisionClient(cfg, self.description, redis_url)
-        self.sink = self.decisions.local.sink()
-        engine.add_sink(self.sink)
+    def on_node_address(server, address):
+        if address == "[::]:0":
+            import ray
 
-    def context(self, item, ids, temperature):
-        from draftpick.controller.local import request_context
+            address = f"{ray.util.get_node_ip_address()}:0"
+        return original(server, address)
 
-        return request_context(item, ids, temperature)
+    on_node_address.draftpick = True
+    replica.add_port_to_grpc_server = on_node_address
 
-    def decide(self, context):
-        return self.decisions.decide(context)
 
-    def chooser(self, plan, context):
-        return self.decisions.local.chooser(plan, context)
 
-    def status(self) -> dict:
-        return {**self.decisions.status(), "feedback": self.sink.status()}
+class ServeBackend:
+    """The worker deployment behind the ingress, through its handle (deploy.ingress.LocalBackend's twin)."""
 
-    def stats(self) -> dict:
-        return self.decisions.local.stats()
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def limits(self) -> dict:
+        return await self.handle.limits.remote()
+
+    async def stream(self, req: GenerateRequest):
+        gen = self.handle.options(stream=True).generate_stream.remote(req)
+        try:
+            async for event in gen:
+                yield event
+        finally:  # closed early (the client went away): the worker's generation is cancelled
+            gen.cancel()
+
+    async def status(self) -> dict:
+        return await self.handle.status.remote()
+
+    async def stats(self) -> dict | None:
+        return await self.handle.stats.remote()
 
 
 @serve.deployment
-@serve.ingress(api)
-class DraftpickServer:
-    def __init__(self, cfg, redis_url: str | None = None, max_tokens_limit: int = 2048):
-        from draftpick.workers.factory import build_engine
-        from draftpick.workers.models import set_threads
+class DraftpickWorker(EngineWorker):
+    """Target and drafters in one replica; learns live (see EngineWorker with start_controller)."""
 
-        set_threads(cfg.worker.torch_threads)
-        engine = build_engine(cfg)
-        learning = _ServiceLearning(cfg, engine, redis_url) if redis_url else None
-        self.backend = ingress.EngineBackend(cfg, engine, learning, max_tokens_limit)
+    def __init__(self, cfg, redis_url: str | None = None, learn: bool = True):
+        _replica_grpc_on_node_address()
+        super().__init__(cfg, redis_url if learn else None, start_controller=learn)
 
-    @api.get("/health")
-    def health(self):
-        return ingress.health(self.backend)
-
-    @api.get("/v1/models")
-    def models(self):
-        return ingress.models(self.backend)
-
-    @api.get("/v1/draftpick/stats")
-    def draftpick_stats(self, request: Request):
-        return ingress.stats(self.backend, request)
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await ingress.handle(self.backend, request, "completion")
-
-    @api.post("/v1/chat/completions")
-    async def chat(self, request: Request):
-        return await ingress.handle(self.backend, request, "chat")
+    def __del__(self):  # Serve calls it when the replica stops, after in-flight requests drained
+        self.close()
 
 
-def build_app(cfg, redis_url: str | None = None):
-    """The Serve application of a configuration (a DraftpickConfig, or a path / None: the embedded
-    default); with a redis_url the service learns live."""
-    from draftpick.workers.config import load_config
+@serve.deployment
+@serve.ingress()
+class DraftpickIngress:
+    def __init__(self, cfg, worker):
+        _replica_grpc_on_node_address()
+        from draftpick.deploy.ingress import Ingress
+        from draftpick.workers.models import load_tokenizer
 
-    if cfg is None or isinstance(cfg, (str, os.PathLike)):
+        self.ingress = Ingress(cfg, ServeBackend(worker), load_tokenizer(cfg.target.path, cfg.target.gguf_file))
+
+    def __serve_build_asgi_app__(self):
+        from draftpick.deploy.ingress import make_app
+
+        return make_app(self.ingress)
+
+
+def build_app(args=None):
+    """The Serve application. args: a DraftpickConfig, or the `args` of a Serve config: {"config":
+    a YAML file (default: the embedded default), "redis_url": where to learn (default: $REDIS_URL,
+    else the controller's embedded Redis), "learn": false to serve without Redis}."""
+    from draftpick.workers.config import DraftpickConfig, load_config
+
+    args = {"config": args} if isinstance(args, DraftpickConfig) or args is None else dict(args)
+    unknown = set(args) - {"config", "redis_url", "learn"}
+    if unknown:
+        raise ValueError(f"build_app: unknown args {', '.join(sorted(unknown))} (config, redis_url, learn)")
+    cfg = args.get("config")
+    if not isinstance(cfg, DraftpickConfig):
         cfg = load_config(cfg)
+    learn = bool(args.get("learn", True))
     w = cfg.worker
     threads = str(w.torch_threads)
-    return DraftpickServer.options(
+    scaling = ({"autoscaling_config": w.autoscaling.model_dump()} if w.autoscaling else {"num_replicas": w.replicas})
+    worker = DraftpickWorker.options(
         ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus,
                            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}},
-        max_ongoing_requests=w.max_concurrency,
-    ).bind(cfg, redis_url)
+        max_ongoing_requests=w.max_concurrency, max_queued_requests=cfg.serve.max_queued,
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S, **scaling,
+    ).bind(cfg, args.get("redis_url"), learn)
+    return DraftpickIngress.options(
+        num_replicas=cfg.serve.ingress_replicas, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=10_000, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+    ).bind(cfg, worker)
 
 
-def run_service(config_path: str | None, host: str, port: int, ready=None) -> None:
-    """`draftpick serve`: Ray (RAY_ADDRESS or a local one on loopback), Redis (REDIS_URL or the
-    embedded server), the app; until SIGINT or SIGTERM, then everything it started is stopped."""
+def run_service(config_path: str | None, host: str | None = None, port: int | None = None, ready=None) -> None:
+    """`draftpick serve`: Ray (RAY_ADDRESS or a local one on loopback), the app (learning in REDIS_URL,
+    else in the controller's embedded Redis); until SIGINT or SIGTERM, then everything it started is
+    stopped: the controller (and its Redis), Serve (in-flight streams drain), Ray."""
     import ray
 
     from draftpick.controller.actor import stop_controller
@@ -111,15 +142,17 @@ def run_service(config_path: str | None, host: str, port: int, ready=None) -> No
     from draftpick.workers.config import load_config
 
     cfg = load_config(config_path)
-    _, redis_server = connect()  # REDIS_URL (checked), else the embedded server
-    redis_url = os.environ.get("REDIS_URL") or redis_server.url  # the actor and replicas connect to the same
+    host, port = host or cfg.serve.host, port or cfg.serve.port
+    cfg.serve.resolved_api_key()  # `env:NAME` without the variable fails here
+    if os.environ.get("REDIS_URL"):
+        connect()  # a wrong REDIS_URL fails here, before Ray starts
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(cfg, redis_url), name="draftpick", route_prefix="/")
+        serve.run(build_app(cfg), name="draftpick", route_prefix="/")
         print(f"draftpick serving {cfg.target.name} at http://{host}:{port}/v1", flush=True)
         print(f"ray address: {ray.get_runtime_context().gcs_address}", flush=True)
         if ready is not None:
@@ -128,12 +161,10 @@ def run_service(config_path: str | None, host: str, port: int, ready=None) -> No
     finally:
         print("draftpick: shutting down", file=sys.stderr, flush=True)
         try:  # each step bounded: a cluster that is already going away must not hold the shutdown
-            _bounded(stop_controller, 20)
-            _bounded(serve.shutdown, 40)
+            _bounded(serve.shutdown, 40)  # streams drain, replicas append their feedback
+            _bounded(stop_controller, 20)  # folds what is left, stops the embedded Redis
         finally:
             ray.shutdown()
-            if redis_server is not None:
-                redis_server.stop()
 
 
 def _bounded(fn, seconds: float) -> None:

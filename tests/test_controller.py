@@ -105,14 +105,16 @@ def test_bad_records_are_rejected_and_counted_never_folded(client):
     sink = c.sink()
     good = request()
     bad = [request(drafter="eagle"), request(seconds=float("nan")), request(accepted=5),
-           request(context="no spaces allowed"), SimpleNamespace(records=[], context="", tenant="")]
+           request(context="no spaces allowed")]
     for r in bad + [good]:
         sink(r)
+    sink(SimpleNamespace(records=[], context="", tenant=""))  # nothing to learn: the sink does not append it
     sink.put("not json")
+    sink.put(json.dumps({"records": [], "context": "", "tenant": ""}))  # nor would the controller fold it
     sink.flush(10)
-    assert c.fold_pending() == len(bad) + 2
+    assert c.fold_pending() == len(bad) + 3
     s = c.stats()["totals"]
-    assert s["rejected_records"] == len(bad) + 1 and s["requests"] == 1
+    assert s["rejected_records"] == len(bad) + 2 and s["requests"] == 1
 
 
 def test_stats_show_each_context_and_arm(client):

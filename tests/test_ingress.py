@@ -5,10 +5,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from draftpick.deploy.ingress import EngineBackend, make_app
+from draftpick.deploy.ingress import local_app
 from draftpick.policies import Arm
-from draftpick.workers.config import DraftpickConfig
-from draftpick.workers.factory import build_engine
+from draftpick.workers.actor import EngineWorker
+from draftpick.workers.config import DraftpickConfig, ServeSection
 from draftpick.workers.sampling import SamplingParams
 from tiny import save_models
 
@@ -23,13 +23,19 @@ def cfg(tmp_path_factory, target, tok):
 
 
 @pytest.fixture(scope="module")
-def engine(cfg):
-    return build_engine(cfg)
+def worker(cfg):
+    return EngineWorker(cfg)
 
 
 @pytest.fixture(scope="module")
-def http(cfg, engine):
-    return TestClient(make_app(EngineBackend(cfg, engine, max_tokens_limit=64)))
+def engine(worker):
+    return worker.engine
+
+
+@pytest.fixture(scope="module")
+def http(cfg, worker):
+    with TestClient(local_app(cfg.model_copy(update={"serve": ServeSection(max_tokens=64)}), worker)) as client:
+        yield client
 
 
 def test_greedy_completion_over_http_equals_the_engine(http, engine, tok):
@@ -62,129 +68,196 @@ def test_chat_and_streaming_give_the_same_text(http):
 
 @pytest.mark.parametrize("path,body,status,param", [
     ("/v1/completions", b"{oops", 400, None),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 3}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x " * 600, "max_tokens": 60}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "draftpick": {"drafter": "eagle"}}, 400, "draftpick.drafter"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "draftpick": {"policy": "magic"}}, 400, "draftpick.policy"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "draftpick": {"context": "no spaces"}}, 400,
+     "draftpick.context"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
 ])
 def test_bad_requests_get_a_4xx_and_the_service_stays_healthy(http, path, body, status, param):
     r = http.post(path, content=body if isinstance(body, bytes) else json.dumps(body),
                   headers={"content-type": "application/json"})
-    assert r.status_code == status and r.json()["error"]["param"] == param
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
     assert http.get("/health").json()["status"] == "ok"
     assert http.get("/v1/models").json()["data"][0]["id"] == "tiny"
 
 
 @pytest.fixture
-def learning(cfg, engine, redis_server):
-    """The policy deciding and learning in Redis, with its sink on the (shared) engine while the test runs."""
-    from draftpick.controller.local import LocalLearning
-
+def learner(cfg, redis_server):
+    """A worker deciding and learning in the test's Redis (flushed first)."""
     redis_server.flushall()
     url = f"redis://127.0.0.1:{redis_server.connection_pool.connection_kwargs['port']}/0"
-    learning = LocalLearning(cfg, engine, url)
-    yield learning
-    engine.sinks.remove(learning.sink)
-    learning.close()
+    worker = EngineWorker(cfg, url)
+    yield worker
+    worker.close()
 
 
-def test_an_unpinned_request_is_decided_by_the_policy_and_learned(cfg, engine, learning):
-    http = TestClient(make_app(EngineBackend(cfg, engine, learning, max_tokens_limit=64)))
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 10,
-                                          "draftpick": {"context": "code"}})
-    assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "ucb1"
-    assert r.json()["draftpick"]["context"] == "code"
-    assert http.get("/health").json()["redis"] == "up"
-    learning.sink.flush(10)
-    assert learning.controller.fold_pending() == 1 and learning.controller.stats()["totals"]["requests"] == 1
+def _folded(worker, requests: int) -> dict:
+    """The learned totals once `requests` requests are folded (the test folds them: no controller actor)."""
+    worker.sink.flush(10)
+    worker.decisions.local.fold_pending()
+    stats = worker.stats()
+    assert stats["totals"]["requests"] == requests
+    return stats
 
 
-@pytest.mark.integration
-def test_draftpick_serve_answers_over_http_learns_and_shuts_down_cleanly(cfg, engine, tok, redis_server, tmp_path):
-    """`draftpick serve` in a process of its own: real HTTP on loopback, a pinned request equal to
-    the engine's greedy output, an unpinned one decided by the controller; SIGTERM stops it all."""
-    import os
-    import signal
-    import subprocess
-    import sys
+def test_an_unpinned_request_is_decided_by_the_policy_and_learned(cfg, learner):
+    with TestClient(local_app(cfg, learner)) as http:
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 10,
+                                              "draftpick": {"context": "code"}})
+        assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "ucb1"
+        assert r.json()["draftpick"]["context"] == "code"
+        health = http.get("/health").json()
+        assert health["redis"] == "up" and health["controller"].startswith("down")  # no actor: decided locally
+        assert health["status"] == "degraded"
+    _folded(learner, 1)
+
+
+def test_an_api_key_is_required_from_the_configuration_or_the_environment(cfg, worker, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "k3y")
+    keyed = cfg.model_copy(update={"serve": ServeSection(api_key="env:MY_KEY")})
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 4, "draftpick": {"drafter": "ngram"}}
+    with TestClient(local_app(keyed, worker)) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k3y"}).status_code == 200
+        assert http.get("/v1/draftpick/stats").status_code == 401 and http.get("/metrics").status_code == 401
+        assert http.get("/health").status_code == 200  # health stays open
+    monkeypatch.setenv("DRAFTPICK_API_KEY", "other")
+    with TestClient(local_app(cfg, worker)) as http:
+        assert http.post("/v1/completions", json=body).status_code == 401
+        assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer other"}).status_code == 200
+    monkeypatch.delenv("MY_KEY")
+    from draftpick.workers.config import ConfigError
+    with pytest.raises(ConfigError, match="serve.api_key: environment variable MY_KEY"):
+        local_app(keyed, worker)
+
+
+def test_a_burst_beyond_the_bound_gets_429_with_retry_after_and_the_rest_is_served(cfg, worker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = local_app(cfg, worker, max_admitted=1)
+    body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 60, "temperature": 0,
+            "draftpick": {"drafter": "close", "num_speculative_tokens": 1}}
+    with TestClient(app) as http, ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: http.post("/v1/completions", json=body), range(6)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+        limited = next(r for r in responses if r.status_code == 429)
+        assert limited.headers["retry-after"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
+        assert app.state.ingress.admitted == 0 and http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_stats_and_metrics_reflect_the_traffic(cfg, learner, worker):
+    with TestClient(local_app(cfg, learner)) as http:
+        bodies = [http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\nx = 1\n", "max_tokens": 12,
+                                                    "temperature": 0, **pin}).json()
+                  for pin in ({}, {"draftpick": {"drafter": "ngram", "num_speculative_tokens": 3}})]
+        stats = _folded(learner, 2)
+        assert http.get("/v1/draftpick/stats").json() == stats
+        text = http.get("/metrics").text
+    spec = bodies[1]["metrics"]["speculative_decoding"]
+    ngram = _sample(text, 'draftpick:spec_decode_num_accepted_tokens_total{drafter="ngram"}')
+    # the decided request may also have played ngram: the pinned one is a lower bound
+    assert ngram >= spec["num_accepted_draft_tokens"] > 0
+    drafted = sum(_sample(text, f'draftpick:spec_decode_num_draft_tokens_total{{drafter="{d}"}}') for d in ("ngram", "close"))
+    assert drafted == sum(b["metrics"]["speculative_decoding"]["num_draft_tokens"] for b in bodies)
+    arm = bodies[0]["draftpick"]["arm"]
+    assert _sample(text, f'draftpick:controller_decisions_total{{arm="{arm}",policy="ucb1"}}') == 1
+    assert _sample(text, "draftpick:time_to_first_token_seconds_count") == 2
+    assert _sample(text, "draftpick:generation_tokens_total") == sum(b["usage"]["completion_tokens"] for b in bodies)
+    assert _sample(text, "draftpick:feedback_lag_entries") == 0 and 'state="appended"' in text
+    with TestClient(local_app(cfg, worker)) as plain:
+        assert plain.get("/v1/draftpick/stats").status_code == 404
+
+
+def _sample(text: str, name: str) -> float:
+    """A sample's value in a Prometheus exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def served(cfg, learner):
+    """The app over a learning worker behind a real HTTP server on loopback (uvicorn in a thread)."""
+    import threading
     import time
-    import urllib.request
 
-    import yaml
+    import uvicorn
 
     from draftpick.controller.redis_server import free_port
 
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     port = free_port()
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_server.connection_pool.connection_kwargs['port']}/0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "draftpick.deploy.cli", "serve", "--config", str(tmp_path / "cfg.yaml"),
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    server = uvicorn.Server(uvicorn.Config(local_app(cfg, learner), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_official_openai_client_gets_the_targets_greedy_output_and_the_stats(served, learner, tok):
+    import openai
+
+    from draftpick.workers.inputs import encode_input
+
+    client = openai.OpenAI(base_url=served + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    pin = {"draftpick": {"drafter": "close", "num_speculative_tokens": 2}}
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, extra_body=pin)
+    want = learner.engine.generate(encode_input(tok, {"messages": messages}), SamplingParams(max_tokens=16))
+    assert chat.choices[0].message.content == want.text and chat.usage.completion_tokens == len(want.token_ids)
+    assert chat.model_extra["metrics"]["speculative_decoding"]["num_spec_steps"] >= 1
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=pin)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+    assert chunks[-1].model_extra["metrics"]["speculative_decoding"]["num_draft_tokens"] >= 1
+    completion = client.completions.create(model="tiny", prompt="the cat sat", max_tokens=8, temperature=0)
+    assert completion.model_extra["draftpick"]["policy"] == "ucb1"  # unpinned: the policy decided
+    with pytest.raises(openai.BadRequestError, match="`n` is not supported"):
+        client.completions.create(model="tiny", prompt="x", n=2)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_a_client_that_disconnects_cancels_its_generation_and_its_rounds_feed_back(served, learner):
+    import time
+
+    import httpx2 as httpx
+
+    results = []
+    learner.engine.add_sink(results.append)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "ray address:" in line or proc.poll() is not None:
-                break
-        assert any("draftpick serving tiny at http://127.0.0.1:" in x for x in lines), "".join(lines)
-
-        def post(body):
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                         {"content-type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as r:
-                return json.loads(r.read())
-
-        pinned = post({"model": "tiny", "prompt": "the cat sat", "max_tokens": 16, "temperature": 0,
-                       "draftpick": {"drafter": "close", "num_speculative_tokens": 3}})
-        want = engine.generate(tok("the cat sat").input_ids, SamplingParams(max_tokens=16), Arm("none", 0))
-        assert pinned["choices"][0]["text"] == want.text
-        decided = post({"model": "tiny", "prompt": "x = 1\n", "max_tokens": 8, "temperature": 0})
-        assert decided["draftpick"]["policy"] == "ucb1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as r:
-            assert json.loads(r.read())["status"] == "ok"
+        body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 800, "temperature": 0, "stream": True,
+                "draftpick": {"drafter": "close", "num_speculative_tokens": 1}}
+        with httpx.stream("POST", served + "/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(lines), next(lines)  # the first rounds, then hang up
+        deadline = time.monotonic() + 30
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, "".join(lines) + out
-    assert "shutting down" in out
-
-
-def test_an_api_key_is_required_when_configured(cfg, engine):
-    http = TestClient(make_app(EngineBackend(cfg, engine, max_tokens_limit=64, api_key="k3y")))
-    body = {"model": "tiny", "prompt": "ab", "max_tokens": 4, "draftpick": {"drafter": "ngram"}}
-    r = http.post("/v1/completions", json=body)
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-    assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k3y"}).status_code == 200
-    assert http.get("/health").status_code == 200  # health stays open
-
-
-def test_a_burst_beyond_the_bound_gets_429_with_retry_after_and_the_rest_is_served(cfg, engine):
-    from concurrent.futures import ThreadPoolExecutor
-
-    backend = EngineBackend(cfg, engine, max_tokens_limit=64, max_queued=1)
-    http = TestClient(make_app(backend))
-    body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 60, "temperature": 0,
-            "draftpick": {"drafter": "close", "num_speculative_tokens": 1}}
-    with ThreadPoolExecutor(6) as pool:
-        responses = list(pool.map(lambda _: http.post("/v1/completions", json=body), range(6)))
-    codes = [r.status_code for r in responses]
-    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
-    limited = next(r for r in responses if r.status_code == 429)
-    assert limited.headers["retry-after"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
-    assert backend.admitted == 0 and http.post("/v1/completions", json=body).status_code == 200
-
-
-def test_stats_route_shows_what_was_learned(cfg, engine, learning):
-    http = TestClient(make_app(EngineBackend(cfg, engine, learning, max_tokens_limit=64)))
-    for _ in range(2):
-        assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 6}).status_code == 200
-    learning.sink.flush(10)
-    learning.controller.fold_pending()
-    assert http.get("/v1/draftpick/stats").json()["totals"]["requests"] == 2
-    plain = TestClient(make_app(EngineBackend(cfg, engine)))
-    assert plain.get("/v1/draftpick/stats").status_code == 404
+        learner.engine.sinks.remove(results.append)
+    (res,) = results
+    assert res.finish_reason == "abort" and 0 < len(res.token_ids) < 800
+    assert learner.in_flight == 0
+    stats = _folded(learner, 1)
+    assert stats["totals"]["rounds"] == len(res.records) >= 1

@@ -5,6 +5,8 @@ fails on the first request that could have failed before it.
 """
 from __future__ import annotations
 
+import re
+
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -126,13 +128,56 @@ class EngineConfig(_Strict):
         return self
 
 
+class AutoscalingConfig(_Strict):
+    """`worker.autoscaling`: Serve scales the worker replicas between the bounds by requests in flight."""
+
+    min_replicas: int = Field(1, ge=0, description="fewest worker replicas")
+    max_replicas: int = Field(1, ge=1, description="most worker replicas")
+    target_ongoing_requests: float = Field(8, gt=0, description="requests in flight per replica Serve aims for")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class WorkerConfig(_Strict):
     """The Ray worker actor hosting target and drafters."""
 
     num_cpus: float = Field(2, gt=0, description="Ray CPU shares per worker actor")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker actor (0 on CPU)")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads in the actor")
-    max_concurrency: int = Field(16, ge=1, description="requests served at once per actor")
+    max_concurrency: int = Field(16, ge=1, description="requests served at once per actor (Serve: per worker replica)")
+    replicas: int = Field(1, ge=1, description="worker replicas of the Serve application (without autoscaling)")
+    autoscaling: AutoscalingConfig | None = Field(None, description="scale the worker replicas with load "
+                                                    "instead of a fixed number (see below)")
+
+
+class ServeSection(_Strict):
+    """The HTTP endpoint (`draftpick serve`, and the Serve application of deploy/serve.yaml)."""
+
+    host: str = Field("127.0.0.1", description="address `draftpick serve` listens on (loopback by default)")
+    port: int = Field(8000, ge=1, le=65535, description="port `draftpick serve` listens on")
+    api_key: str | None = Field(None, description="required as `Authorization: Bearer KEY`; `env:NAME` reads it "
+                                "from that environment variable at start-up; unset: $DRAFTPICK_API_KEY, else open")
+    max_tokens: int = Field(2048, ge=1, description="largest max_tokens a request may ask for (chat's default)")
+    max_queued: int = Field(32, ge=0, description="requests waiting for a worker beyond those running; more "
+                            "get a 429 with Retry-After")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (tokenises, parses)")
+
+    def resolved_api_key(self) -> str | None:
+        """The key requests must carry (None: open); `env:NAME` must name a set variable."""
+        import os
+
+        if self.api_key is None:
+            return os.environ.get("DRAFTPICK_API_KEY") or None
+        if self.api_key.startswith("env:"):
+            name = self.api_key[4:]
+            if not os.environ.get(name):
+                raise ConfigError(f"serve.api_key: environment variable {name} is not set")
+            return os.environ[name]
+        return self.api_key
 
 
 class PolicySection(_Strict):
@@ -157,6 +202,7 @@ class DraftpickConfig(_Strict):
     engine: EngineConfig = Field(EngineConfig(), description="see below")
     worker: WorkerConfig = Field(WorkerConfig(), description="see below")
     policy: PolicySection = Field(PolicySection(), description="see below")
+    serve: ServeSection = Field(ServeSection(), description="see below")
 
     @field_validator("drafters")
     @classmethod
@@ -219,6 +265,7 @@ class DraftpickConfig(_Strict):
             "engine": self.engine.model_dump(),
             "worker": self.worker.model_dump(),
             "policy": {"name": self.policy.name, "options": self.policy.options, "arms": [str(a) for a in self.arms()]},
+            "serve": self.serve.model_dump(exclude={"api_key"}) | {"api_key": self.serve.api_key is not None},
         }
 
     def pinned_arm(self, drafter: str | None = None, k: int | None = None):
@@ -274,7 +321,7 @@ def _describe(err: dict) -> str:
 SECTIONS = [("top level", DraftpickConfig), ("target", TargetConfig), ("drafters: type ngram", NgramConfig),
             ("drafters: type suffix", SuffixConfig), ("drafters: type model", ModelDrafterConfig),
             ("drafters: type feature", FeatureDrafterConfig), ("engine", EngineConfig), ("worker", WorkerConfig),
-            ("policy", PolicySection)]
+            ("worker.autoscaling", AutoscalingConfig), ("policy", PolicySection), ("serve", ServeSection)]
 
 
 def reference_markdown() -> str:
@@ -303,7 +350,7 @@ def _show(value) -> str:
 
 def _type(annotation) -> str:
     text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
-    text = text or str(annotation).replace("typing.", "")
+    text = text or re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", str(annotation))  # no module paths
     if "DrafterConfig" in text or "Annotated" in text:
         return "list of drafters"
     return text.replace("|", "or")

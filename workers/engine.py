@@ -42,7 +42,7 @@ class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens, up to and including the one that ended generation
     text: str  # decoded output, cut before a stop string
-    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_tokens)
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens) or "abort" (cancelled)
     records: list[RoundRecord]
     generate_s: float  # wall seconds from prefill to the last token (models already loaded)
     prefill_s: float
@@ -123,15 +123,19 @@ class SpeculativeEngine:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, with a message naming the problem, what the target cannot run."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is outside the target's vocabulary [0, {self.vocab_size})")
-        window = self.context_window
-        if window and len(prompt_ids) + params.max_tokens > window:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                             f"the target's context window of {window} tokens")
+        check_prompt(prompt_ids, params.max_tokens, self.vocab_size, self.context_window)
+
+
+def check_prompt(prompt_ids: list[int], max_tokens: int, vocab_size: int, context_window: int | None) -> None:
+    """The engine's check of a prompt, also run where only the target's limits are known (the ingress)."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]!r} is outside the target's vocabulary [0, {vocab_size})")
+    if context_window and len(prompt_ids) + max_tokens > context_window:
+        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
+                         f"the target's context window of {context_window} tokens")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -185,6 +189,17 @@ class Generation:
         if self.done:  # its last round recorded: the result goes to the engine's sinks
             self.engine._emit(self.result())
         return tokens
+
+    def cancel(self) -> None:
+        """Stop here (its client went away): finish_reason "abort"; the rounds it ran still go to
+        the engine's sinks, so their feedback is not lost. Call between steps, never during one."""
+        if self.done:
+            return
+        if self.started is None:
+            self.started = time.perf_counter()
+        self.finish_reason = "abort"
+        self._finish()
+        self.engine._emit(self.result())
 
     def run(self) -> GenerationResult:
         """Step to the end and return the result."""
