@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to listen on (default: serve.host of the configuration, 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: serve.port of the configuration, 8000)")
     s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("demo", help="serve the embedded default, answer one request over HTTP, shut down")
+    s.add_argument("--config", help=f"YAML configuration (default: the embedded {default_config_path().name})")
+    s.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--port", type=int, help="port (default: a free one)")
+    s.set_defaults(func=cmd_demo)
     s = sub.add_parser("stats", help="what the policy has learned (Redis: REDIS_URL, else the embedded server)")
     s.add_argument("--config")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -229,6 +235,34 @@ def _generate_one(engine, learning, item, ids, params, arm, args) -> None:
         res, plan = learning.generate(item, ids, params, args.tenant)
         extra = {"draftpick": plan_json(plan)}
     print(json.dumps({**res.to_json(item.get("id")), **extra}) if args.json else res.text, flush=True)
+
+
+def cmd_demo(args) -> int:
+    """`draftpick serve` on loopback, one chat request over HTTP (the policy decides the arm), the
+    answer and its speculative stats printed, then everything stopped."""
+    import urllib.request
+
+    from draftpick.controller.redis_server import free_port
+    from draftpick.deploy.serve import run_service
+
+    cfg = load_config(args.config)
+    done = {}
+
+    def ask(url: str, stop) -> None:
+        try:
+            body = {"model": cfg.target.name, "messages": [{"role": "user", "content": args.prompt}],
+                    "max_tokens": args.max_tokens, "temperature": 0}
+            req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"content-type": "application/json"})
+            print(f"POST {url}/v1/chat/completions  {json.dumps(body)}", flush=True)
+            with urllib.request.urlopen(req, timeout=300) as r:
+                done["answer"] = json.loads(r.read())
+            print(json.dumps(done["answer"], indent=2), flush=True)
+        finally:
+            stop()
+
+    run_service(args.config, "127.0.0.1", args.port or free_port(), ready=ask)
+    return 0 if "answer" in done else 1
 
 
 def cmd_serve(args) -> int:

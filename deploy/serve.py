@@ -134,7 +134,8 @@ def build_app(args=None):
 def run_service(config_path: str | None, host: str | None = None, port: int | None = None, ready=None) -> None:
     """`draftpick serve`: Ray (RAY_ADDRESS or a local one on loopback), the app (learning in REDIS_URL,
     else in the controller's embedded Redis); until SIGINT or SIGTERM, then everything it started is
-    stopped: the controller (and its Redis), Serve (in-flight streams drain), Ray."""
+    stopped: the controller (and its Redis), Serve (in-flight streams drain), Ray. ready: called with
+    the base URL and a function that stops the service, once it serves (`draftpick demo`)."""
     import ray
 
     from draftpick.controller.actor import stop_controller
@@ -155,8 +156,8 @@ def run_service(config_path: str | None, host: str | None = None, port: int | No
         serve.run(build_app(cfg), name="draftpick", route_prefix="/")
         print(f"draftpick serving {cfg.target.name} at http://{host}:{port}/v1", flush=True)
         print(f"ray address: {ray.get_runtime_context().gcs_address}", flush=True)
-        if ready is not None:
-            ready()
+        if ready is not None:  # e.g. `draftpick demo`: ask, print, then stop
+            ready(f"http://{host}:{port}", stop.set)
         stop.wait()
     finally:
         print("draftpick: shutting down", file=sys.stderr, flush=True)

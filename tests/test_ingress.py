@@ -8,18 +8,14 @@ from fastapi.testclient import TestClient
 from draftpick.deploy.ingress import local_app
 from draftpick.policies import Arm
 from draftpick.workers.actor import EngineWorker
-from draftpick.workers.config import DraftpickConfig, ServeSection
+from draftpick.workers.config import ServeSection
 from draftpick.workers.sampling import SamplingParams
-from tiny import save_models
+from tiny import save_models, service_config
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, target, tok):
-    root = save_models(tmp_path_factory.mktemp("ingress"), target, tok)
-    return DraftpickConfig.model_validate({
-        "target": {"name": "tiny", "path": str(root / "target")},
-        "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")}],
-        "engine": {"device": "cpu"}, "policy": {"name": "ucb1", "ks": [1, 3]}})
+    return service_config(save_models(tmp_path_factory.mktemp("ingress"), target, tok))
 
 
 @pytest.fixture(scope="module")

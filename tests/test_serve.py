@@ -17,11 +17,10 @@ import yaml
 
 from draftpick.controller.redis_server import free_port
 from draftpick.policies import Arm
-from draftpick.workers.config import DraftpickConfig
 from draftpick.workers.factory import build_engine
 from draftpick.workers.inputs import encode_input
 from draftpick.workers.sampling import SamplingParams
-from tiny import save_models
+from tiny import save_models, service_config
 
 pytestmark = pytest.mark.integration
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -30,12 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, target, tok):
-    root = save_models(tmp_path_factory.mktemp("serve"), target, tok)
-    return DraftpickConfig.model_validate({
-        "target": {"name": "tiny", "path": str(root / "target")},
-        "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")}],
-        "engine": {"device": "cpu"}, "policy": {"name": "ucb1", "ks": [1, 3]},
-        "worker": {"num_cpus": 1, "max_concurrency": 1}, "serve": {"max_queued": 1, "max_tokens": 1000}})
+    return service_config(save_models(tmp_path_factory.mktemp("serve"), target, tok),
+                          worker={"num_cpus": 1, "max_concurrency": 1}, serve={"max_queued": 1, "max_tokens": 1000})
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,14 @@ def feature_drafter(target, tokenizer, out, prompts=FEATURE_PROMPTS, steps: int 
                                vocab=VOCAB, seed=seed, checkpoint_every=10_000)
     Distiller(target, tokenizer, texts * 4, settings, progress=False).run()
     return out
+
+
+def service_config(root, **sections):
+    """The configuration the service tests serve: the tiny target saved under `root` (save_models),
+    an n-gram and a model drafter, ucb1 over k in {1, 3}; `sections` override whole sections."""
+    from draftpick.workers.config import DraftpickConfig
+
+    return DraftpickConfig.model_validate({
+        "target": {"name": "tiny", "path": str(root / "target")},
+        "drafters": [{"type": "ngram"}, {"type": "model", "name": "close", "path": str(root / "close")}],
+        "engine": {"device": "cpu"}, "policy": {"name": "ucb1", "ks": [1, 3]}, **sections})
