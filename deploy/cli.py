@@ -164,6 +164,7 @@ def _add_distill(s) -> None:
 
 def _add_bench(b) -> None:
     from draftpick.bench import controller as bench_controller, engine as bench_engine, forward as bench_forward
+    from draftpick.bench import load as bench_load
 
     sub = b.add_subparsers(metavar="BENCH")
     s = sub.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
@@ -175,6 +176,9 @@ def _add_bench(b) -> None:
     s = sub.add_parser("controller", help="decision latency, decisions/s through Ray, folding rate, Redis commands")
     bench_controller.add_arguments(s)
     s.set_defaults(func=bench_controller.run)
+    s = sub.add_parser("load", help="the endpoint under 1 / 4 / 16 concurrent streaming clients; HTTP overhead")
+    bench_load.add_arguments(s)
+    s.set_defaults(func=bench_load.run)
 
 
 def cmd_setup(args) -> int:

@@ -1,0 +1,202 @@
+"""`draftpick bench load`: the endpoint under concurrent streaming clients, and what HTTP + Serve cost.
+
+1. The service as `draftpick serve` runs it (Ray on loopback, the Serve application, the
+   controller with a private embedded Redis in a temporary directory unless REDIS_URL is set).
+2. For each concurrency N (default 1, 4, 16), N streaming clients each send R chat requests
+   (greedy, up to max_tokens tokens: a request may end early at EOS), once with the
+   learned policy deciding and once with speculation off (`draftpick.drafter: none`), the two
+   modes alternating level by level in one run. Per mode and level: requests/s, output tokens/s,
+   p50 / p99 time to first token and inter-token latency (client side, from the SSE chunks),
+   errors (any non-200 or broken stream; target 0).
+3. Overhead: the same pinned request (plain decoding, max_tokens tokens) sent alternately through
+   HTTP and straight to the worker deployment's handle, one at a time; the median difference is
+   what the ingress, HTTP and Serve's proxy add, as a share of the request (target <= 5 %).
+Everything binds loopback; the run is bounded by the request counts.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from draftpick.bench import machine, write_results
+
+PROMPTS = ["Write a Python function that checks whether a number is prime.",
+           "Explain what a hash map is in two sentences.",
+           "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists.\"\"\"",
+           "List three uses of speculative decoding.",
+           "Rewrite this more politely: send me the report now.",
+           "import json\n\ndef load_config(path):"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML configuration (default: the embedded one)")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent clients")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
+
+
+def run(args) -> int:
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
+        raise ValueError("--concurrency needs numbers >= 1; --requests-per-client and --max-tokens >= 1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    from draftpick.controller.actor import stop_controller
+    from draftpick.controller.redis_server import free_port
+    from draftpick.deploy.serve import build_app
+    from draftpick.workers.config import load_config
+
+    cfg = load_config(args.config)
+    port = free_port()
+    with tempfile.TemporaryDirectory() as home:
+        os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis starts empty, in here
+        ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DRAFTPICK_HOME": home}})
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(cfg), name="draftpick", route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            report = {"how": _how(args, cfg, levels)}
+            report["load"] = asyncio.run(_levels(url, cfg.target.name, levels, args))
+            report["overhead"] = asyncio.run(_overhead(url, cfg, args))
+        finally:
+            serve.shutdown()
+            stop_controller()
+            ray.shutdown()
+    write_results(args.out, "load", report, _markdown(report))
+    return 0
+
+
+def _how(args, cfg, levels) -> dict:
+    return {"machine": machine(), "target": cfg.target.name, "policy": cfg.policy.name, "levels": levels,
+            "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
+            "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
+
+
+async def _levels(url: str, model: str, levels: list[int], args) -> list[dict]:
+    import httpx2 as httpx
+
+    rows = []
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
+        await _stream(client, url, model, PROMPTS[0], args.max_tokens, None)  # warm-up: models, caches, routes
+        for n in levels:
+            for mode, pin in (("learned", None), ("no speculation", {"drafter": "none"})):
+                t0 = time.perf_counter()
+                runs = await asyncio.gather(*(_client(client, url, model, i, args, pin) for i in range(n)))
+                wall = time.perf_counter() - t0
+                rows.append(_row(n, mode, [r for c in runs for r in c], wall))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+async def _client(client, url, model, index: int, args, pin) -> list[dict]:
+    out = []
+    for j in range(args.requests_per_client):
+        prompt = PROMPTS[(index + j) % len(PROMPTS)]
+        out.append(await _stream(client, url, model, prompt, args.max_tokens, pin))
+    return out
+
+
+async def _stream(client, url, model, prompt: str, max_tokens: int, pin) -> dict:
+    """One streaming chat request, timed from the client: first token, gaps between chunks."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            **({"draftpick": pin} if pin else {})}
+    t0 = time.perf_counter()
+    stamps, tokens, ok = [], 0, False
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "status": r.status_code}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    ok = True
+                    break
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                    stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except Exception as e:  # counted as an error, the run goes on
+        return {"ok": False, "status": type(e).__name__}
+    return {"ok": ok, "tokens": tokens, "ttft": stamps[0] - t0 if stamps else None,
+            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0}
+
+
+def _row(n: int, mode: str, results: list[dict], wall: float) -> dict:
+    good = [r for r in results if r["ok"]]
+    ttft = sorted(r["ttft"] for r in good if r["ttft"] is not None)
+    gaps = sorted(g for r in good for g in r["gaps"])
+    tokens = sum(r["tokens"] for r in good)
+    return {"concurrency": n, "mode": mode, "requests": len(results), "errors": len(results) - len(good),
+            "requests_per_s": len(good) / wall, "output_tokens_per_s": tokens / wall,
+            "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+            "itl_p50_s": _pct(gaps, 50), "itl_p99_s": _pct(gaps, 99), "wall_s": wall}
+
+
+def _pct(xs: list[float], p: float):
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def _overhead(url: str, cfg, args) -> dict:
+    """HTTP (ingress + proxy) against the worker's handle, the same request alternately."""
+    import httpx2 as httpx
+    from ray import serve
+
+    from draftpick.policies.types import Arm
+    from draftpick.workers.actor import GenerateRequest
+    from draftpick.workers.inputs import encode_input
+    from draftpick.workers.models import load_tokenizer
+    from draftpick.workers.sampling import SamplingParams
+
+    tok = load_tokenizer(cfg.target.path, cfg.target.gguf_file)
+    item = {"messages": [{"role": "user", "content": PROMPTS[0]}]}
+    ids = encode_input(tok, item)
+    handle = serve.get_deployment_handle("DraftpickWorker", app_name="draftpick")
+    req = GenerateRequest(ids, SamplingParams(max_tokens=args.max_tokens), Arm("none", 0))  # what HTTP sends
+    body = {"model": cfg.target.name, **item, "max_tokens": args.max_tokens, "temperature": 0,
+            "draftpick": {"drafter": "none"}}
+    http_s, direct_s = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for _ in range(args.overhead_repeats):
+            t0 = time.perf_counter()
+            r = await client.post(url + "/v1/chat/completions", json=body)
+            http_s.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+            t0 = time.perf_counter()
+            async for _event in handle.options(stream=True).generate_stream.remote(req):
+                pass
+            direct_s.append(time.perf_counter() - t0)
+    h, d = statistics.median(http_s), statistics.median(direct_s)
+    return {"http_median_s": h, "direct_median_s": d, "overhead_s": h - d, "overhead_share": (h - d) / h,
+            "repeats": args.overhead_repeats}
+
+
+def _markdown(report: dict) -> str:
+    how = report["how"]
+    lines = [f"# bench load ({how['date']}, {how['machine']})", "",
+             f"target {how['target']}, policy {how['policy']}, {how['requests_per_client']} chat requests per "
+             f"client, max_tokens {how['max_tokens']}, greedy, streaming; client-side timings.", "",
+             "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["load"]:
+        itl = "/".join("-" if v is None else f"{1000 * v:.0f}" for v in (r["itl_p50_s"], r["itl_p99_s"]))
+        ttft = "/".join("-" if v is None else f"{v:.2f}" for v in (r["ttft_p50_s"], r["ttft_p99_s"]))
+        lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.2f} | "
+                     f"{r['output_tokens_per_s']:.1f} | {ttft} | {itl} | {r['errors']} |")
+    o = report["overhead"]
+    lines += ["", f"HTTP + ingress + proxy overhead: {1000 * o['overhead_s']:.1f} ms of {o['http_median_s']:.2f} s "
+              f"({100 * o['overhead_share']:.1f} %), median of {o['repeats']} alternated requests "
+              f"(target <= 5 %)."]
+    return "\n".join(lines) + "\n"
