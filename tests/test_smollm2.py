@@ -89,3 +89,40 @@ def test_info_path_loads_the_exact_target(engine):
     x = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x).logits, engine.target(x).logits)
+
+
+def test_the_openai_client_over_http_gets_what_draftpick_generate_prints(capsys, tmp_path):
+    """The embedded default behind the ingress (an in-process worker, real HTTP on loopback): the
+    official client's greedy chat answer equals `draftpick generate --json` with the same arm."""
+    import json
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+
+    from draftpick.controller.redis_server import free_port
+    from draftpick.deploy.cli import main
+    from draftpick.deploy.ingress import local_app
+    from draftpick.workers.actor import EngineWorker
+
+    cfg = load_config()
+    messages = [{"role": "user", "content": "Name three colours."}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    assert main(["generate", "--prompts", str(tmp_path / "p.jsonl"), "--max-tokens", "24", "--drafter", "chat",
+                 "-k", "3", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(local_app(cfg, EngineWorker(cfg)), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model=cfg.target.name, messages=messages, max_tokens=24, temperature=0,
+                                           extra_body={"draftpick": {"drafter": "chat", "num_speculative_tokens": 3}})
+    finally:
+        server.should_exit = True
+    assert r.choices[0].message.content == want["text"] and r.usage.completion_tokens == len(want["token_ids"])
+    assert r.model_extra["metrics"]["speculative_decoding"]["num_draft_tokens"] > 0
