@@ -63,6 +63,7 @@ class Ingress:
         replicas = w.autoscaling.max_replicas if w.autoscaling else w.replicas
         self.max_admitted = max_admitted or w.max_concurrency * replicas + cfg.serve.max_queued
         self.admitted = 0
+        self.draining = False  # shutting down: new requests get a 503, admitted ones run to their end
         self.metrics = Metrics()
         self._limits: dict | None = None
 
@@ -74,6 +75,9 @@ class Ingress:
 
     @asynccontextmanager
     async def admit(self):
+        if self.draining:
+            raise ProtocolError("the server is shutting down; retry on another", None, status=503,
+                                type_="service_unavailable", code="shutting_down")
         if self.admitted >= self.max_admitted:
             raise ProtocolError(f"the server is at its bound of {self.max_admitted} requests; retry later", None,
                                 status=429, type_="rate_limit_error", code="rate_limit_exceeded")
@@ -92,7 +96,8 @@ class Ingress:
             raise ProtocolError(f"the worker cannot answer: {type(e).__name__}", None, status=503,
                                 type_="service_unavailable", code="worker_down") from None
         degraded = any(str(state.get(k, "up")).startswith("down") for k in ("redis", "controller"))
-        return {"status": "degraded" if degraded else "ok", "ingress": {"admitted": self.admitted}, **state}
+        status = "draining" if self.draining else "degraded" if degraded else "ok"
+        return {"status": status, "ingress": {"admitted": self.admitted}, **state}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "draftpick"}]}
@@ -267,7 +272,7 @@ def new_app() -> FastAPI:
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request, exc: ProtocolError):
         status, body = error_body(exc)
-        headers = {"Retry-After": "1"} if status == 429 else None
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(Exception)

@@ -22,7 +22,8 @@ from ray import serve  # noqa: E402
 
 from draftpick.workers.actor import EngineWorker, GenerateRequest  # noqa: E402
 
-GRACEFUL_SHUTDOWN_S = 15  # in-flight streams get this long to end when a replica stops
+GRACEFUL_SHUTDOWN_S = 15  # in-flight requests get this long to end when a replica stops
+DRAIN_S = 30  # on SIGINT / SIGTERM, admitted requests get this long to end before Serve stops
 
 
 def _replica_grpc_on_node_address() -> None:
@@ -96,6 +97,11 @@ class DraftpickIngress:
 
         self.ingress = Ingress(cfg, ServeBackend(worker), load_tokenizer(cfg.target.path, cfg.target.gguf_file))
 
+    def drain(self) -> tuple[str, int]:
+        """Refuse new requests from now on; (this replica, requests it still has admitted)."""
+        self.ingress.draining = True
+        return serve.get_replica_context().replica_id.unique_id, self.ingress.admitted
+
     def __serve_build_asgi_app__(self):
         from draftpick.deploy.ingress import make_app
 
@@ -162,10 +168,31 @@ def run_service(config_path: str | None, host: str | None = None, port: int | No
     finally:
         print("draftpick: shutting down", file=sys.stderr, flush=True)
         try:  # each step bounded: a cluster that is already going away must not hold the shutdown
+            _bounded(lambda: drain(cfg.serve.ingress_replicas), DRAIN_S + 5)  # streams end while the proxy runs
             _bounded(serve.shutdown, 40)  # streams drain, replicas append their feedback
             _bounded(stop_controller, 20)  # folds what is left, stops the embedded Redis
         finally:
             ray.shutdown()
+
+
+def drain(replicas: int, app: str = "draftpick", timeout_s: float = None) -> bool:
+    """Stop the ingress replicas admitting requests and wait (at most timeout_s, default DRAIN_S)
+    until those admitted have ended; Serve's shutdown would otherwise cut streams mid-way, as its
+    proxy stops with the replicas. Returns whether all ended in time."""
+    import time
+
+    handle = serve.get_deployment_handle("DraftpickIngress", app_name=app)
+    deadline = time.monotonic() + (DRAIN_S if timeout_s is None else timeout_s)
+    admitted: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        replica, n = handle.drain.remote().result(timeout_s=5)  # reaches a replica at random
+        admitted[replica] = n
+        if len(admitted) >= replicas and not any(admitted.values()):
+            return True
+        time.sleep(0.2)
+    print(f"draftpick: {sum(admitted.values())} requests still running after {DRAIN_S} s; stopping anyway",
+          file=sys.stderr)
+    return False
 
 
 def _bounded(fn, seconds: float) -> None:

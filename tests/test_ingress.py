@@ -241,7 +241,8 @@ def test_a_client_that_disconnects_cancels_its_generation_and_its_rounds_feed_ba
     results = []
     learner.engine.add_sink(results.append)
     try:
-        body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 800, "temperature": 0, "stream": True,
+        # the tiny target's greedy answer to this prompt runs 278 tokens (173 rounds) before its EOS
+        body = {"model": "tiny", "prompt": "hello world", "max_tokens": 800, "temperature": 0, "stream": True,
                 "draftpick": {"drafter": "close", "num_speculative_tokens": 1}}
         with httpx.stream("POST", served + "/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
@@ -253,7 +254,7 @@ def test_a_client_that_disconnects_cancels_its_generation_and_its_rounds_feed_ba
     finally:
         learner.engine.sinks.remove(results.append)
     (res,) = results
-    assert res.finish_reason == "abort" and 0 < len(res.token_ids) < 800
+    assert res.finish_reason == "abort" and 0 < len(res.token_ids) < 278
     assert learner.in_flight == 0
     stats = _folded(learner, 1)
     assert stats["totals"]["rounds"] == len(res.records) >= 1

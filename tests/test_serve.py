@@ -2,6 +2,7 @@
 serve` and `serve run deploy/serve.yaml`, reached over real HTTP with the official `openai` client.
 No REDIS_URL: the controller actor starts the embedded Redis. Checked: output, learning, metrics,
 429 under a burst, a disconnect cancelling its generation, loopback only, clean shutdown."""
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from tiny import save_models, service_config
 pytestmark = pytest.mark.integration
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 REPO = Path(__file__).resolve().parents[1]
+LONG_PROMPT = "hello world"  # the tiny target's greedy answer runs 278 tokens before its EOS
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +139,19 @@ def test_draftpick_serve_end_to_end(cfg, engine, tok, tmp_path):
             client.completions.create(model="tiny", prompt="x", max_tokens=5000)
         assert_loopback_only(service)
 
-        # a client that hangs up cancels its generation; its rounds still feed back
-        before = _wait_stats(url, 3)["totals"]
-        body = {"model": "tiny", "prompt": "the cat sat", "max_tokens": 900, "temperature": 0, "stream": True,
+        # a client that hangs up cancels its generation; its rounds still feed back. The prompt's
+        # greedy answer is long (hundreds of rounds at k = 1): answered whole first, for the comparison
+        long = {"model": "tiny", "prompt": LONG_PROMPT, "max_tokens": 900, "temperature": 0,
                 "draftpick": {"drafter": "close", "num_speculative_tokens": 1}}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        whole = httpx.post(url + "/v1/completions", json=long, timeout=120).json()
+        full_rounds = whole["metrics"]["speculative_decoding"]["num_spec_steps"]
+        assert full_rounds >= 100, whole
+        before = _wait_stats(url, 4)["totals"]
+        with httpx.stream("POST", url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
             lines = (line for line in r.iter_lines() if line.startswith("data: "))
             next(lines), next(lines)
-        after = _wait_stats(url, 4)["totals"]
-        assert 1 <= after["rounds"] - before["rounds"] < 400  # all 900 tokens take >= 450 rounds at k = 1
+        after = _wait_stats(url, 5)["totals"]
+        assert 1 <= after["rounds"] - before["rounds"] < full_rounds / 2
         assert httpx.get(url + "/health").json()["in_flight"] == 0
 
         # a burst beyond the bound (1 running + 1 queued) gets 429s; the admitted ones are answered
@@ -160,10 +166,28 @@ def test_draftpick_serve_end_to_end(cfg, engine, tok, tmp_path):
         assert 'draftpick:spec_decode_num_draft_tokens_total{drafter="close"}' in metrics
         assert 'draftpick:request_errors_total{status="429"}' in metrics
         assert "draftpick:feedback_lag_entries" in metrics
+
+        # SIGTERM while a stream is in flight: the stream ends normally, then everything stops
+        streamed, started = [], threading.Event()
+
+        def long_stream():
+            with httpx.stream("POST", url + "/v1/completions", json={**long, "stream": True}, timeout=120) as r:
+                for line in r.iter_lines():
+                    started.set()
+                    if line:
+                        streamed.append(line)
+
+        reader = threading.Thread(target=long_stream)
+        reader.start()
+        assert started.wait(60)
     finally:
         seconds = service.stop(signal.SIGTERM)
+    reader.join(60)
     assert service.proc.returncode == 0, service.output()
     assert "shutting down" in service.output() and seconds < 60
+    events = [json.loads(x[6:]) for x in streamed if x.startswith("data: {")]
+    assert streamed[-1] == "data: [DONE]", streamed[-3:]  # drained, not cut
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
 
 
 def _wait_stats(url: str, requests: int, timeout: float = 30) -> dict:
