@@ -258,3 +258,27 @@ def test_a_client_that_disconnects_cancels_its_generation_and_its_rounds_feed_ba
     assert learner.in_flight == 0
     stats = _folded(learner, 1)
     assert stats["totals"]["rounds"] == len(res.records) >= 1
+
+
+def test_with_redis_down_the_service_answers_degraded_and_its_feedback_waits(cfg, tmp_path):
+    """Redis goes away: /health stays 200 and says `degraded`, requests are still decided (from the
+    worker's snapshot) and answered, and their feedback waits in the sink until Redis is back."""
+    from draftpick.controller.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    worker = EngineWorker(cfg, server.url)
+    try:
+        with TestClient(local_app(cfg, worker)) as http:
+            server.stop()
+            health = http.get("/health")
+            assert health.status_code == 200 and health.json()["status"] == "degraded"
+            assert health.json()["redis"].startswith("down")
+            r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x = 1\n", "max_tokens": 6})
+            assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "ucb1"
+            assert worker.sink.status()["appended"] == 0
+            server = EmbeddedRedis(tmp_path / "redis", port=server.port).start()  # back, same address and data
+            _folded(worker, 1)
+            assert http.get("/health").json()["status"] == "degraded"  # no controller actor in this test
+    finally:
+        worker.close()
+        server.stop()
