@@ -31,6 +31,12 @@ def trace_drafters(reqs: list[TraceRequest]) -> list[str]:
     return sorted(set.intersection(*(set(r.data["drafters"]) for r in reqs)))
 
 
+def lookup_drafters(req: TraceRequest) -> list[str]:
+    """The request's deterministic drafters (n-gram, suffix: no model confidence in the trace), whose
+    proposals at any position follow from the output alone, so their rounds can be re-run exactly."""
+    return [n for n, tr in req.data["drafters"].items() if "confidence" not in tr and "draft_confidence" not in tr]
+
+
 def trace_arms(reqs: list[TraceRequest], ks=(1, 2, 3, 5, 8)) -> list[Arm]:
     """Every drafter in the trace at every k <= k_max, plus plain decoding."""
     k_max = min(r.data["k_max"] for r in reqs)
@@ -104,19 +110,37 @@ def _per_drafter(d: dict, g: int, verified: int, played: str, k: int) -> dict[st
 class Replayer:
     """Caches each request's outcome under each fixed arm; replays policies over shuffled passes."""
 
-    def __init__(self, reqs: list[TraceRequest], arms: list[Arm] | None = None):
+    def __init__(self, reqs: list[TraceRequest], arms: list[Arm] | None = None, counterfactual: bool = True):
+        """counterfactual: each request's feedback carries the exact rounds of every deterministic
+        (lookup) drafter's arms along its output, as the engine's would (policies.types.RoundRecord)."""
         self.reqs = reqs
         self.arms = arms or trace_arms(reqs)
+        self.counterfactual = counterfactual
         self._fixed: dict[tuple[int, Arm], tuple[RoundRecord, float, int]] = {}
+        self._cf: dict[int, dict[str, list[float]]] = {}
 
     def fixed(self, i: int, arm: Arm) -> tuple[RoundRecord, float, int]:
         """(aggregated record, seconds, tokens) of request i under a fixed arm."""
         key = (i, arm)
         if key not in self._fixed:
             recs, secs = simulate(self.reqs[i], lambda r, last: Choice(arm, 1.0), self.arms)
-            agg = aggregate(recs) if recs else None
+            agg = self.with_counterfactual(i, aggregate(recs)) if recs else None
             self._fixed[key] = (agg, secs, self.reqs[i].n)
         return self._fixed[key]
+
+    def with_counterfactual(self, i: int, record: RoundRecord) -> RoundRecord:
+        """The record with request i's counterfactual rounds (when enabled): per lookup drafter, the
+        rounds of (drafter, k) for k = 1 .. k_max over the request's tokens after the prefill."""
+        if not self.counterfactual:
+            return record
+        if i not in self._cf:
+            req = self.reqs[i]
+            out = {}
+            for name in lookup_drafters(req):
+                out[name] = [float(len(simulate(req, lambda r, last, a=Arm(name, k): Choice(a, 1.0), self.arms)[0]))
+                             for k in range(1, req.data["k_max"] + 1)]
+            self._cf[i] = out
+        return replace(record, counterfactual=self._cf[i], counterfactual_tokens=float(self.reqs[i].n - 1))
 
     def table(self) -> np.ndarray:
         """[requests, arms] seconds under each fixed arm."""
@@ -136,7 +160,7 @@ class Replayer:
                 req = self.reqs[i]
                 ctx = Context(tag=req.data.get("tag", ""), features=tuple(req.data.get("features", ())), time=t)
                 if policy.level == "round":
-                    recs, secs = self._per_round(policy, req, ctx, stats, rng, t)
+                    recs, secs = self._per_round(policy, i, ctx, stats, rng, t)
                     arm = str(record_arm(recs[0])) if recs else "none:0"
                 else:
                     choice = policy.select(ctx, stats, rng)
@@ -160,11 +184,15 @@ class Replayer:
             "choices": choices,
         }
 
-    def _per_round(self, policy, req, ctx, stats, rng, t):
+    def _per_round(self, policy, i, ctx, stats, rng, t):
+        req = self.reqs[i]
+
         def choose(r, last):
             return policy.select(replace(ctx, round=r, last=last), stats, rng)
 
         recs, secs = simulate(req, choose, self.arms, t0=t)
+        if recs:  # the request's counterfactual comes with its last round, as the engine's would
+            recs[-1] = self.with_counterfactual(i, recs[-1])
         for rec in recs:
             add(stats, policy.increments(rec))
         return recs, secs
@@ -180,6 +208,37 @@ class Replayer:
         }
 
 
+def estimate_bias(rp: Replayer, played: list[Arm] | None = None) -> dict:
+    """How far the full-information estimate of each arm's tokens per round is from the truth.
+
+    For each played arm P (default: plain decoding and the best fixed arm), every request is
+    simulated under P and its rounds' full-information feedback folded into reach / hit counts,
+    as `hedge` and `contextual` fold them; each arm A's tokens per round estimated from those
+    counts is compared with A's true tokens per round (A's own rounds, simulated). Rounds start
+    where P's rounds start, not where A's would: that is the bias this measures.
+    Returns {"P": {"A": {"estimated", "true", "bias"}}} with bias = estimated / true - 1."""
+    from draftpick.policies.estimators import arm_tokens_per_round, position_increments
+
+    if played is None:
+        best = rp.oracle()["best_fixed"]["arm"]
+        played = [Arm("none", 0)] + [a for a in rp.arms if str(a) == best and a.k > 0]
+    true = {}
+    for a in rp.arms:
+        recs = [rp.fixed(i, a)[0] for i in range(len(rp.reqs))]
+        true[a] = sum(r.emitted for r in recs if r) / max(sum(r.rounds for r in recs if r), 1)
+    out = {}
+    for p in played:
+        stats: dict[str, float] = {}
+        for i in range(len(rp.reqs)):
+            agg = rp.fixed(i, p)[0]
+            if agg is not None:
+                add(stats, position_increments(agg))
+        est = arm_tokens_per_round(stats, rp.arms)
+        out[str(p)] = {str(a): {"estimated": float(e), "true": true[a], "bias": float(e) / true[a] - 1}
+                       for a, e in zip(rp.arms, est) if a.k > 0}
+    return out
+
+
 def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:
     """Drop every other drafter from the trace, as if only these had been configured."""
     known = trace_drafters(reqs)
@@ -193,7 +252,8 @@ def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:
 
 def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, scale: float | None = None,
            configs: dict | None = None, ignore_tags: bool = False,
-           drafters: list[str] | None = None) -> tuple[dict, dict]:
+           drafters: list[str] | None = None, estimates: bool = False,
+           counterfactual: bool = True) -> tuple[dict, dict]:
     """Returns (the documented OUT.json object, per-policy series for the plot)."""
     from draftpick.policies.registry import create
 
@@ -203,13 +263,15 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
             r.data["tag"] = ""
     if drafters is not None:
         keep_drafters(reqs, drafters)
-    rp = Replayer(reqs)
+    rp = Replayer(reqs, counterfactual=counterfactual)
     ref = rp.oracle()
     # reward scale: the oracle's tokens/s (so rewards are in [0, 1] with room to spare)
     scale = scale or 1.5 * ref["oracle"]["tokens_per_s"]
     out = {"policies": {}, **{k: ref[k] for k in ("oracle", "best_fixed")}, "fixed_arms": ref["fixed"],
            "arms": [str(a) for a in rp.arms], "requests_in_trace": len(reqs), "repeat": repeat, "seed": seed,
-           "tags": not ignore_tags, "reward_scale": scale}
+           "tags": not ignore_tags, "reward_scale": scale, "counterfactual": counterfactual}
+    if estimates:
+        out["estimate_bias"] = estimate_bias(rp)
     series = {}
     for spec in policy_specs:
         cfg = dict((configs or {}).get(spec, {}))
@@ -241,6 +303,11 @@ def summary_lines(out: dict) -> list[str]:
         lines.append(f"{name:>16}: {p['tokens_per_s']:.2f} tok/s  {p['ratio_vs_oracle']:.3f} x oracle  "
                      f"{p['ratio_vs_best_fixed']:.3f} x best fixed  ({p['requests_replayed']} requests in "
                      f"{p['replay_wall_s']:.1f} s)")
+    for played, arms in out.get("estimate_bias", {}).items():
+        worst = sorted(arms.items(), key=lambda kv: -abs(kv[1]["bias"]))[:5]
+        lines.append(f"full-information estimates while playing {played} (tokens/round, estimated vs true): "
+                     + ", ".join(f"{a} {v['estimated']:.2f} vs {v['true']:.2f} ({100 * v['bias']:+.0f} %)"
+                                 for a, v in worst))
     return lines
 
 

@@ -111,6 +111,10 @@ def _add_replay(s) -> None:
     s.add_argument("--plot", help="OUT.png: cumulative regret and arm choices")
     s.add_argument("--ignore-tags", action="store_true", help="hide the requests' context tags (features only)")
     s.add_argument("--drafters", help="comma-separated: replay only these of the trace's drafters (plus plain decoding)")
+    s.add_argument("--estimates", action="store_true", help="also measure how far the full-information estimates "
+                   "of each arm are from its true tokens per round (played: plain decoding, best fixed arm)")
+    s.add_argument("--no-counterfactual", dest="counterfactual", action="store_false",
+                   help="leave out the exact re-run rounds of lookup drafters (the estimates before issue 19)")
     s.set_defaults(func=cmd_replay)
 
 
@@ -347,7 +351,7 @@ def cmd_replay(args) -> int:
     specs = [p for p in args.policies.split(",") if p]
     drafters = None if args.drafters is None else [d for d in args.drafters.split(",") if d]
     out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs, ignore_tags=args.ignore_tags,
-                         drafters=drafters)
+                         drafters=drafters, estimates=args.estimates, counterfactual=args.counterfactual)
     with open(args.json_out, "w") as f:
         json.dump(out, f, indent=1)
     if args.plot:

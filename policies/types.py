@@ -64,6 +64,11 @@ class RoundRecord:
     # full information summed over rounds, per drafter and draft position j (see position_counts):
     reach: dict[str, list[float]] = field(default_factory=dict)  # rounds whose position j was judged
     hits: dict[str, list[float]] = field(default_factory=dict)  # ... and accepted
+    # exact counterfactuals of deterministic (lookup) drafters: the verified output does not depend on
+    # the arm (greedy or seeded), so each such drafter's own rounds can be re-run along it; per
+    # drafter, the rounds its arm (drafter, k) takes over `counterfactual_tokens` tokens, k = 1, 2, ..
+    counterfactual: dict[str, list[float]] = field(default_factory=dict)
+    counterfactual_tokens: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +134,10 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
             rc, ht = position_counts(per_pos)
             _add(reach, name, rc)
             _add(hits, name, ht)
+    counterfactual: dict[str, list[float]] = {}
+    for r in records:
+        for name, rounds in r.counterfactual.items():
+            _add(counterfactual, name, rounds)
     return RoundRecord(
         drafter=first.drafter, k=first.k, num_drafted=sum(r.num_drafted for r in records),
         accepted=sum(r.accepted for r in records), emitted=sum(r.emitted for r in records),
@@ -136,7 +145,8 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
         sync_s=sum(r.sync_s for r in records), propensity=first.propensity, load=first.load,
         tenant=first.tenant, context=first.context, features=first.features, temperature=first.temperature,
         time=records[-1].time, threshold=first.threshold, rounds=sum(r.rounds for r in records),
-        reach=reach, hits=hits,
+        reach=reach, hits=hits, counterfactual=counterfactual,
+        counterfactual_tokens=sum(r.counterfactual_tokens for r in records),
     )
 
 

@@ -218,3 +218,30 @@ def test_a_plugin_gets_only_the_options_it_declares(recorded, tmp_path, monkeypa
     assert set(out["policies"]) == {"first_arm:FirstArm", "greedy_mean:GreedyMean"}
     first = out["policies"]["first_arm:FirstArm"]
     assert first["tokens_per_s"] == pytest.approx(out["fixed_arms"][out["arms"][1]], rel=1e-9)
+
+
+def _clustered_request(n: int = 201, k_max: int = 8) -> dict:
+    """A request whose drafter `copy` matches everything in the first half (a copied passage) and
+    nothing in the second: where rounds start decides what a drafter seems worth."""
+    half = (n - 1) // 2
+    matched = [k_max] * half + [0] * (n - 1 - half)
+    return {"num_tokens": n, "max_tokens": n, "k_max": k_max, "prefill_s": 0.0, "verify_s": [0.01] * (k_max + 1),
+            "draft_s_per_token": {"copy": 0.0}, "tag": "", "features": [],
+            "drafters": {"copy": {"proposed": [k_max] * (n - 1), "matched": matched, "full_information": True}}}
+
+
+def test_re_run_rounds_make_the_estimate_of_a_never_played_lookup_arm_exact():
+    """Played plain, every position starts a round, so from reach / hit counts `copy` looks like 1 + 8 / 2
+    tokens a round; its own rounds skim the copied half in 9-token strides and crawl the rest (~1.9).
+    Re-running its rounds along the output (the counterfactual) gives the truth without playing it."""
+    from draftpick.controller.replay import estimate_bias
+    from draftpick.workers.trace import TraceRequest
+
+    arms = [Arm("none", 0), Arm("copy", 8)]
+    old = estimate_bias(Replayer([TraceRequest(_clustered_request())], arms, counterfactual=False), arms[:1])
+    new = estimate_bias(Replayer([TraceRequest(_clustered_request())], arms), arms[:1])
+    truth = 200 / (12 + 92)  # rounds start at 1, 10, .., 100 (9 tokens each), then at 109 .. 200 one by one
+    assert old["none:0"]["copy:8"]["true"] == new["none:0"]["copy:8"]["true"] == pytest.approx(truth, rel=0.02)
+    assert old["none:0"]["copy:8"]["estimated"] == pytest.approx(1 + 0.5 * 8, rel=0.02)  # biased: x 2.7
+    assert old["none:0"]["copy:8"]["bias"] > 1.5
+    assert new["none:0"]["copy:8"]["bias"] == pytest.approx(0.0, abs=1e-9)
