@@ -231,17 +231,18 @@ def _clustered_request(n: int = 201, k_max: int = 8) -> dict:
 
 
 def test_re_run_rounds_make_the_estimate_of_a_never_played_lookup_arm_exact():
-    """Played plain, every position starts a round, so from reach / hit counts `copy` looks like 1 + 8 / 2
-    tokens a round; its own rounds skim the copied half in 9-token strides and crawl the rest (~1.9).
-    Re-running its rounds along the output (the counterfactual) gives the truth without playing it."""
+    """Played `copy:2`, rounds start every 3 tokens in the copied half and every token after it, so
+    reach / hit counts see `copy` accept at the first position in 34 of 132 rounds and take every
+    later position as accepted: `copy:8` looks like 1 + 8 x 34 / 132 = 3.1 tokens a round. Its own
+    rounds skim the copied half in 9-token strides and crawl the rest: 200 / 104 = 1.9. Re-running
+    its rounds along the output (the counterfactual) gives the truth without playing it."""
     from draftpick.controller.replay import estimate_bias
     from draftpick.workers.trace import TraceRequest
 
-    arms = [Arm("none", 0), Arm("copy", 8)]
-    old = estimate_bias(Replayer([TraceRequest(_clustered_request())], arms, counterfactual=False), arms[:1])
-    new = estimate_bias(Replayer([TraceRequest(_clustered_request())], arms), arms[:1])
-    truth = 200 / (12 + 92)  # rounds start at 1, 10, .., 100 (9 tokens each), then at 109 .. 200 one by one
-    assert old["none:0"]["copy:8"]["true"] == new["none:0"]["copy:8"]["true"] == pytest.approx(truth, rel=0.02)
-    assert old["none:0"]["copy:8"]["estimated"] == pytest.approx(1 + 0.5 * 8, rel=0.02)  # biased: x 2.7
-    assert old["none:0"]["copy:8"]["bias"] > 1.5
-    assert new["none:0"]["copy:8"]["bias"] == pytest.approx(0.0, abs=1e-9)
+    arms = [Arm("none", 0), Arm("copy", 2), Arm("copy", 8)]
+    old = estimate_bias(Replayer([TraceRequest(_clustered_request())], arms, counterfactual=False), arms[1:2])
+    new = estimate_bias(Replayer([TraceRequest(_clustered_request())], arms), arms[1:2])
+    before, after = old["copy:2"]["copy:8"], new["copy:2"]["copy:8"]
+    assert before["true"] == after["true"] == pytest.approx(200 / (12 + 92))  # rounds at 1, 10, .., 100, 109 .. 200
+    assert before["estimated"] == pytest.approx(1 + 8 * 34 / 132) and before["bias"] > 0.5
+    assert after["bias"] == pytest.approx(0.0, abs=1e-9)
