@@ -144,6 +144,14 @@ def check_record(r: RoundRecord, drafters: set[str], max_k: int) -> None:
             raise BadRecord(f"unknown drafter {name!r} in the full-information feedback")
         if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in values):
             raise BadRecord(f"acceptance of {name!r} must lie in [0, 1]")
+    tokens = r.counterfactual_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or not 0 <= tokens < math.inf:
+        raise BadRecord(f"counterfactual_tokens must be a finite number >= 0, got {tokens!r}")
+    for name, rounds in r.counterfactual.items():
+        if name not in drafters:
+            raise BadRecord(f"unknown drafter {name!r} in the counterfactual feedback")
+        if len(rounds) > max_k or not all(isinstance(v, (int, float)) and 0 < v <= max(tokens, 1) for v in rounds):
+            raise BadRecord(f"counterfactual rounds of {name!r}: at most {max_k} values in (0, tokens]")
 
 
 def parse_entry(data: bytes | str, drafters: set[str], max_k: int) -> tuple[list[RoundRecord], str]:

@@ -17,10 +17,14 @@ from draftpick.policies.costs.
   temperature, load): for each drafter and draft position, a weighted ridge regression of its
   acceptance on the features (weights: how often the position was judged), plus a LinUCB bonus
   alpha * sqrt(x^T A^-1 x) where the data are thin; the positions' acceptances give each arm's
-  tokens per round.
+  tokens per round. For drafters whose rounds were re-run along the outputs (lookup drafters under
+  greedy or seeded decoding: RoundRecord.counterfactual), a ridge regression of those exact tokens
+  per round on the features replaces the position hazards, which are biased by where the played
+  arm's rounds started.
 Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; ct|<tag>|<arm> (tokens
 emitted when played under the tag); A|<drafter>|j|p|q (upper
-triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); the costs of policies.costs.
+triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); cfw|<drafter>, cfA|<drafter>|p|q,
+cfb|<drafter>|k|p and cfround|<drafter>|k for the re-run rounds; the costs of policies.costs.
 """
 from __future__ import annotations
 
@@ -100,8 +104,31 @@ class Contextual(BasePolicy):
         theta, ainv_x = sol[..., 0], sol[..., 1]  # [n, d] each
         acc = np.clip(theta @ x + self.cfg.alpha * np.sqrt(np.maximum(ainv_x @ x, 0)), 0.0, 1.0)  # [n]
         a = dict(zip(cols, acc))
-        return np.array([tokens_per_round([1.0] * arm.k, [a[(arm.drafter, j)] for j in range(arm.k)], arm.k)
-                         for arm in self.arms])
+        tpr = np.array([tokens_per_round([1.0] * arm.k, [a[(arm.drafter, j)] for j in range(arm.k)], arm.k)
+                        for arm in self.arms])
+        return self._counterfactual_linear(x, stats, tpr)
+
+    def _counterfactual_linear(self, x, stats, tpr: np.ndarray) -> np.ndarray:
+        """Where a drafter's rounds were re-run along the outputs (lookup drafters, greedy or seeded),
+        its arms' tokens per round come from a ridge regression of those exact values on the
+        features (weighted by tokens), with the same LinUCB bonus, instead of from position hazards."""
+        out = tpr.copy()
+        d = self.d
+        for X in self.drafters:
+            if stats.get(key("cfw", X), 0.0) <= 0:
+                continue
+            A = np.zeros((d, d))
+            A[self.iu] = [stats.get(key("cfA", X, p, q), 0.0) for p, q in zip(*self.iu)]
+            A = A + np.triu(A, 1).T + self.cfg.ridge * np.eye(d)
+            for i, arm in enumerate(self.arms):
+                if arm.drafter != X or not arm.k or stats.get(key("cfround", X, arm.k), 0.0) <= 0:
+                    continue
+                b = np.array([stats.get(key("cfb", X, arm.k, p), 0.0) for p in range(d)])
+                # predicted tokens per round, as an offset from 1 (what plain decoding gets) so that
+                # the ridge pulls an unseen request toward plain decoding, not toward 0
+                theta, ainv_x = np.linalg.solve(A, np.stack([b, x], -1)).T
+                out[i] = 1.0 + max(theta @ x + self.cfg.alpha * np.sqrt(max(ainv_x @ x, 0.0)), 0.0)
+        return out
 
     def increments(self, record):
         if not record.reach:
@@ -122,6 +149,17 @@ class Contextual(BasePolicy):
                     inc[bk[p]] = h * xs[p]
                     for q in nz[i:]:
                         inc[ak[p][q]] = r * xs[p] * xs[q]
+        w = record.counterfactual_tokens
+        for X, rounds in record.counterfactual.items() if w else ():
+            inc[key("cfw", X)] = w
+            for i, p in enumerate(nz):
+                for q in nz[i:]:
+                    inc[key("cfA", X, p, q)] = w * xs[p] * xs[q]
+            for k, n in enumerate(rounds, start=1):
+                inc[key("cfround", X, k)] = n
+                y = w / n - 1.0  # tokens per round above plain decoding's 1
+                for p in nz:
+                    inc[key("cfb", X, k, p)] = w * y * xs[p]
         return inc
 
     def _names(self, drafter, j):

@@ -249,3 +249,31 @@ def test_contextual_uses_features_when_requests_carry_no_tag():
     chosen, regret = run(create("contextual", arms, {"scale": 2.0}), means, 1500, seed=6, contexts=contexts,
                          full_info=True)
     assert regret[1000:].mean() < 0.05  # the best arm of each context, almost always
+
+
+def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alone():
+    """Untagged requests of two kinds (told apart by a feature); the n-gram drafter's re-run rounds
+    say it gets 3 tokens a round at k = 4 on the first kind and 1.1 on the second. Without ever
+    playing it (every round plain decoding, no position counts), `contextual` predicts both and
+    picks ngram:4 for the first kind, plain decoding for the second."""
+    from dataclasses import replace
+
+    from draftpick.policies.state import add
+
+    arms = [Arm("none", 0), Arm("ngram", 4)]
+    policy = create("contextual", arms, {"alpha": 0.0})
+    stats: dict[str, float] = {}
+    base = RoundRecord(drafter="none", k=0, num_drafted=0, accepted=0, emitted=1, draft_s=0.0, verify_s=0.01)
+    kinds = {(1.0, 1.0): 3.0, (1.0, 0.0): 1.1}  # features (bias, repetition) -> tokens per round at k = 4
+    for _ in range(30):
+        for features, tpr in kinds.items():
+            rounds = [60 / min(tpr, 1 + k * (tpr - 1) / 4) for k in range(1, 5)]
+            add(stats, policy.increments(replace(base, features=list(features), rounds=60, emitted=60,
+                                                 verify_s=0.6, counterfactual={"ngram": rounds},
+                                                 counterfactual_tokens=60.0)))
+    ngram = policy.arms.index(Arm("ngram", 4))
+    for features, tpr in kinds.items():
+        assert policy.linear(features, stats)[ngram] == pytest.approx(tpr, rel=0.05)
+    rng = np.random.default_rng(0)
+    assert policy.select(Context(features=(1.0, 1.0)), stats, rng).arm == Arm("ngram", 4)
+    assert policy.select(Context(features=(1.0, 0.0)), stats, rng).arm == Arm("none", 0)

@@ -246,3 +246,36 @@ def test_re_run_rounds_make_the_estimate_of_a_never_played_lookup_arm_exact():
     assert before["true"] == after["true"] == pytest.approx(200 / (12 + 92))  # rounds at 1, 10, .., 100, 109 .. 200
     assert before["estimated"] == pytest.approx(1 + 8 * 34 / 132) and before["bias"] > 0.5
     assert after["bias"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_engines_counterfactual_rounds_are_the_rounds_the_arm_takes_when_played(recorded, target, tok):
+    """Played another arm, the engine re-runs each lookup drafter along the output: its rounds for
+    (drafter, k) equal what playing (drafter, k) takes, greedy and seeded (each generation its own
+    tenant, so the suffix index is the same); replay's counterfactual of a recorded request agrees."""
+    from draftpick.workers.drafters.model import ModelDrafter
+    from draftpick.workers.drafters.ngram import NgramDrafter
+    from draftpick.workers.drafters.suffix import SuffixDrafter
+    from draftpick.workers.engine import SpeculativeEngine
+
+    engine = SpeculativeEngine(target, tok, {"ngram": NgramDrafter(), "suffix": SuffixDrafter(),
+                                             "close": ModelDrafter("close", noisy_copy(target, 0.05))})
+    tenants = iter(range(1000))
+    for p in PROMPTS[:2]:
+        ids = tok(p["prompt"]).input_ids
+        for params in (SamplingParams(max_tokens=40), SamplingParams(max_tokens=40, temperature=0.8, seed=3)):
+            cf = engine.generate(ids, params, Arm("close", 2), tenant=str(next(tenants))).records[-1].counterfactual
+            assert set(cf) == {"ngram", "suffix"}
+            for drafter in ("ngram", "suffix"):
+                for k in (1, 4):
+                    played = engine.generate(ids, params, Arm(drafter, k), tenant=str(next(tenants)))
+                    assert cf[drafter][k - 1] == len(played.records), (drafter, k, params)
+    sampled = engine.generate(tok(PROMPTS[0]["prompt"]).input_ids, SamplingParams(max_tokens=20, temperature=0.8),
+                              Arm("ngram", 2))
+    assert sampled.records[-1].counterfactual == {}  # unseeded: the output depends on the arm
+
+    root, _ = recorded
+    replayed = Replayer(load_trace(str(root / "trace.jsonl"))).fixed(0, Arm("none", 0))[0]
+    live = engine.generate(tok(PROMPTS[0]["prompt"]).input_ids, SamplingParams(max_tokens=40), Arm("none", 0),
+                           tenant=str(next(tenants)))
+    k_max = len(replayed.counterfactual["ngram"])
+    assert replayed.counterfactual["ngram"] == live.records[-1].counterfactual["ngram"][:k_max]

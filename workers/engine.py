@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -72,7 +72,7 @@ class SpeculativeEngine:
     the caller attaches (`add_sink`), e.g. traffic capture or the service's feedback."""
 
     def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True,
-                 verify_pad_multiple: int = 1, played_only: set[str] = frozenset()):
+                 verify_pad_multiple: int = 1, played_only: set[str] = frozenset(), counterfactual_k: int = 16):
         self.target, self.tokenizer = target, tokenizer
         self.verify_pad_multiple = verify_pad_multiple  # see workers.models.verify_forward
         self.sinks: list[Sink] = []
@@ -80,6 +80,7 @@ class SpeculativeEngine:
         self.drafters: dict[str, Drafter] = {"none": NoneDrafter(), **(drafters or {})}
         self.full_information = full_information
         self.played_only = set(played_only)  # drafters measured only in the rounds they are played
+        self.counterfactual_k = counterfactual_k  # re-run lookup drafters' rounds for k = 1 .. this (0: off)
         self.eos_ids = _eos_ids(target, tokenizer)
         self.vocab_size = target.config.vocab_size
         self.context_window = getattr(target.config, "max_position_embeddings", None)
@@ -187,8 +188,34 @@ class Generation:
             return []
         tokens = self._prefill() if self.started is None else self._round()
         if self.done:  # its last round recorded: the result goes to the engine's sinks
-            self.engine._emit(self.result())
+            self._emit()
         return tokens
+
+    def _emit(self) -> None:
+        """The result to the engine's sinks, its last record carrying the request's counterfactual."""
+        cf = getattr(self, "counterfactual", None)
+        if cf and self.records:
+            self.records[-1] = replace(self.records[-1], counterfactual=cf[0], counterfactual_tokens=cf[1])
+        self.engine._emit(self.result())
+
+    def _counterfactual(self) -> tuple[dict[str, list[float]], float] | None:
+        """Per deterministic (lookup) drafter, the rounds its arm (drafter, k) would have taken for this
+        output, k = 1 .. counterfactual_k: its proposals re-run at every position of the output, which
+        under greedy or seeded decoding does not depend on the arm played (policies.types.RoundRecord).
+        None for unseeded sampling (the output depends on the arm) or when turned off."""
+        from draftpick.workers.drafters.base import LookupSession, matching_prefix
+
+        k_max, n = self.engine.counterfactual_k, len(self.out)
+        if k_max <= 0 or n < 2 or (self.params.temperature > 0 and self.params.seed is None):
+            return None
+        out = {}
+        for name, s in self.sessions.items():
+            if not isinstance(s, LookupSession):
+                continue
+            matched = [matching_prefix(s.lookup(self.prompt_ids + self.out[:g], k_max), self.out[g:])
+                       for g in range(1, n)]
+            out[name] = [float(counterfactual_rounds(matched, k, n, self.params.max_tokens)) for k in range(1, k_max + 1)]
+        return (out, float(n - 1)) if out else None
 
     def cancel(self) -> None:
         """Stop here (its client went away): finish_reason "abort"; the rounds it ran still go to
@@ -199,7 +226,7 @@ class Generation:
             self.started = time.perf_counter()
         self.finish_reason = "abort"
         self._finish()
-        self.engine._emit(self.result())
+        self._emit()
 
     def run(self) -> GenerationResult:
         """Step to the end and return the result."""
@@ -317,6 +344,7 @@ class Generation:
     def _finish(self) -> None:
         self.done = True
         self.finished_at = time.perf_counter()
+        self.counterfactual = self._counterfactual()  # before the sessions close (the suffix index learns)
         for s in self.sessions.values():
             s.close(self.ids)
         self.cache = None
@@ -334,6 +362,19 @@ class Generation:
             records=self.records, generate_s=self.finished_at - self.started, prefill_s=self.prefill_s,
             tenant=self.tenant, context=self.context,
         )
+
+
+def counterfactual_rounds(matched: list[int], k: int, n: int, max_tokens: int) -> int:
+    """Rounds a fixed arm with draft length k takes to emit tokens 1 .. n - 1 (token 0 comes from the
+    prefill), given how many of its proposal at each position g match the output (matched[g - 1]);
+    the same walk as replay's simulate (controller.replay)."""
+    g, rounds = 1, 0
+    while g < n:
+        k_eff = min(k, max_tokens - g - 1)
+        accepted = min(matched[g - 1], k_eff) if k_eff > 0 else 0
+        g += min(accepted + 1, n - g)
+        rounds += 1
+    return rounds
 
 
 def _own_acceptance(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, n: int, exhausted: bool) -> list[float]:
