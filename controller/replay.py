@@ -234,8 +234,11 @@ def estimate_bias(rp: Replayer, played: list[Arm] | None = None) -> dict:
             if agg is not None:
                 add(stats, position_increments(agg))
         est = arm_tokens_per_round(stats, rp.arms)
+        # an arm whose drafter was never measured (one recorded with full_information: false, not
+        # played) has no estimate, only the optimistic default: left out
+        measured = {a.drafter for a in rp.arms if stats.get(f"reach|{a.drafter}|0") or stats.get(f"cftok|{a.drafter}")}
         out[str(p)] = {str(a): {"estimated": float(e), "true": true[a], "bias": float(e) / true[a] - 1}
-                       for a, e in zip(rp.arms, est) if a.k > 0}
+                       for a, e in zip(rp.arms, est) if a.k > 0 and a.drafter in measured}
     return out
 
 

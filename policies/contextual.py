@@ -42,7 +42,8 @@ from draftpick.policies.types import Choice, aggregate, tokens_per_round
 
 @dataclass(frozen=True)
 class ContextualConfig(PolicyConfig):
-    alpha: float = 0.1  # LinUCB exploration weight (tokens per round)
+    alpha: float = 0.1  # LinUCB exploration weight (acceptance per draft position)
+    cf_alpha: float = 1.0  # LinUCB weight of the re-run (counterfactual) tokens per round (chosen on the dev trace)
     ridge: float = 1.0  # regularisation of the linear models
     prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
     prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
@@ -127,7 +128,7 @@ class Contextual(BasePolicy):
                 # predicted tokens per round, as an offset from 1 (what plain decoding gets) so that
                 # the ridge pulls an unseen request toward plain decoding, not toward 0
                 theta, ainv_x = np.linalg.solve(A, np.stack([b, x], -1)).T
-                out[i] = 1.0 + max(theta @ x + self.cfg.alpha * np.sqrt(max(ainv_x @ x, 0.0)), 0.0)
+                out[i] = 1.0 + max(theta @ x + self.cfg.cf_alpha * np.sqrt(max(ainv_x @ x, 0.0)), 0.0)
         return out
 
     def increments(self, record):

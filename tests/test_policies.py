@@ -261,7 +261,7 @@ def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alo
     from draftpick.policies.state import add
 
     arms = [Arm("none", 0), Arm("ngram", 4)]
-    policy = create("contextual", arms, {"alpha": 0.0})
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0})
     stats: dict[str, float] = {}
     base = RoundRecord(drafter="none", k=0, num_drafted=0, accepted=0, emitted=1, draft_s=0.0, verify_s=0.01)
     kinds = {(1.0, 1.0): 3.0, (1.0, 0.0): 1.1}  # features (bias, repetition) -> tokens per round at k = 4
