@@ -28,28 +28,13 @@ class LocalLearning:
         self.sink = self.controller.sink()
         engine.add_sink(self.sink)
 
-    def context(self, item: dict, ids: list[int], temperature: float) -> Context:
-        return request_context(item, ids, temperature)
-
     def generate(self, item: dict, ids: list[int], params, tenant: str = ""):
         """(result, plan) of one request decided by the policy."""
-        ctx = self.context(item, ids, params.temperature)
+        ctx = request_context(item, ids, params.temperature)
         plan: Plan = self.controller.decide(ctx)
         res = self.engine.generate(ids, params, plan.arm, tenant=tenant, context=ctx.tag,
                                    chooser=self.controller.chooser(plan, ctx), features=ctx.features)
         return res, plan
-
-    def decide(self, context: Context) -> Plan:
-        return self.controller.decide(context)
-
-    def chooser(self, plan: Plan, context: Context):
-        return self.controller.chooser(plan, context)
-
-    def status(self) -> dict:
-        return {**self.controller.status(), "feedback": self.sink.status()}
-
-    def stats(self) -> dict:
-        return self.controller.stats()
 
     def close(self) -> int:
         """Append what is buffered, fold it, stop the embedded server; returns the entries folded."""
