@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray lo
 
 from ray import serve  # noqa: E402
 
-from draftpick.workers.actor import EngineWorker, GenerateRequest  # noqa: E402
+from draftpick.workers.actor import EngineWorker, GenerateRequest, actor_resources  # noqa: E402
 
 GRACEFUL_SHUTDOWN_S = 15  # in-flight requests get this long to end when a replica stops
 DRAIN_S = 30  # on SIGINT / SIGTERM, admitted requests get this long to end before Serve stops
@@ -48,7 +48,6 @@ def _replica_grpc_on_node_address() -> None:
 
     on_node_address.draftpick = True
     replica.add_port_to_grpc_server = on_node_address
-
 
 
 class ServeBackend:
@@ -123,13 +122,10 @@ def build_app(args=None):
         cfg = load_config(cfg)
     learn = bool(args.get("learn", True))
     w = cfg.worker
-    threads = str(w.torch_threads)
     scaling = ({"autoscaling_config": w.autoscaling.model_dump()} if w.autoscaling else {"num_replicas": w.replicas})
     worker = DraftpickWorker.options(
-        ray_actor_options={"num_cpus": w.num_cpus, "num_gpus": w.num_gpus,
-                           "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}},
-        max_ongoing_requests=w.max_concurrency, max_queued_requests=cfg.serve.max_queued,
-        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S, **scaling,
+        ray_actor_options=actor_resources(w), max_ongoing_requests=w.max_concurrency,
+        max_queued_requests=cfg.serve.max_queued, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S, **scaling,
     ).bind(cfg, args.get("redis_url"), learn)
     return DraftpickIngress.options(
         num_replicas=cfg.serve.ingress_replicas, ray_actor_options={"num_cpus": 0},

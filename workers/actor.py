@@ -147,10 +147,13 @@ class EngineWorker:
 def worker_actor(cfg: DraftpickConfig, redis_url: str | None = None):
     """Start one worker actor with the CPU/GPU shares and thread count from the configuration
     (with a redis_url it learns live, see EngineWorker)."""
-    w = cfg.worker
-    threads = str(w.torch_threads)
-    cls = ray.remote(EngineWorker).options(
-        num_cpus=w.num_cpus, num_gpus=w.num_gpus, max_concurrency=w.max_concurrency,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
-    )
+    cls = ray.remote(EngineWorker).options(max_concurrency=cfg.worker.max_concurrency, **actor_resources(cfg.worker))
     return cls.remote(cfg, redis_url)
+
+
+def actor_resources(w) -> dict:
+    """A worker's Ray actor options from the configuration's `worker` section: CPU / GPU shares, and
+    the thread count in its environment (the worker actor here, the Serve worker deployment)."""
+    threads = str(w.torch_threads)
+    return {"num_cpus": w.num_cpus, "num_gpus": w.num_gpus,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}}
