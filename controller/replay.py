@@ -23,6 +23,7 @@ import numpy as np
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import add
 from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
+from draftpick.workers.engine import counterfactual_rounds
 from draftpick.workers.trace import TraceError, TraceRequest, load_trace
 
 
@@ -133,13 +134,11 @@ class Replayer:
         rounds of (drafter, k) for k = 1 .. k_max over the request's tokens after the prefill."""
         if not self.counterfactual:
             return record
-        if i not in self._cf:
-            req = self.reqs[i]
-            out = {}
-            for name in lookup_drafters(req):
-                out[name] = [float(len(simulate(req, lambda r, last, a=Arm(name, k): Choice(a, 1.0), self.arms)[0]))
-                             for k in range(1, req.data["k_max"] + 1)]
-            self._cf[i] = out
+        if i not in self._cf:  # the engine's walk over the trace's matches (a match never exceeds the proposal)
+            d = self.reqs[i].data
+            self._cf[i] = {name: [float(counterfactual_rounds(d["drafters"][name]["matched"], k, d["num_tokens"],
+                                                              d["max_tokens"])) for k in range(1, d["k_max"] + 1)]
+                           for name in lookup_drafters(self.reqs[i])}
         return replace(record, counterfactual=self._cf[i], counterfactual_tokens=float(self.reqs[i].n - 1))
 
     def table(self) -> np.ndarray:
@@ -217,6 +216,7 @@ def estimate_bias(rp: Replayer, played: list[Arm] | None = None) -> dict:
     counts is compared with A's true tokens per round (A's own rounds, simulated). Rounds start
     where P's rounds start, not where A's would: that is the bias this measures.
     Returns {"P": {"A": {"estimated", "true", "bias"}}} with bias = estimated / true - 1."""
+    from draftpick.policies.base import key
     from draftpick.policies.estimators import arm_tokens_per_round, position_increments
 
     if played is None:
@@ -236,7 +236,7 @@ def estimate_bias(rp: Replayer, played: list[Arm] | None = None) -> dict:
         est = arm_tokens_per_round(stats, rp.arms)
         # an arm whose drafter was never measured (one recorded with full_information: false, not
         # played) has no estimate, only the optimistic default: left out
-        measured = {a.drafter for a in rp.arms if stats.get(f"reach|{a.drafter}|0") or stats.get(f"cftok|{a.drafter}")}
+        measured = {a.drafter for a in rp.arms if stats.get(key("reach", a.drafter, 0)) or stats.get(key("cftok", a.drafter))}
         out[str(p)] = {str(a): {"estimated": float(e), "true": true[a], "bias": float(e) / true[a] - 1}
                        for a, e in zip(rp.arms, est) if a.k > 0 and a.drafter in measured}
     return out

@@ -161,6 +161,8 @@ class Generation:
     load: Callable[[], int]
     features: tuple[float, ...] = ()  # the prompt features the policy saw, copied into each record
     rng_seed: int | None = None  # the random stream of an unseeded request (None: fresh entropy)
+    # per lookup drafter, its arms' rounds re-run along the output (set when it finishes, see _counterfactual)
+    counterfactual: tuple[dict[str, list[float]], float] | None = None
     out: list[int] = field(default_factory=list)
     records: list[RoundRecord] = field(default_factory=list)
     done: bool = False
@@ -193,9 +195,9 @@ class Generation:
 
     def _emit(self) -> None:
         """The result to the engine's sinks, its last record carrying the request's counterfactual."""
-        cf = getattr(self, "counterfactual", None)
-        if cf and self.records:
-            self.records[-1] = replace(self.records[-1], counterfactual=cf[0], counterfactual_tokens=cf[1])
+        if self.counterfactual and self.records:
+            rounds, tokens = self.counterfactual
+            self.records[-1] = replace(self.records[-1], counterfactual=rounds, counterfactual_tokens=tokens)
         self.engine._emit(self.result())
 
     def _counterfactual(self) -> tuple[dict[str, list[float]], float] | None:
@@ -367,7 +369,7 @@ class Generation:
 def counterfactual_rounds(matched: list[int], k: int, n: int, max_tokens: int) -> int:
     """Rounds a fixed arm with draft length k takes to emit tokens 1 .. n - 1 (token 0 comes from the
     prefill), given how many of its proposal at each position g match the output (matched[g - 1]);
-    the same walk as replay's simulate (controller.replay)."""
+    the same walk as replay's simulate (controller.replay), whose counterfactual counts come from here."""
     g, rounds = 1, 0
     while g < n:
         k_eff = min(k, max_tokens - g - 1)
