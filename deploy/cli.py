@@ -167,22 +167,18 @@ def _add_distill(s) -> None:
 
 
 def _add_bench(b) -> None:
-    from draftpick.bench import controller as bench_controller, engine as bench_engine, forward as bench_forward
-    from draftpick.bench import load as bench_load
+    from draftpick.bench import controller, engine, forward, load
 
     sub = b.add_subparsers(metavar="BENCH")
-    s = sub.add_parser("engine", help="this engine vs target-only vs transformers' assisted generation")
-    bench_engine.add_arguments(s)
-    s.set_defaults(func=bench_engine.run)
-    s = sub.add_parser("forward", help="cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears")
-    bench_forward.add_arguments(s)
-    s.set_defaults(func=bench_forward.run)
-    s = sub.add_parser("controller", help="decision latency, decisions/s through Ray, folding rate, Redis commands")
-    bench_controller.add_arguments(s)
-    s.set_defaults(func=bench_controller.run)
-    s = sub.add_parser("load", help="the endpoint under 1 / 4 / 16 concurrent streaming clients; HTTP overhead")
-    bench_load.add_arguments(s)
-    s.set_defaults(func=bench_load.run)
+    for name, module, help_ in (
+        ("engine", engine, "this engine vs target-only vs transformers' assisted generation"),
+        ("forward", forward, "cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears"),
+        ("controller", controller, "decision latency, decisions/s through Ray, folding rate, Redis commands"),
+        ("load", load, "the endpoint under 1 / 4 / 16 concurrent streaming clients; HTTP overhead"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        module.add_arguments(s)
+        s.set_defaults(func=module.run)
 
 
 def cmd_setup(args) -> int:

@@ -121,14 +121,17 @@ class Contextual(BasePolicy):
             A = np.zeros((d, d))
             A[self.iu] = [stats.get(key("cfA", X, p, q), 0.0) for p, q in zip(*self.iu)]
             A = A + np.triu(A, 1).T + self.cfg.ridge * np.eye(d)
-            for i, arm in enumerate(self.arms):
-                if arm.drafter != X or not arm.k or stats.get(key("cfround", X, arm.k), 0.0) <= 0:
-                    continue
-                b = np.array([stats.get(key("cfb", X, arm.k, p), 0.0) for p in range(d)])
-                # predicted tokens per round, as an offset from 1 (what plain decoding gets) so that
-                # the ridge pulls an unseen request toward plain decoding, not toward 0
-                theta, ainv_x = np.linalg.solve(A, np.stack([b, x], -1)).T
-                out[i] = 1.0 + max(theta @ x + self.cfg.cf_alpha * np.sqrt(max(ainv_x @ x, 0.0)), 0.0)
+            idx = [i for i, arm in enumerate(self.arms)
+                   if arm.drafter == X and arm.k and stats.get(key("cfround", X, arm.k), 0.0) > 0]
+            if not idx:
+                continue
+            b = np.array([[stats.get(key("cfb", X, self.arms[i].k, p), 0.0) for p in range(d)] for i in idx])
+            sol = np.linalg.solve(A, np.concatenate([b.T, x[:, None]], 1))  # one solve: [d, arms + 1]
+            theta, ainv_x = sol[:, :-1].T, sol[:, -1]
+            bonus = self.cfg.cf_alpha * np.sqrt(max(ainv_x @ x, 0.0))
+            # predicted tokens per round, as an offset from 1 (what plain decoding gets) so that the
+            # ridge pulls an unseen request toward plain decoding, not toward 0
+            out[idx] = 1.0 + np.maximum(theta @ x + bonus, 0.0)
         return out
 
     def increments(self, record):
