@@ -53,6 +53,7 @@ class Controller:
         self.consumer = consumer or f"controller-{uuid.uuid4().hex[:8]}"
         self.refresh_s = refresh_s
         self.rng = np.random.default_rng(seed)
+        self.level = getattr(policy, "level", "request")  # "round": the policy also chooses every round
         self._snapshot: dict[str, float] = {}
         self._snapshot_at = -1e9
         self.redis_error: str | None = None
@@ -86,9 +87,8 @@ class Controller:
         t0 = time.perf_counter()
         stats = self.snapshot()
         choice: Choice = self.policy.select(context, stats, self.rng)
-        level = getattr(self.policy, "level", "request")
-        return Plan(choice.arm, choice.propensity, choice.threshold, self.policy.name, level, context.tag,
-                    time.perf_counter() - t0, dict(stats) if level == "round" else None)
+        return Plan(choice.arm, choice.propensity, choice.threshold, self.policy.name, self.level, context.tag,
+                    time.perf_counter() - t0, dict(stats) if self.level == "round" else None)
 
     def chooser(self, plan: Plan, context: Context):
         """The engine's round chooser for a plan: the plan's arm (request level), or the policy
@@ -109,7 +109,7 @@ class Controller:
     def increments(self, records: list[RoundRecord], context: str) -> tuple[dict, dict, dict]:
         """(policy statistics, totals, arm table) deltas of one request's records."""
         stats: dict[str, float] = {}
-        folded = [aggregate(records)] if getattr(self.policy, "level", "request") == "request" else records
+        folded = [aggregate(records)] if self.level == "request" else records
         for r in folded:
             add(stats, self.policy.increments(r))
         totals = {"requests": 1, "rounds": len(records), "draft_tokens": sum(r.num_drafted for r in records),

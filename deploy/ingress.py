@@ -79,8 +79,7 @@ class Ingress:
             raise ProtocolError("the server is shutting down; retry on another", None, status=503,
                                 type_="service_unavailable", code="shutting_down")
         if self.admitted >= self.max_admitted:
-            raise ProtocolError(f"the server is at its bound of {self.max_admitted} requests; retry later", None,
-                                status=429, type_="rate_limit_error", code="rate_limit_exceeded")
+            raise _rate_limited(f"the server is at its bound of {self.max_admitted} requests; retry later")
         self.admitted += 1
         try:
             yield
@@ -234,10 +233,14 @@ async def _first(events) -> dict:
         raise _as_protocol_error(e) from None
 
 
+def _rate_limited(message: str) -> ProtocolError:
+    """A 429 (sent with Retry-After): the ingress's bound, or the workers' queues, are full."""
+    return ProtocolError(message, None, status=429, type_="rate_limit_error", code="rate_limit_exceeded")
+
+
 def _as_protocol_error(e: Exception) -> Exception:
     if type(e).__name__ == "BackPressureError":  # ray.serve.exceptions: the worker's queue is full
-        return ProtocolError("the workers' queues are full; retry later", None, status=429,
-                             type_="rate_limit_error", code="rate_limit_exceeded")
+        return _rate_limited("the workers' queues are full; retry later")
     if isinstance(e, ValueError):  # the worker refused the request (Ray wraps it as its cause's type)
         return ProtocolError(str(getattr(e, "cause", None) or e).strip().splitlines()[-1])
     return e
