@@ -48,12 +48,14 @@ class RoundRecord:
     accepted: int  # leading draft tokens the target accepted (<= num_drafted)
     emitted: int  # tokens appended to the output this round (accepted + 1, less at a stop)
     draft_s: float  # seconds spent drafting
-    verify_s: float  # seconds of the target forward and the accept step
+    verify_s: float  # seconds of the target forward (its share by rows when batched) and the accept step
     sync_s: float = 0.0  # seconds spent feeding verified tokens to other model drafters
     propensity: float = 1.0  # probability the policy gave this arm when choosing it
     accepted_per_pos: list[int] = field(default_factory=list)  # [num_drafted], 1 if accepted
     per_drafter: dict[str, list[float]] = field(default_factory=dict)  # name -> [positions]
     load: int = 1  # requests in flight on the worker during this round
+    batch: int = 1  # requests whose rows the round's target forward ran (1: a forward of its own)
+    batch_rows: int = 0  # rows (tokens) that forward ran, all its requests together (0: not recorded)
     tenant: str = ""  # who asked (never used to share data across tenants)
     context: str = ""  # context tag the policy saw
     features: list[float] = field(default_factory=list)  # the prompt features the policy saw

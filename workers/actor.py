@@ -1,14 +1,17 @@
 """The Ray worker actor: one engine (target + drafters) serving concurrent requests.
 
-Requests are interleaved round by round: each round runs in a thread under
-an asyncio lock (FIFO), so concurrent requests share the models fairly and
-each streams its tokens as soon as its round ends. The engine itself knows
-nothing of Ray (see workers.engine).
+One loop per worker steps every request in flight together: each step is one target forward
+for all of them (`SpeculativeEngine.step_batch`: each request's pending token and drafts, or a
+joining request's prompt), run in a thread, after which each request streams the tokens its round
+emitted. Requests join at the next step and leave as soon as they finish; a request whose client
+went away is cancelled between steps. With `worker.batching` false the loop steps one request at a
+time, round-robin (the interleaved worker, kept for comparison). The engine itself knows nothing of
+Ray (see workers.engine).
 """
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -29,6 +32,15 @@ class GenerateRequest:
     features: tuple[float, ...] = ()
 
 
+@dataclass
+class _Slot:
+    """A request in the worker's loop: its generation and the queue its stream reads."""
+
+    g: object  # workers.engine.Generation
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # (tokens, stop_at), an exception, or None (done)
+    cancelled: bool = False  # its stream was closed: cancel it between steps
+
+
 class EngineWorker:
     """Ray actor body (wrap with `worker_actor(cfg)`); testable as a plain class too."""
 
@@ -44,7 +56,10 @@ class EngineWorker:
         set_threads(cfg.worker.torch_threads)  # Ray would leave torch at 1 thread
         self.cfg = cfg
         self.engine = build_engine(cfg)
-        self.lock, self._lock_loop = asyncio.Lock(), None
+        self.joining: list[_Slot] = []  # admitted, joining at the next step
+        self.running: list[_Slot] = []  # in the batch
+        self._loop_task = None
+        self.steps = 0  # steps run (each one target forward when batching)
         self.in_flight = 0
         self.decisions = self.sink = None
         if redis_url or start_controller:
@@ -104,38 +119,79 @@ class EngineWorker:
     async def generate_stream(self, req: GenerateRequest):
         """Yields {"token_ids": [...], "stop_at": ...} per step (prefill or round), then
         {"result": <generate --json object>, "records": [...], "plan": ... or None}. Closing or
-        cancelling the stream (its client went away) ends the generation with finish_reason "abort";
-        the rounds it ran still feed back."""
+        cancelling the stream (its client went away) ends the generation with finish_reason "abort"
+        at the next step; the rounds it ran still feed back."""
         arm, chooser, plan = self._plan(req)
         if arm.k > self.cfg.engine.max_k:
             raise ValueError(f"k = {arm.k} exceeds engine.max_k = {self.cfg.engine.max_k}")
         g = self.engine.start(req.prompt_ids, req.params, arm, tenant=req.tenant, context=req.context,
                               chooser=chooser, load=lambda: self.in_flight, features=req.features)
+        slot = _Slot(g)
+        self.joining.append(slot)
         self.in_flight += 1
+        self._ensure_loop()
         try:
-            while not g.done:
-                tokens = await self._step(g)
-                yield {"token_ids": tokens, "stop_at": g.stop_at}
+            while True:
+                item = await slot.out.get()
+                if item is None:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                tokens, stop_at = item
+                yield {"token_ids": tokens, "stop_at": stop_at}
         finally:
             self.in_flight -= 1
-            if not g.done:
-                g.cancel()
+            slot.cancelled = not g.done  # the loop cancels it between steps
         res = g.result()
         yield {"result": res.to_json(req.request_id), "records": [r.to_dict() for r in res.records],
                "plan": None if plan is None else plan_json(plan)}
 
-    async def _step(self, g):
-        """One step in a thread, one request's step at a time (FIFO). A cancelled caller waits for
-        the step to end before the lock is released: the models never run two steps at once."""
-        if self._lock_loop is not asyncio.get_running_loop():  # a lock serves one event loop
-            self.lock, self._lock_loop = asyncio.Lock(), asyncio.get_running_loop()
-        async with self.lock:
-            task = asyncio.ensure_future(asyncio.to_thread(g.step))
+    def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._loop_task
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._loop_task = loop.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        """Step the requests in flight until none is left. Between steps (in the event loop, the
+        models idle): cancel the requests whose stream closed, let joining requests in while their
+        prompts fit worker.max_batch_tokens. A step runs in a thread; if this task is cancelled the
+        step still ends before it does (the models never run two steps at once)."""
+        w = self.cfg.worker
+        while self.running or self.joining:
+            for s in [s for s in self.running + self.joining if s.cancelled]:
+                s.g.cancel()  # its rounds go to the sinks
+                (self.running if s in self.running else self.joining).remove(s)
+            rows, joined = len(self.running), 0
+            while self.joining and (rows + len(self.joining[0].g.prompt_ids) <= w.max_batch_tokens
+                                    or not joined):  # one prompt joins each step, however long
+                s = self.joining.pop(0)
+                rows += len(s.g.prompt_ids)
+                joined += 1
+                self.running.append(s)
+            if not self.running:
+                continue
+            batch = self.running if w.batching else [self.running[0]]
+            if not w.batching:  # round-robin
+                self.running.append(self.running.pop(0))
+            task = asyncio.ensure_future(asyncio.to_thread(
+                self.engine.step_batch, [s.g for s in batch], w.max_batch_tokens))
             try:
-                return await asyncio.shield(task)
+                results = await asyncio.shield(task)
             except asyncio.CancelledError:
                 await task
                 raise
+            except Exception as e:  # the forward itself failed: every request in it fails
+                results = [e] * len(batch)
+                for s in batch:
+                    s.g._round_state = None
+                    s.g.cancel()
+            self.steps += 1
+            for s, r in zip(list(batch), results):
+                s.out.put_nowait(r if isinstance(r, Exception) else (r, s.g.stop_at))
+                if s.g.done:
+                    s.out.put_nowait(None)
+                    self.running.remove(s)
 
     async def generate(self, req: GenerateRequest) -> dict:
         last = None

@@ -148,7 +148,12 @@ class WorkerConfig(_Strict):
     num_cpus: float = Field(2, gt=0, description="Ray CPU shares per worker actor")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker actor (0 on CPU)")
     torch_threads: int = Field(2, ge=1, description="torch intra-op threads in the actor")
-    max_concurrency: int = Field(16, ge=1, description="requests served at once per actor (Serve: per worker replica)")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight at once per actor (Serve: per worker "
+                                 "replica; more wait in Serve's queue, serve.max_queued, then get a 429)")
+    batching: bool = Field(True, description="verify all in-flight requests in one target forward per step "
+                           "(workers.batched; false: one request's round at a time, interleaved)")
+    max_batch_tokens: int = Field(512, ge=1, description="rows (tokens) one batched forward may run: joining "
+                                  "prompts wait for the next step beyond it and drafts are cut to fit")
     replicas: int = Field(1, ge=1, description="worker replicas of the Serve application (without autoscaling)")
     autoscaling: AutoscalingConfig | None = Field(None, description="scale the worker replicas with load "
                                                     "instead of a fixed number (see below)")

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from draftpick.policies.types import Arm, Choice, RoundRecord
+from draftpick.workers.batched import batchable, batched_forward
 from draftpick.workers.drafters.base import Drafter
 from draftpick.workers.drafters.feature import TargetFeatures
 from draftpick.workers.drafters.none import NoneDrafter
@@ -84,6 +85,7 @@ class SpeculativeEngine:
         self.eos_ids = _eos_ids(target, tokenizer)
         self.vocab_size = target.config.vocab_size
         self.context_window = getattr(target.config, "max_position_embeddings", None)
+        self.batchable = batchable(target)  # concurrent requests share one forward (workers.batched)
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
@@ -121,6 +123,42 @@ class SpeculativeEngine:
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, arm: Arm = Arm("none", 0), **kw) -> GenerationResult:
         return self.start(prompt_ids, params, arm, **kw).run()
+
+    def step_batch(self, gens: list["Generation"], max_rows: int | None = None) -> list[list[int] | Exception]:
+        """One step of every unfinished generation in `gens` (prefill or round) with one target forward
+        for them all (workers.batched); returns the tokens each appended, or the exception that ended
+        it (a request's own error, e.g. from its round chooser, fails that request alone: it is
+        cancelled, and its rounds still go to the sinks). Each request's share of the
+        forward's seconds, by rows, is its round's verify time. max_rows bounds the forward's rows: the
+        prefills take theirs, the rounds share the rest (their drafts are cut to fit, never below 0).
+        A target `batchable` refuses runs one forward per request."""
+        live = [g for g in gens if not g.done]
+        out: dict[int, list[int] | Exception] = {}
+        if len(live) <= 1 or not self.batchable:
+            for g in live:
+                out[id(g)] = _guarded(g, g.step)
+            return [out.get(id(g), []) for g in gens]
+        n_rounds = sum(g.started is not None for g in live)
+        max_k = None
+        if max_rows is not None and n_rounds:
+            prefill_rows = sum(len(g.prompt_ids) for g in live if g.started is None)
+            max_k = max(0, (max_rows - prefill_rows - n_rounds) // n_rounds)
+        tokens = {id(g): _guarded(g, lambda g=g: g.prepare(max_k)) for g in live}
+        for g in live:
+            if isinstance(tokens[id(g)], Exception):
+                out[id(g)] = tokens[id(g)]
+        batch = [g for g in live if id(g) not in out]
+        if batch:
+            keep = any(g.target_features is not None for g in batch)
+            t = time.perf_counter()
+            outs = batched_forward(self.target, [g.cache for g in batch], [tokens[id(g)] for g in batch],
+                                   [g.prefilling for g in batch], hidden=keep)
+            forward_s = time.perf_counter() - t
+            rows = sum(len(tokens[id(g)]) for g in batch)
+            for g, (logits, hidden) in zip(batch, outs):
+                share = forward_s * len(tokens[id(g)]) / rows
+                out[id(g)] = _guarded(g, lambda g=g, lg=logits, h=hidden, s=share: g.complete(lg, h, s, len(batch), rows))
+        return [out.get(id(g), []) for g in gens]
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, with a message naming the problem, what the target cannot run."""
@@ -179,16 +217,64 @@ class Generation:
                          for n, d in self.engine.drafters.items()}
         self.started = None
         self.prefill_s = 0.0
+        self._round_state = None  # a prepared round: (choice, k, drafter, draft, q, draft seconds)
 
     @property
     def ids(self) -> list[int]:
         return self.prompt_ids + self.out
 
     def step(self) -> list[int]:
-        """Advance by the prefill or one round; returns the tokens it appended."""
+        """Advance by the prefill or one round, with its own target forward; returns the tokens it
+        appended. (`SpeculativeEngine.step_batch` runs the same two halves for many requests with
+        one forward.)"""
         if self.done:
             return []
-        tokens = self._prefill() if self.started is None else self._round()
+        tokens = self.prepare()
+        keep = self.target_features is not None
+        t = time.perf_counter()
+        if self._round_state is None:  # the prefill: only the last row's logits are needed
+            out = forward(self.engine.target, self.cache, tokens, last_only=True, hidden=keep)
+        else:
+            out = verify_forward(self.engine.target, self.cache, tokens, self.engine.verify_pad_multiple, hidden=keep)
+        logits, hidden = out if keep else (out, None)
+        return self.complete(logits, hidden, time.perf_counter() - t)
+
+    def prepare(self, max_k: int | None = None) -> list[int]:
+        """The first half of a step: the tokens its target forward runs after the cache. The prefill
+        (the prompt; the forward needs only its last row's logits, `prefilling`), or a round's choice
+        and draft: [pending token] + drafts, at most max_k drafts (the worker's bound on rows per step)."""
+        assert not self.done and self._round_state is None, "prepare() twice without complete()"
+        if self.started is None:
+            self.started = time.perf_counter()
+            return self.prompt_ids
+        choice = self.chooser(self) if self.chooser else Choice(self.arm, 1.0)
+        if choice.arm.drafter not in self.sessions:
+            raise ValueError(f"the round chooser picked unknown drafter {choice.arm.drafter!r}")
+        ids = self.ids
+        # drafts past max_tokens are wasted: draft (and record) at most what can still be emitted
+        k = min(choice.arm.k, self.params.max_tokens - len(self.out) - 1, choice.arm.k if max_k is None else max_k)
+        drafter = choice.arm.drafter if k > 0 else "none"
+        t0 = time.perf_counter()
+        draft, q = self._draft(drafter, ids, k, choice.threshold)  # 1. draft
+        self._round_state = (choice, k, drafter, draft, q, time.perf_counter() - t0)
+        return [ids[-1]] + draft.tolist()
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether the prepared step is the prefill."""
+        return self._round_state is None and not self.out
+
+    def complete(self, logits: torch.Tensor, hidden: torch.Tensor | None, forward_s: float, batch: int = 1,
+                 rows: int = 0) -> list[int]:
+        """The second half of a step, given its forward's logits [rows or 1 (prefill), vocab] and, when
+        a feature drafter needs them, hidden states [rows, d]: the prefill's first token, or a round's
+        verify -> sync -> emit. forward_s: this request's share of the forward's seconds; batch, rows:
+        the requests and rows that forward ran (the round's record carries them). Returns the tokens
+        appended."""
+        if self._round_state is None:
+            tokens = self._first_token(logits, hidden)
+        else:
+            tokens = self._round(logits, hidden, forward_s, batch, rows)
         if self.done:  # its last round recorded: the result goes to the engine's sinks
             self._emit()
         return tokens
@@ -236,30 +322,21 @@ class Generation:
             self.step()
         return self.result()
 
-    def _prefill(self) -> list[int]:
-        self.started = time.perf_counter()
-        keep = self.target_features is not None
-        out = forward(self.engine.target, self.cache, self.prompt_ids, last_only=True, hidden=keep)
-        logits, hidden = out if keep else (out, None)  # [1, vocab], [prompt, d]
-        if keep:
-            self.target_features.append(hidden)
+    def _first_token(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> list[int]:
+        if self.target_features is not None:
+            self.target_features.append(hidden)  # [prompt, d]
         token = self.sampler.draw(self.sampler.probs(logits[-1:], len(self.prompt_ids))[0])
         self.prefill_s = time.perf_counter() - self.started
         return self._append([token])
 
-    def _round(self) -> list[int]:
-        """One draft -> verify -> accept round; appends and returns the tokens it emitted."""
-        choice = self.chooser(self) if self.chooser else Choice(self.arm, 1.0)
-        if choice.arm.drafter not in self.sessions:
-            raise ValueError(f"the round chooser picked unknown drafter {choice.arm.drafter!r}")
+    def _round(self, logits: torch.Tensor, hidden: torch.Tensor | None, forward_s: float, batch: int,
+               rows: int) -> list[int]:
+        """The rest of a draft -> verify -> accept round; appends and returns the tokens it emitted."""
+        choice, k, drafter, draft, q, draft_s = self._round_state
+        self._round_state = None
         ids = self.ids
-        # drafts past max_tokens are wasted: draft (and record) at most what can still be emitted
-        k = min(choice.arm.k, self.params.max_tokens - len(self.out) - 1)
-        drafter = choice.arm.drafter if k > 0 else "none"
-        t0 = time.perf_counter()
-        draft, q = self._draft(drafter, ids, k, choice.threshold)  # 1. draft
         t1 = time.perf_counter()
-        p, res = self._verify(ids, draft, q)  # 2. verify, 3. roll the target's cache back
+        p, res = self._verify(ids, logits, hidden, draft, q)  # 2. verify, 3. roll the target's cache back
         t2 = time.perf_counter()
         exhausted = len(draft) < k and choice.threshold is None
         per_drafter = self._sync(drafter, ids, ids + res.tokens, p, draft, q, res.num_accepted, exhausted)  # 4. sync
@@ -270,9 +347,10 @@ class Generation:
         rejected = [0] if accepted == res.num_accepted < len(draft) else []
         self.records.append(RoundRecord(
             drafter=drafter, k=k if drafter != "none" else 0, num_drafted=len(draft), accepted=accepted,
-            emitted=len(emitted), draft_s=t1 - t0, verify_s=t2 - t1, sync_s=t3 - t2, propensity=choice.propensity,
-            threshold=choice.threshold, accepted_per_pos=[1] * accepted + rejected, per_drafter=per_drafter,
-            load=self.load(), tenant=self.tenant, context=self.context, features=list(self.features),
+            emitted=len(emitted), draft_s=draft_s, verify_s=forward_s + t2 - t1, sync_s=t3 - t2,
+            propensity=choice.propensity, threshold=choice.threshold, accepted_per_pos=[1] * accepted + rejected,
+            per_drafter=per_drafter, load=self.load(), batch=batch, batch_rows=rows or len(draft) + 1,
+            tenant=self.tenant, context=self.context, features=list(self.features),
             temperature=self.params.temperature, time=time.time(),
         ))
         return emitted
@@ -283,14 +361,11 @@ class Generation:
             return torch.empty(0, dtype=torch.long), None
         return self.sessions[drafter].propose(ids, k, self.sampler, threshold)
 
-    def _verify(self, ids: list[int], draft: torch.Tensor, q: torch.Tensor | None):
-        """One target forward over the pending token and the drafts; the accept / reject rule; the
-        target's cache rolled back to the verified tokens but the new pending one (this drops
-        rejected drafts and any padding). Returns (p [d + 1, vocab], VerifyResult)."""
-        keep = self.target_features is not None
-        out = verify_forward(self.engine.target, self.cache, [ids[-1]] + draft.tolist(),
-                             self.engine.verify_pad_multiple, hidden=keep)
-        logits, hidden = out if keep else (out, None)  # [d + 1, vocab], [d + 1, d_model]
+    def _verify(self, ids: list[int], logits: torch.Tensor, hidden: torch.Tensor | None, draft: torch.Tensor,
+                q: torch.Tensor | None):
+        """The accept / reject rule on the target's logits [d + 1, vocab] of the pending token and the
+        drafts; the target's cache rolled back to the verified tokens but the new pending one (this
+        drops rejected drafts and any padding). Returns (p [d + 1, vocab], VerifyResult)."""
         # rows predict positions len(ids) ..; the accept / reject draws use the request's CPU generator
         p = self.sampler.probs(logits, len(ids))  # [d + 1, vocab] on the CPU
         res = verify(p, draft, None if q is None else q.cpu(), self.sampler.generator)
@@ -298,7 +373,7 @@ class Generation:
             raise RuntimeError(f"a round emitted no token: verification must emit accepted + 1 tokens, got "
                                f"{len(res.tokens)} with {res.num_accepted} accepted (engine defect)")
         rollback(self.cache, len(ids) + res.num_accepted)
-        if keep:
+        if self.target_features is not None:
             self.target_features.append(hidden[: res.num_accepted + 1])  # the pending token and the accepted drafts
         self.sampler.forget(len(ids))
         return p, res
@@ -364,6 +439,16 @@ class Generation:
             records=self.records, generate_s=self.finished_at - self.started, prefill_s=self.prefill_s,
             tenant=self.tenant, context=self.context,
         )
+
+
+def _guarded(g: "Generation", run):
+    """run() for one request of a batch; an error there ends that request (cancelled) and is returned."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - handed to that request's caller
+        g._round_state = None
+        g.cancel()
+        return e
 
 
 def counterfactual_rounds(matched: list[int], k: int, n: int, max_tokens: int) -> int:

@@ -1,0 +1,242 @@
+"""Batched verification: many requests, one target forward per step, each request exact alone."""
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from draftpick.policies.types import Arm, Choice
+from test_engine import exact_law, hf_greedy, sampling_context
+from tiny import chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
+from draftpick.workers.batched import batchable, batched_forward
+from draftpick.workers.drafters.feature import FeatureDrafter
+from draftpick.workers.drafters.model import ModelDrafter
+from draftpick.workers.drafters.ngram import NgramDrafter
+from draftpick.workers.drafters.suffix import SuffixDrafter
+from draftpick.workers.engine import SpeculativeEngine
+from draftpick.workers.models import forward, new_cache
+from draftpick.workers.sampling import SamplingParams
+
+PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat on the mat. the cat", "x = 1\ny = 2\n",
+           "q", "import os\nimport sys\nimport os\n", "hello there, hello there, hel"]
+
+
+@pytest.fixture(scope="module")
+def engine(target, tok, tmp_path_factory):
+    head = feature_drafter(target, tok, tmp_path_factory.mktemp("feature") / "head")
+    drafters = {"ngram": NgramDrafter(), "suffix": SuffixDrafter(), "close": ModelDrafter("close", noisy_copy(target, 0.05)),
+                "feat": FeatureDrafter.load("feat", str(head), target)}
+    return SpeculativeEngine(target, tok, drafters)
+
+
+def run_batched(engine, jobs, max_rows=None, on_step=None):
+    """jobs: (start step, prompt ids, params, arm, start kwargs). Every request in flight steps
+    together (engine.step_batch), joining at its start step. Returns the generations in job order."""
+    gens, step = [None] * len(jobs), 0
+    while step <= max(j[0] for j in jobs) or any(not g.done for g in gens if g):
+        for i, (start, ids, params, arm, kw) in enumerate(jobs):
+            if start == step:
+                gens[i] = engine.start(ids, params, arm, **kw)
+        live = [g for g in gens if g and not g.done]
+        results = engine.step_batch(live, max_rows)
+        assert not [r for r in results if isinstance(r, Exception)]
+        if on_step:
+            on_step(live)
+        step += 1
+    return gens
+
+
+def test_batched_forward_equals_each_requests_own_forward(target):
+    assert batchable(target)
+    prompts, new = [[3, 4, 5, 6, 7], list(range(1, 12)), [9]], [[1], [2, 3, 4], [5, 6]]
+    alone, caches = [], []
+    for p, t in zip(prompts, new):
+        c = new_cache(target)
+        forward(target, c, p)
+        alone.append(forward(target, c, t, hidden=True))
+        caches.append(new_cache(target))
+        forward(target, caches[-1], p)
+    together = batched_forward(target, caches, new, hidden=True)
+    for p, t, (lg, h), (lg2, h2), c in zip(prompts, new, alone, together, caches):
+        assert lg2.shape == lg.shape and torch.allclose(lg, lg2, atol=1e-5) and torch.allclose(h, h2, atol=1e-5)
+        assert torch.equal(lg.argmax(-1), lg2.argmax(-1))
+        fresh = new_cache(target)
+        forward(target, fresh, p + t)
+        for a, b in zip(fresh.layers, c.layers):  # the cache holds the prompt and the new rows
+            assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    # a prefill in the batch: only its last row's logits
+    (lg, _), = batched_forward(target, [new_cache(target)], [prompts[1]], last_only=[True])
+    assert torch.allclose(lg, forward(target, new_cache(target), prompts[1], last_only=True), atol=1e-5)
+
+
+ARMS = [Arm("close", 4), Arm("ngram", 3), Arm("suffix", 2), Arm("feat", 4), Arm("none", 0), Arm("ngram", 8)]
+
+
+def test_greedy_outputs_in_a_batch_equal_each_request_alone(engine, target, tok):
+    """Requests of different lengths and arms, joining at different steps and leaving when done:
+    every greedy output is the target's plain greedy output, and rounds really ran batched."""
+    jobs = [(start, tok(p).input_ids, SamplingParams(max_tokens=n), arm, {})
+            for start, p, n, arm in zip([0, 0, 1, 3, 6, 9], PROMPTS, [40, 25, 48, 30, 12, 36], ARMS)]
+    seen = []
+    gens = run_batched(engine, jobs, on_step=lambda live: seen.append(len(live)))
+    for (_, ids, params, arm, _), g in zip(jobs, gens):
+        assert g.out == hf_greedy(target, ids, params.max_tokens), arm
+    records = [r for g in gens for r in g.records]
+    assert max(seen) >= 4 and min(seen) == 1  # they joined and left mid-run
+    assert max(r.batch for r in records) >= 4
+    assert all(r.batch_rows >= r.num_drafted + r.batch for r in records)
+    assert sum(r.accepted for r in records) > 10  # drafts were accepted along the way
+
+
+def test_each_cache_holds_exactly_its_verified_tokens_after_every_batched_step(engine, target, tok):
+    def check(live):
+        for g in live:
+            if g.done or not g.out:
+                continue
+            fresh = new_cache(target)
+            forward(target, fresh, g.ids[:-1])  # everything verified but the pending token
+            for a, b in zip(fresh.layers, g.cache.layers):
+                assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
+
+    jobs = [(i, tok(p).input_ids, SamplingParams(max_tokens=20), arm, {}) for i, (p, arm) in enumerate(zip(PROMPTS, ARMS))]
+    run_batched(engine, jobs, on_step=check)
+
+
+def test_sampled_outputs_in_a_batch_follow_the_target_law(engine, target, tok):
+    """Unseeded sampling, 16 requests per forward, the accept / reject draws on each request's own
+    generator: three sampled tokens (the last two from one speculative round) vs the exact law."""
+    ids = sampling_context(target, tok)
+    params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3, ignore_eos=True)
+    law = exact_law(target, ids, params)
+    keys = list(law)
+    counts = np.zeros(len(keys))
+    alone = SpeculativeEngine(target, tok, {"close": engine.drafters["close"]})
+    n, batches = 2000, []
+    for b in range(0, n, 16):
+        gens = run_batched(alone, [(0, ids, params, Arm("close", 2), {"rng_seed": i}) for i in range(b, b + 16)])
+        batches += [g.records[0].batch for g in gens]  # its speculative round
+        for g in gens:
+            counts[keys.index(tuple(g.out))] += 1
+    assert min(batches) == 16
+    assert chi2_pvalue(counts, [law[k] for k in keys]) > 1e-3
+
+
+def test_a_seeded_request_gets_the_same_output_alone_and_in_a_batch(engine, tok):
+    params = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    ids = tok(PROMPTS[0]).input_ids
+    ref = engine.generate(ids, params, Arm("none", 0)).token_ids
+    others = [(0, tok(p).input_ids, SamplingParams(max_tokens=20, temperature=1.0), a, {}) for p, a in zip(PROMPTS[1:], ARMS)]
+    for arm in [Arm("close", 3), Arm("ngram", 2), Arm("feat", 4)]:
+        gens = run_batched(engine, [(1, ids, params, arm, {})] + others)
+        assert gens[0].out == ref, arm
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_are_unchanged(engine, target, tok):
+    got = []
+    engine.add_sink(got.append)
+    try:
+        jobs = [(0, tok(p).input_ids, SamplingParams(max_tokens=30), arm, {}) for p, arm in zip(PROMPTS[:3], ARMS)]
+        gens = [engine.start(ids, params, arm) for _, ids, params, arm, _ in jobs]
+        for step in range(8):
+            engine.step_batch([g for g in gens if not g.done])
+            if step == 3:
+                gens[1].cancel()  # between steps, as the worker does
+        while any(not g.done for g in gens):
+            engine.step_batch([g for g in gens if not g.done])
+    finally:
+        engine.sinks.remove(got.append)
+    assert gens[1].finish_reason == "abort" and gens[1].cache is None and 0 < len(gens[1].out) < 30
+    assert any(r.token_ids == gens[1].out and r.records for r in got)  # its rounds still fed back
+    for i in (0, 2):
+        assert gens[i].out == hf_greedy(target, jobs[i][1], 30)
+        # steps 1-3 ran three requests' rounds, step 4 two: the cancelled one left the forward
+        assert [r.batch for r in gens[i].records[:4]] == [3, 3, 3, 2]
+
+
+def test_max_rows_cuts_drafts_to_fit_and_output_stays_exact(engine, target, tok):
+    jobs = [(0, tok(p).input_ids, SamplingParams(max_tokens=24, ignore_eos=True), Arm("ngram", 8), {}) for p in PROMPTS[:4]]
+    gens = run_batched(engine, jobs, max_rows=12)
+    rounds = [r for g in gens for r in g.records if r.batch == 4]
+    assert rounds and max(r.k for r in rounds) == 2 and max(r.batch_rows for r in rounds) <= 12  # (12 - 4) // 4
+    for (_, ids, params, _, _), g in zip(jobs, gens):
+        assert g.out == engine.generate(ids, params, Arm("none", 0)).token_ids
+
+
+def test_a_request_whose_round_fails_fails_alone(engine, target, tok):
+    def bad(g):
+        raise RuntimeError("chooser broke")
+
+    ids = [tok(p).input_ids for p in PROMPTS[:3]]
+    gens = [engine.start(ids[0], SamplingParams(max_tokens=20), Arm("ngram", 3)),
+            engine.start(ids[1], SamplingParams(max_tokens=20), Arm("ngram", 3), chooser=bad),
+            engine.start(ids[2], SamplingParams(max_tokens=20), Arm("close", 3))]
+    errors = []
+    while any(not g.done for g in gens):
+        errors += [r for r in engine.step_batch([g for g in gens if not g.done]) if isinstance(r, Exception)]
+    assert [str(e) for e in errors] == ["chooser broke"] and gens[1].finish_reason == "abort"
+    assert gens[0].out == hf_greedy(target, ids[0], 20) and gens[2].out == hf_greedy(target, ids[2], 20)
+
+
+def test_a_target_that_cannot_batch_steps_each_request_alone(tok):
+    target = tiny_sliding_model()
+    assert not batchable(target)
+    engine = SpeculativeEngine(target, tok, {"ngram": NgramDrafter()})
+    jobs = [(0, tok(p).input_ids, SamplingParams(max_tokens=20), Arm("ngram", 3), {}) for p in PROMPTS[:3]]
+    gens = run_batched(engine, jobs)
+    for (_, ids, *_), g in zip(jobs, gens):
+        assert g.out == hf_greedy(target, ids, 20)
+        assert all(r.batch == 1 for r in g.records)
+
+
+# the worker: its loop batches the requests in flight
+
+
+@pytest.fixture(scope="module")
+def worker_cfg(tmp_path_factory, target, tok):
+    from draftpick.workers.config import DraftpickConfig
+
+    root = save_models(tmp_path_factory.mktemp("models"), target, tok)
+    return DraftpickConfig.model_validate({
+        "target": {"name": "tiny", "path": str(root / "target")},
+        "drafters": [{"type": "ngram"}, {"type": "suffix"}, {"type": "model", "name": "close", "path": str(root / "close")}],
+        "engine": {"device": "cpu"}, "worker": {"torch_threads": 1},
+    })
+
+
+async def _stream(worker, req, delay=0.0, close_after=None):
+    await asyncio.sleep(delay)
+    chunks, gen = [], worker.generate_stream(req)
+    async for c in gen:
+        chunks.append(c)
+        if close_after is not None and len(chunks) == close_after:
+            await gen.aclose()  # the client went away
+            break
+    return chunks
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_worker_serves_concurrent_streams_exactly_batched_or_interleaved(worker_cfg, target, tok, batching):
+    from draftpick.workers.actor import EngineWorker, GenerateRequest
+
+    cfg = worker_cfg.model_copy(update={"worker": worker_cfg.worker.model_copy(update={"batching": batching})})
+    worker = EngineWorker(cfg)
+    arms = [Arm("close", 4), Arm("ngram", 3), Arm("suffix", 2), Arm("none", 0), Arm("ngram", 5)]
+    reqs = [GenerateRequest(tok(p).input_ids, SamplingParams(max_tokens=n), arm, request_id=str(i))
+            for i, (p, n, arm) in enumerate(zip(PROMPTS, [40, 20, 30, 16, 36], arms))]
+
+    async def main():
+        closing = _stream(worker, GenerateRequest(tok(PROMPTS[5]).input_ids, SamplingParams(max_tokens=40), Arm("ngram", 2)),
+                          close_after=3)
+        return await asyncio.gather(*[_stream(worker, r, delay=0.02 * i) for i, r in enumerate(reqs)], closing)
+
+    *outs, closed = asyncio.run(main())
+    for req, chunks in zip(reqs, outs):
+        streamed = [t for c in chunks[:-1] for t in c["token_ids"]]
+        assert streamed == chunks[-1]["result"]["token_ids"] == hf_greedy(target, req.prompt_ids, req.params.max_tokens)
+    records = [r for chunks in outs for r in chunks[-1]["records"]]
+    rounds = len(records) + len(outs) + 3  # rounds and prefills, with the closed stream's few
+    if batching:
+        assert max(r["batch"] for r in records) >= 4 and worker.steps < 0.75 * rounds  # many steps ran several requests
+    else:
+        assert {r["batch"] for r in records} == {1} and worker.steps >= rounds
+    assert len(closed) == 3 and not worker.running and not worker.joining and worker.in_flight == 0
