@@ -71,7 +71,7 @@ class Contextual(BasePolicy):
         if context.tag and stats.get(key("obs", context.tag), 0.0) > 0:
             return Choice(self.arms[int(np.argmax(self.tagged(context.tag, stats)))], 1.0)
         tpr = self.linear(context.features, stats)
-        cost = round_costs(stats, self.arms, self.cfg.prior_rounds)
+        cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load)
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0)
 
     def tagged(self, tag, stats) -> np.ndarray:

@@ -7,6 +7,14 @@ shrinks toward a model: verify seconds per k pooled over drafters, with a prior
 v(k) = v(0) * (1 + VERIFY_SLOPE * k) for draft lengths not yet played, plus the drafter's
 seconds per drafted token times k. Statistics: cs|arm, cn|arm (seconds, rounds of a played
 arm), vs|k, vn|k (verify seconds, rounds), ds|drafter, dn|drafter (draft seconds, tokens).
+
+Load: a round batched with other requests (workers.batched) pays its share of the forward by rows,
+so a drafted token costs more of a step the fuller the batch (at 16 requests a k = 4 round costs
+about 2 plain rounds; alone about 1.2). The verify and per-arm seconds are also kept per load
+level (`load_level` of the round's batch size: L0 alone, L1 2-3, L2 4-7, ...: L|<level>|vs|k, ...),
+and a request's costs come from its level's statistics where there are any: at a batched level the
+verify cost's slope in k is fitted from the draft lengths the level has seen (the prior slope until
+two were seen).
 """
 from __future__ import annotations
 
@@ -18,13 +26,21 @@ from draftpick.policies.types import Arm, RoundRecord
 VERIFY_SLOPE = 0.06  # prior: each drafted token adds 6 % to a verify step (measured data replaces it)
 
 
+def load_level(batch: int) -> int:
+    """0 for a forward of one request, then floor(log2(batch)): 2-3 -> 1, 4-7 -> 2, 8-15 -> 3, ..."""
+    return max(int(batch), 1).bit_length() - 1
+
+
 def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
     """With a tag, the played arm's seconds, rounds and emitted tokens are also counted under it
-    (cs|tag|arm, cn|tag|arm, ct|tag|arm)."""
+    (cs|tag|arm, cn|tag|arm, ct|tag|arm); the verify and arm seconds also under the round's load level."""
     arm = record_arm(record)
     seconds, rounds = record.verify_s + record.draft_s, float(record.rounds)
+    level = key("L", load_level(record.batch))
     inc = {key("vs", record.k): record.verify_s, key("vn", record.k): rounds,
-           key("cs", arm): seconds, key("cn", arm): rounds}
+           key("cs", arm): seconds, key("cn", arm): rounds,
+           key(level, "vs", record.k): record.verify_s, key(level, "vn", record.k): rounds,
+           key(level, "cs", arm): seconds, key(level, "cn", arm): rounds}
     if tag:
         inc[key("cs", tag, arm)] = seconds
         inc[key("cn", tag, arm)] = rounds
@@ -35,25 +51,46 @@ def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
     return inc
 
 
-def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "") -> np.ndarray:
+def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None) -> np.ndarray:
     """[K] estimated seconds per round of each arm (all 1.0 before anything was observed).
-    With a tag, the arm's seconds measured under that tag come first, shrunk toward the rest."""
-    ks = {a.k for a in arms}
-    seen = {k: (stats.get(key("vs", k), 0.0), stats.get(key("vn", k), 0.0)) for k in ks}
-    base = [s / n / (1 + VERIFY_SLOPE * k) for k, (s, n) in seen.items() if n > 0]
-    if not base:
+    With a tag, the arm's seconds measured under that tag come first, shrunk toward the rest.
+    With a load (requests in flight), the statistics of its load level, where it has any."""
+    ks = sorted({a.k for a in arms})
+    level = key("L", load_level(load)) if load is not None else ""
+    if not level or not any(stats.get(key(level, "vn", k), 0.0) for k in ks):
+        level = ""
+    seen = {k: (stats.get(key(level, "vs", k), 0.0), stats.get(key(level, "vn", k), 0.0)) for k in ks}
+    v0, slope = _verify_model(seen, fit=level not in ("", key("L", 0)))
+    if v0 is None:
         return np.ones(len(arms))
-    v0 = float(np.mean(base))
     out = []
     for arm in arms:
         s, n = seen[arm.k]
-        verify = (s + prior_rounds * v0 * (1 + VERIFY_SLOPE * arm.k)) / (n + prior_rounds)
+        verify = (s + prior_rounds * v0 * (1 + slope * arm.k)) / (n + prior_rounds)
         ds, dn = stats.get(key("ds", arm.drafter), 0.0), stats.get(key("dn", arm.drafter), 0.0)
         model = verify + (ds / dn * arm.k if arm.k and dn else 0.0)
-        cs, cn = stats.get(key("cs", arm), 0.0), stats.get(key("cn", arm), 0.0)
+        cs, cn = stats.get(key(level, "cs", arm), 0.0), stats.get(key(level, "cn", arm), 0.0)
         est = (cs + prior_rounds * model) / (cn + prior_rounds)
         if tag:
             cs, cn = stats.get(key("cs", tag, arm), 0.0), stats.get(key("cn", tag, arm), 0.0)
             est = (cs + prior_rounds * est) / (cn + prior_rounds)
         out.append(est)
     return np.array(out)
+
+
+def _verify_model(seen: dict[int, tuple[float, float]], fit: bool) -> tuple[float | None, float]:
+    """(v0, slope) of verify seconds per round v(k) = v0 (1 + slope k) from the per-k means: the
+    prior slope (v0 the mean of the v0s the means give), or with `fit` (a batched load level, where
+    the slope grows with the batch) a least-squares line through the means (weighted by rounds)
+    once two ks were seen."""
+    pts = [(k, s / n, n) for k, (s, n) in seen.items() if n > 0]
+    if not pts:
+        return None, VERIFY_SLOPE
+    if not fit or len({k for k, _, _ in pts}) < 2:
+        return float(np.mean([v / (1 + VERIFY_SLOPE * k) for k, v, _ in pts])), VERIFY_SLOPE
+    k, v, w = (np.array(c, dtype=float) for c in zip(*pts))
+    A = np.stack([np.ones_like(k), k], 1) * np.sqrt(w)[:, None]
+    a, b = np.linalg.lstsq(A, v * np.sqrt(w), rcond=None)[0]
+    if a <= 0:  # a line through too few or noisy points: keep the prior's shape
+        return float(np.average(v / (1 + VERIFY_SLOPE * k), weights=w)), VERIFY_SLOPE
+    return float(a), float(max(b, 0.0) / a)

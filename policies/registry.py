@@ -15,7 +15,7 @@ from draftpick.policies.types import Arm
 ENTRY_POINT_GROUP = "draftpick.policies"
 _BUILTINS: dict[str, type] = {}
 _BUILTIN_MODULES = ["fixed", "hf_heuristic", "epsilon_greedy", "ucb1", "sw_ucb", "thompson", "exp3", "hedge",
-                    "contextual", "draft_length", "confidence"]
+                    "contextual", "draft_length", "confidence", "batch_table"]
 
 
 class PolicyError(ValueError):

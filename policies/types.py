@@ -145,6 +145,8 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
         accepted=sum(r.accepted for r in records), emitted=sum(r.emitted for r in records),
         draft_s=sum(r.draft_s for r in records), verify_s=sum(r.verify_s for r in records),
         sync_s=sum(r.sync_s for r in records), propensity=first.propensity, load=first.load,
+        batch=round(sum(r.batch * r.rounds for r in records) / sum(r.rounds for r in records)),
+        batch_rows=round(sum(r.batch_rows * r.rounds for r in records) / sum(r.rounds for r in records)),
         tenant=first.tenant, context=first.context, features=first.features, temperature=first.temperature,
         time=records[-1].time, threshold=first.threshold, rounds=sum(r.rounds for r in records),
         reach=reach, hits=hits, counterfactual=counterfactual,

@@ -277,3 +277,47 @@ def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alo
     rng = np.random.default_rng(0)
     assert policy.select(Context(features=(1.0, 1.0)), stats, rng).arm == Arm("ngram", 4)
     assert policy.select(Context(features=(1.0, 0.0)), stats, rng).arm == Arm("none", 0)
+
+
+def test_batch_table_picks_k_by_requests_in_flight_and_checks_its_table():
+    arms = [Arm("none", 0)] + [Arm("ngram", k) for k in (1, 2, 3)] + [Arm("model", 3)]
+    p = create("batch-table", arms, {"drafter": "ngram", "table": {"1": 3, "4": 1, "12": 0}})
+    picks = [p.select(Context(load=n), {}, None).arm for n in (1, 3, 4, 11, 12, 40)]
+    assert picks == [Arm("ngram", 3)] * 2 + [Arm("ngram", 1)] * 2 + [Arm("none", 0)] * 2
+    assert create("batch-table", arms, {"drafter": "model", "table": {1: 3, 8: 0}}).select(Context(load=2), {}, None).arm == Arm("model", 3)
+    with pytest.raises(ValueError, match="ngram:5"):
+        create("batch-table", arms, {"drafter": "ngram", "table": {1: 5}})
+    with pytest.raises(ValueError, match="start at 1"):
+        create("batch-table", arms, {"table": {2: 1}})
+    with pytest.raises(ValueError, match="table must map"):
+        create("batch-table", arms, {"table": {"one": "x"}})
+
+
+def _batched_rounds(batch: int, k: int, verify_s: float, n: int = 40) -> list[RoundRecord]:
+    """Rounds of ngram:k (or plain) at one batch size: ngram's drafts accepted at the first two
+    positions out of three (about 1.7 tokens per round at k = 3), verify seconds as measured there."""
+    drafter = "ngram" if k else "none"
+    return [RoundRecord(drafter, k, num_drafted=k, accepted=min(k, 1), emitted=min(k, 1) + 1, draft_s=0.0,
+                        verify_s=verify_s, per_drafter={"ngram": [1.0, 1.0, 0.0] if i % 2 else [1.0, 0.0]},
+                        features=[1.0], batch=batch) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["contextual", "hedge"])
+def test_learned_policies_draft_alone_and_stop_drafting_in_a_full_batch(name):
+    """Costs as batched verification makes them (policies.costs): alone a k = 3 round costs 1.2 plain
+    rounds, in a batch of 16 (its share of the forward by rows) about 3; speculation that pays alone
+    does not there. The policy learns the costs per load level and picks k accordingly."""
+    from draftpick.policies.costs import load_level
+    from draftpick.policies.state import add
+
+    assert [load_level(b) for b in (1, 2, 3, 4, 7, 8, 16, 33)] == [0, 1, 1, 2, 2, 3, 4, 5]
+    arms = [Arm("none", 0), Arm("ngram", 3)]
+    p = create(name, arms, {"floor": 0.0} if name == "hedge" else {})
+    stats: dict = {}
+    for rec in (_batched_rounds(1, 0, 0.050) + _batched_rounds(1, 3, 0.060)
+                + _batched_rounds(16, 0, 0.010) + _batched_rounds(16, 3, 0.030)):
+        add(stats, p.increments(rec))
+    rng = np.random.default_rng(0)
+    alone = [p.select(Context(features=(1.0,), load=1), stats, rng).arm for _ in range(20)]
+    full = [p.select(Context(features=(1.0,), load=16), stats, rng).arm for _ in range(20)]
+    assert alone.count(Arm("ngram", 3)) >= 18 and full.count(Arm("none", 0)) >= 18
