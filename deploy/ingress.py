@@ -193,7 +193,7 @@ class Ingress:
         """Server-sent events: a chunk per step with the new text, the final chunk with the finish
         reason, then (stream_options.include_usage) a usage chunk carrying the speculative metrics."""
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-        sent, out, last = "", [], first
+        sent, detok, last = "", IncrementalDecoder(self.tokenizer), first
 
         def chunk(choices, **extra) -> str:
             return "data: " + json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": req.model,
@@ -204,11 +204,8 @@ class Ingress:
                 async for last in _timed(self.metrics, first, events, arrived):
                     if "token_ids" not in last:
                         break
-                    out += last["token_ids"]
-                    text = self.tokenizer.decode(out, skip_special_tokens=True)
-                    if last["stop_at"] is not None:
-                        text = text[: last["stop_at"]]
-                    if len(text) > len(sent) and not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+                    text = detok.add(last["token_ids"], last["stop_at"])
+                    if len(text) > len(sent):
                         yield chunk([_choice(req.kind, text[len(sent):], None, delta=True)])
                         sent = text
             except Exception as e:  # the status line is sent: the error goes in the stream
@@ -222,6 +219,29 @@ class Ingress:
         if req.include_usage:
             yield chunk([], usage=_usage(res), **_extras(last))
         yield "data: [DONE]\n\n"
+
+
+class IncrementalDecoder:
+    """The text of a growing output without decoding all of it on every chunk (vLLM's way): only the
+    tokens since the last emitted text, after a few before them for context, are decoded, and what
+    those context tokens decode to is cut off. A partial UTF-8 character is held back until complete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.out, self.text = tokenizer, [], ""
+        self.prefix = self.read = 0  # out[prefix:read] decodes to the end of self.text
+
+    def add(self, tokens: list[int], stop_at: int | None = None) -> str:
+        """The text so far (cut at stop_at, an index in the whole text, once a stop string ended it)."""
+        self.out += tokens
+        if stop_at is not None:  # the last chunk: the whole text, once
+            self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)[:stop_at]
+            return self.text
+        before = self.tokenizer.decode(self.out[self.prefix: self.read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.out[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix, self.read = max(self.read - 4, 0), len(self.out)
+        return self.text
 
 
 async def _first(events) -> dict:

@@ -282,3 +282,35 @@ def test_with_redis_down_the_service_answers_degraded_and_its_feedback_waits(cfg
     finally:
         worker.close()
         server.stop()
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_streamed_text_decoded_incrementally_equals_the_whole_decode(tok, which):
+    """Chunks of any size, multi-byte characters split across tokens: the incremental text is the
+    whole output's decode (a partial character held back until complete)."""
+    import random
+
+    from draftpick.deploy.ingress import IncrementalDecoder
+
+    if which == "smollm2":
+        from draftpick.workers.config import load_config
+        from draftpick.workers.models import load_tokenizer
+
+        cfg = load_config()
+        tok = load_tokenizer(cfg.target.path, cfg.target.gguf_file)  # needs `draftpick setup` (.ci/install)
+        text = "Grüße aus Köln 🚀 — naïve café, 日本語のテキスト.\n  def f(x):\n\treturn x ** 2  # ok"
+    else:
+        text = "def add(a, b):\n    return a + b\n the cat sat"
+    ids = tok(text, add_special_tokens=False).input_ids
+    full = tok.decode(ids, skip_special_tokens=True)
+    rng = random.Random(0)
+    for _ in range(20):
+        d, i, seen = IncrementalDecoder(tok), 0, []
+        while i < len(ids):
+            n = rng.randint(1, 4)
+            seen.append(d.add(ids[i: i + n]))
+            i += n
+        assert seen[-1] == full
+        assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))  # text only grows
+        assert not any("\ufffd" in s for s in seen)
+    assert IncrementalDecoder(tok).add(ids, stop_at=5) == full[:5]
