@@ -1,16 +1,22 @@
 """`draftpick bench load`: the endpoint under concurrent streaming clients, and what HTTP + Serve cost.
 
 1. The service as `draftpick serve` runs it (Ray on loopback, the Serve application, the
-   controller with a private embedded Redis in a temporary directory unless REDIS_URL is set).
-2. For each concurrency N (default 1, 4, 16), N streaming clients each send R chat requests
-   (greedy, up to max_tokens tokens: a request may end early at EOS), once with the
-   learned policy deciding and once with speculation off (`draftpick.drafter: none`), the two
-   modes alternating level by level in one run. Per mode and level: requests/s, output tokens/s,
-   p50 / p99 time to first token and inter-token latency (client side, from the SSE chunks),
-   errors (any non-200 or broken stream; target 0).
-3. Overhead: the same pinned request (plain decoding, max_tokens tokens) sent alternately through
-   HTTP and straight to the worker deployment's handle, one at a time; the median difference is
-   what the ingress, HTTP and Serve's proxy add, as a share of the request (target <= 5 %).
+   controller with a private embedded Redis in a temporary directory unless REDIS_URL is set),
+   deployed once per *variant* of the worker and policy (`--variants`, one after another, the
+   controller and its statistics restarted between them):
+   - `interleaved`: the worker stepping one request's round at a time (worker.batching false);
+   - `batched`: all requests in flight verified in one forward per step (the default);
+   - `table`: batched, the policy a static table of k by requests in flight (`batch-table`).
+2. Within a variant, its modes alternate level by level: for each concurrency N (default 1, 4,
+   16, 32), N streaming clients each send R chat requests (greedy, up to max_tokens tokens: a
+   request may end early at EOS) with speculation off (`draftpick.drafter: none`), pinned to a
+   fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
+   requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
+   from the SSE chunks), errors (any non-200 or broken stream; target 0).
+3. Overhead (first batched variant): the same pinned request (plain decoding, max_tokens tokens)
+   sent alternately through HTTP and straight to the worker deployment's handle, one at a time;
+   the median difference is what the ingress, HTTP and Serve's proxy add, as a share of the request
+   (target <= 5 %).
 Everything binds loopback; the run is bounded by the request counts.
 """
 from __future__ import annotations
@@ -34,17 +40,50 @@ PROMPTS = ["Write a Python function that checks whether a number is prime.",
 
 def add_arguments(p) -> None:
     p.add_argument("--config", help="YAML configuration (default: the embedded one)")
-    p.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent clients")
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated numbers of concurrent clients")
+    p.add_argument("--variants", default="interleaved,batched,table",
+                   help=f"comma-separated service variants, run one after another ({', '.join(VARIANTS)})")
+    p.add_argument("--fixed", default="ngram:3", help="the fixed arm the batched variant is also measured with")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
 
 
+# variant -> (configuration overrides, modes); a mode is (label, the request's `draftpick` pin or None)
+VARIANTS = {
+    "interleaved": ({"worker": {"batching": False}}, ["no speculation", "learned"]),
+    "batched": ({"worker": {"batching": True}}, ["no speculation", "fixed", "learned"]),
+    "table": ({"worker": {"batching": True}, "policy": {"name": "batch-table", "options": {}}}, ["batch-table"]),
+}
+
+
+def _modes(variant: str, fixed) -> list[tuple[str, dict | None]]:
+    pins = {"no speculation": {"drafter": "none"}, "learned": None, "batch-table": None,
+            "fixed": {"drafter": fixed.drafter, "num_speculative_tokens": fixed.k}}
+    return [(f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m]) for m in VARIANTS[variant][1]]
+
+
+def _variant_config(cfg, variant: str):
+    from draftpick.workers.config import DraftpickConfig
+
+    data = cfg.model_dump()
+    for section, values in VARIANTS[variant][0].items():
+        data[section] = {**data[section], **values}
+    return DraftpickConfig.model_validate(data)
+
+
 def run(args) -> int:
+    from draftpick.policies.types import Arm
+
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
         raise ValueError("--concurrency needs numbers >= 1; --requests-per-client and --max-tokens >= 1")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if not variants or unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
+    fixed = Arm.parse(args.fixed)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
@@ -55,17 +94,25 @@ def run(args) -> int:
     from draftpick.workers.config import load_config
 
     cfg = load_config(args.config)
+    if fixed.drafter not in {d.name for d in cfg.drafters} or not 0 < fixed.k <= cfg.engine.max_k:
+        raise ValueError(f"--fixed {args.fixed}: not a drafter:k of the configuration")
     port = free_port()
+    report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
     with tempfile.TemporaryDirectory() as home:
         os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis starts empty, in here
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DRAFTPICK_HOME": home}})
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(cfg), name="draftpick", route_prefix="/")
             url = f"http://127.0.0.1:{port}"
-            report = {"how": _how(args, cfg, levels)}
-            report["load"] = asyncio.run(_levels(url, cfg.target.name, levels, args))
-            report["overhead"] = asyncio.run(_overhead(url, cfg, args))
+            for variant in variants:
+                vcfg = _variant_config(cfg, variant)
+                print(f"bench load: variant {variant}", flush=True)
+                serve.run(build_app(vcfg), name="draftpick", route_prefix="/")
+                report["load"] += asyncio.run(_levels(url, cfg.target.name, levels, args, _modes(variant, fixed)))
+                if report["overhead"] is None and vcfg.worker.batching:
+                    report["overhead"] = asyncio.run(_overhead(url, cfg, args))
+                serve.delete("draftpick")
+                stop_controller()  # the next variant learns from scratch, with its own policy
         finally:
             serve.shutdown()
             stop_controller()
@@ -74,20 +121,20 @@ def run(args) -> int:
     return 0
 
 
-def _how(args, cfg, levels) -> dict:
+def _how(args, cfg, levels, variants) -> dict:
     return {"machine": machine(), "target": cfg.target.name, "policy": cfg.policy.name, "levels": levels,
-            "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-            "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
+            "variants": variants, "fixed": args.fixed, "requests_per_client": args.requests_per_client,
+            "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
 
 
-async def _levels(url: str, model: str, levels: list[int], args) -> list[dict]:
+async def _levels(url: str, model: str, levels: list[int], args, modes) -> list[dict]:
     import httpx2 as httpx
 
     rows = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
         await _stream(client, url, model, PROMPTS[0], args.max_tokens, None)  # warm-up: models, caches, routes
         for n in levels:
-            for mode, pin in (("learned", None), ("no speculation", {"drafter": "none"})):
+            for mode, pin in modes:
                 t0 = time.perf_counter()
                 runs = await asyncio.gather(*(_client(client, url, model, i, args, pin) for i in range(n)))
                 wall = time.perf_counter() - t0
@@ -183,11 +230,28 @@ async def _overhead(url: str, cfg, args) -> dict:
             "repeats": args.overhead_repeats}
 
 
+def _ratios(rows: list[dict]) -> list[str]:
+    """Aggregate tokens/s of each mode over the interleaved worker's plain decoding, per level."""
+    base = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["mode"] == "interleaved, no speculation"}
+    if not base:
+        return []
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    levels = sorted(base)
+    out = ["", "Output tokens/s over the interleaved worker's plain decoding:", "",
+           "| mode | " + " | ".join(f"{n} clients" for n in levels) + " |", "|---|" + "---|" * len(levels)]
+    for m in modes:
+        vals = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["mode"] == m}
+        out.append(f"| {m} | " + " | ".join(f"{vals[n] / base[n]:.2f}x" if n in vals and base[n] else "-"
+                                             for n in levels) + " |")
+    return out
+
+
 def _markdown(report: dict) -> str:
     how = report["how"]
     lines = [f"# bench load ({how['date']}, {how['machine']})", "",
-             f"target {how['target']}, policy {how['policy']}, {how['requests_per_client']} chat requests per "
-             f"client, max_tokens {how['max_tokens']}, greedy, streaming; client-side timings.", "",
+             f"target {how['target']}, policy {how['policy']} (the table variant: batch-table), "
+             f"{how['requests_per_client']} chat requests per client, max_tokens {how['max_tokens']}, greedy, "
+             "streaming; client-side timings. Variants one after another, modes alternating level by level.", "",
              "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors |",
              "|---|---|---|---|---|---|---|"]
     for r in report["load"]:
@@ -195,7 +259,10 @@ def _markdown(report: dict) -> str:
         ttft = "/".join("-" if v is None else f"{v:.2f}" for v in (r["ttft_p50_s"], r["ttft_p99_s"]))
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.2f} | "
                      f"{r['output_tokens_per_s']:.1f} | {ttft} | {itl} | {r['errors']} |")
+    lines += _ratios(report["load"])
     o = report["overhead"]
+    if o is None:
+        return "\n".join(lines) + "\n"
     lines += ["", f"HTTP + ingress + proxy overhead: {1000 * o['overhead_s']:.1f} ms of {o['http_median_s']:.2f} s "
               f"({100 * o['overhead_share']:.1f} %), median of {o['repeats']} alternated requests "
               f"(target <= 5 %)."]

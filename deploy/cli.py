@@ -174,7 +174,7 @@ def _add_bench(b) -> None:
         ("engine", engine, "this engine vs target-only vs transformers' assisted generation"),
         ("forward", forward, "cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears"),
         ("controller", controller, "decision latency, decisions/s through Ray, folding rate, Redis commands"),
-        ("load", load, "the endpoint under 1 / 4 / 16 concurrent streaming clients; HTTP overhead"),
+        ("load", load, "the endpoint under 1 / 4 / 16 / 32 streaming clients: interleaved vs batched worker, fixed, table and learned policies; HTTP overhead"),
     ):
         s = sub.add_parser(name, help=help_)
         module.add_arguments(s)
