@@ -45,6 +45,31 @@ def trace_arms(reqs: list[TraceRequest], ks=(1, 2, 3, 5, 8)) -> list[Arm]:
     return [Arm("none", 0)] + [Arm(d, k) for d in drafters for k in ks if k <= k_max]
 
 
+def at_load(reqs: list[TraceRequest], load: int) -> list[TraceRequest]:
+    """The requests as if `load` requests were in flight, each verifying in one batched forward with
+    the others: each verify cost scaled by the trace's batched costs (workers.record's
+    batch_verify_s: a request's share of a forward where every request verifies k + 1 tokens, over
+    the same alone; interpolated between the batch sizes measured). The others are taken to draft
+    as much as this request (a symmetric batch)."""
+    if load == 1:
+        return reqs
+    out = []
+    for r in reqs:
+        table = r.data.get("batch_verify_s") or {}
+        sizes = sorted(int(b) for b in table)
+        if "1" not in table or len(sizes) < 2 or not sizes[0] <= load <= sizes[-1]:
+            raise TraceError(f"request {r.data.get('id')}: --load {load} needs the trace's batched verify costs "
+                             f"for 1 and sizes around it (recorded: {sizes or 'none'}); record it again")
+        lo = max(b for b in sizes if b <= load)
+        hi = min(b for b in sizes if b >= load)
+        w = 0.0 if hi == lo else (load - lo) / (hi - lo)
+        k_max = r.data["k_max"]
+        factor = [((1 - w) * table[str(lo)][k] + w * table[str(hi)][k]) / table["1"][k] for k in range(k_max + 1)]
+        data = dict(r.data, verify_s=[v * f for v, f in zip(r.data["verify_s"], factor)], batch=load)
+        out.append(TraceRequest(data))
+    return out
+
+
 def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tuple[list[RoundRecord], float]:
     """Rounds of one request; choose(round, last_record) -> Choice. Returns (records, seconds)."""
     d = req.data
@@ -73,7 +98,7 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
             emitted=emitted, draft_s=draft_s, verify_s=verify[proposed], propensity=choice.propensity,
             accepted_per_pos=[1] * matched + ([0] if matched < proposed else []),
             per_drafter=_per_drafter(d, g, matched + 1, arm.drafter, k), context=d.get("tag", ""), features=d.get("features", []),
-            time=t0, threshold=choice.threshold,
+            time=t0, threshold=choice.threshold, load=d.get("batch", 1), batch=d.get("batch", 1),
         )
         records.append(rec)
         seconds += draft_s + verify[proposed]
@@ -157,7 +182,8 @@ class Replayer:
         for _ in range(repeat):
             for i in rng.permutation(len(self.reqs)):
                 req = self.reqs[i]
-                ctx = Context(tag=req.data.get("tag", ""), features=tuple(req.data.get("features", ())), time=t)
+                ctx = Context(tag=req.data.get("tag", ""), features=tuple(req.data.get("features", ())), time=t,
+                              load=req.data.get("batch", 1))
                 if policy.level == "round":
                     recs, secs = self._per_round(policy, i, ctx, stats, rng, t)
                     arm = str(record_arm(recs[0])) if recs else "none:0"
@@ -256,7 +282,7 @@ def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:
 def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, scale: float | None = None,
            configs: dict | None = None, ignore_tags: bool = False,
            drafters: list[str] | None = None, estimates: bool = False,
-           counterfactual: bool = True) -> tuple[dict, dict]:
+           counterfactual: bool = True, load: int = 1) -> tuple[dict, dict]:
     """Returns (the documented OUT.json object, per-policy series for the plot)."""
     from draftpick.policies.registry import create
 
@@ -266,13 +292,14 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
             r.data["tag"] = ""
     if drafters is not None:
         keep_drafters(reqs, drafters)
+    reqs = at_load(reqs, load)
     rp = Replayer(reqs, counterfactual=counterfactual)
     ref = rp.oracle()
     # reward scale: the oracle's tokens/s (so rewards are in [0, 1] with room to spare)
     scale = scale or 1.5 * ref["oracle"]["tokens_per_s"]
     out = {"policies": {}, **{k: ref[k] for k in ("oracle", "best_fixed")}, "fixed_arms": ref["fixed"],
            "arms": [str(a) for a in rp.arms], "requests_in_trace": len(reqs), "repeat": repeat, "seed": seed,
-           "tags": not ignore_tags, "reward_scale": scale, "counterfactual": counterfactual}
+           "tags": not ignore_tags, "reward_scale": scale, "counterfactual": counterfactual, "load": load}
     if estimates:
         out["estimate_bias"] = estimate_bias(rp)
     series = {}

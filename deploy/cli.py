@@ -113,6 +113,9 @@ def _add_replay(s) -> None:
     s.add_argument("--drafters", help="comma-separated: replay only these of the trace's drafters (plus plain decoding)")
     s.add_argument("--estimates", action="store_true", help="also measure how far the full-information estimates "
                    "of each arm are from its true tokens per round (played: plain decoding, best fixed arm)")
+    s.add_argument("--load", type=int, default=1,
+                   help="replay as if this many requests were in flight, verified in one batched forward (costs from "
+                        "the trace's batched verify costs; policies see the load)")
     s.add_argument("--no-counterfactual", dest="counterfactual", action="store_false",
                    help="leave out the exact re-run rounds of lookup drafters (the estimates before issue 19)")
     s.set_defaults(func=cmd_replay)
@@ -167,13 +170,15 @@ def _add_distill(s) -> None:
 
 
 def _add_bench(b) -> None:
-    from draftpick.bench import controller, engine, forward, load
+    from draftpick.bench import batch, controller, engine, forward, load
 
     sub = b.add_subparsers(metavar="BENCH")
     for name, module, help_ in (
         ("engine", engine, "this engine vs target-only vs transformers' assisted generation"),
         ("forward", forward, "cost of a target forward of n tokens, PyTorch's linear layers vs small_batch_linears"),
         ("controller", controller, "decision latency, decisions/s through Ray, folding rate, Redis commands"),
+        ("batch", batch, "batched verification in the engine: interleaved vs batched tokens/s at 1 / 4 / 16 / 32 "
+                          "requests, and greedy outputs that differ from the request alone"),
         ("load", load, "the endpoint under 1 / 4 / 16 / 32 streaming clients: interleaved vs batched worker, fixed, table and learned policies; HTTP overhead"),
     ):
         s = sub.add_parser(name, help=help_)
@@ -342,12 +347,13 @@ def cmd_replay(args) -> int:
         configs = json.loads(args.policy_config)
     except json.JSONDecodeError as e:
         raise ValueError(f"--policy-config is not valid JSON: {e}") from None
-    if args.repeat < 1:
-        raise ValueError("--repeat must be >= 1")
+    if args.repeat < 1 or args.load < 1:
+        raise ValueError("--repeat and --load must be >= 1")
     specs = [p for p in args.policies.split(",") if p]
     drafters = None if args.drafters is None else [d for d in args.drafters.split(",") if d]
     out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs, ignore_tags=args.ignore_tags,
-                         drafters=drafters, estimates=args.estimates, counterfactual=args.counterfactual)
+                         drafters=drafters, estimates=args.estimates, counterfactual=args.counterfactual,
+                         load=args.load)
     with open(args.json_out, "w") as f:
         json.dump(out, f, indent=1)
     if args.plot:

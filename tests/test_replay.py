@@ -279,3 +279,24 @@ def test_the_engines_counterfactual_rounds_are_the_rounds_the_arm_takes_when_pla
                            tenant=str(next(tenants)))
     k_max = len(replayed.counterfactual["ngram"])
     assert replayed.counterfactual["ngram"] == live.records[-1].counterfactual["ngram"][:k_max]
+
+
+def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_it(recorded, tmp_path):
+    from draftpick.controller.replay import at_load, replay
+    from draftpick.workers.trace import TraceError
+
+    root, _ = recorded
+    reqs = load_trace(root / "trace.jsonl")
+    table = reqs[0].data["batch_verify_s"]
+    assert sorted(map(int, table)) == [1, 2, 4, 8, 16, 32] and all(len(v) == 7 for v in table.values())
+    assert table["16"][0] < table["1"][0]  # a request's share of a batch of 16 costs less than a forward alone
+    at16 = at_load(reqs, 16)
+    for r, r16 in zip(reqs, at16):
+        assert r16.data["verify_s"] == pytest.approx([v * a / b for v, a, b in zip(r.data["verify_s"], table["16"], table["1"])])
+    out, _ = replay(str(root / "trace.jsonl"), ["batch-table", "contextual"], repeat=3, load=16)
+    # the static table drafts nothing from 16 in flight: exactly plain decoding at that load
+    assert out["load"] == 16 and out["policies"]["batch-table"]["tokens_per_s"] == pytest.approx(out["fixed_arms"]["none:0"])
+    recs, _ = simulate(at16[0], lambda r, last: Choice(Arm("ngram", 2), 1.0), Replayer(at16).arms)
+    assert {(r.batch, r.load) for r in recs} == {(16, 16)}
+    with pytest.raises(TraceError, match="--load 64 needs"):
+        at_load(reqs, 64)

@@ -53,6 +53,27 @@ def test_shipped_feature_drafters_are_lossless_and_accepted(engine):
     assert all(accepted.values()), accepted  # each head's drafts were accepted on the two prompts
 
 
+def test_batched_requests_on_the_default_each_get_their_greedy_output_alone(engine):
+    """Six requests (code, chat, ShareGPT, HumanEval), each with its own arm, verified together one
+    forward per step, joining at different steps: each output is the request's own plain greedy output."""
+    from draftpick.bench.prompts import load_domain
+    from draftpick.workers.inputs import encode_input
+
+    items = PROMPTS + load_domain("sharegpt", 2) + load_domain("humaneval", 2)
+    ids = [encode_input(engine.tokenizer, item)[-256:] for item in items]
+    arms = [Arm("chat", 4), Arm("ngram", 3), Arm("code", 3), Arm("suffix", 5), Arm("none", 0), Arm("ngram", 8)]
+    params = SamplingParams(max_tokens=40)
+    alone = [engine.generate(i, params, Arm("none", 0)).token_ids for i in ids]
+    gens, step = [], 0
+    while len(gens) < len(ids) or any(not g.done for g in gens):
+        if step < len(ids):  # one joins each step
+            gens.append(engine.start(ids[step], params, arms[step]))
+        assert not [e for e in engine.step_batch([g for g in gens if not g.done]) if isinstance(e, Exception)]
+        step += 1
+    assert [g.out for g in gens] == alone
+    assert max(r.batch for g in gens for r in g.records) == len(ids)
+
+
 def test_shipped_heads_have_different_strengths(engine):
     """The chat head accepts more than the code head on ShareGPT prompts and the code head more than
     the chat head on HumanEval (prompts the heads were not trained on; greedy, so deterministic)."""

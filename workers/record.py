@@ -10,7 +10,10 @@ exact up to the first rejected draft, and past it reads the true text's confiden
 request's own context: one target forward of k + 1 tokens for k = 0..k_max, and
 each drafter's seconds per drafted token. Any arm's rounds, time and tokens on the
 request follow exactly (see controller.replay). Each drafter's part comes from its `trace` hook
-(workers.drafters.base.Drafter).
+(workers.drafters.base.Drafter). Batched costs, measured once per recording on the first request's
+context and written on every line: a request's share (by rows) of one batched forward in which B
+requests each verify k + 1 tokens, for B in BATCHES and k = 0..k_max (and B = 1 the same way
+alone), so that `replay --load B` can replay the trace as if B requests were in flight.
 
 Trace format: workers.trace (documented in docs/formats.md).
 """
@@ -37,9 +40,11 @@ def record_file(engine: SpeculativeEngine, items: list[dict], out: str, max_toke
     from draftpick.workers.inputs import encode_inputs, input_text
 
     encoded = encode_inputs(engine.tokenizer, items)
+    batch_costs = batch_verify_costs(engine, encoded[0][-256:], k_max) if encoded and engine.batchable else {}
     with open(out, "w") as f:
         for item, ids in zip(items, tqdm(encoded, desc="record", unit="request", file=sys.stderr, disable=not progress)):
             line = record_request(engine, item, ids, input_text(item), max_tokens, k_max, tenant)
+            line["batch_verify_s"] = batch_costs
             f.write(json.dumps(line) + "\n")
             f.flush()
     return len(items)
@@ -69,6 +74,50 @@ def record_request(engine: SpeculativeEngine, item: dict, ids: list[int], text: 
         plain_generate_s=res.generate_s, verify_s=_verify_costs(engine, seq[: len(ids) + len(out) // 2], k_max, repeats),
         draft_s_per_token=draft_cost, drafters=drafters,
     )
+
+
+BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+@torch.inference_mode()
+def batch_verify_costs(engine, context: list[int], k_max: int, batches=BATCHES, repeats: int = 3) -> dict[str, list[float]]:
+    """{B: [seconds per request of a batched forward where B requests verify k + 1 tokens each after
+    `context`, k = 0..k_max]}: the forward's median seconds / B (workers.batched)."""
+    import copy
+    import sys
+
+    from tqdm import tqdm
+
+    from draftpick.workers.batched import batched_forward
+
+    target = engine.target
+    base = new_cache(target)
+    forward(target, base, context[:-1], last_only=True)
+    out = {}
+    for b in tqdm(batches, desc="batched verify costs", unit="batch size", file=sys.stderr):
+        caches = [copy.deepcopy(base) for _ in range(b)]
+        out[str(b)] = []
+        for k in range(k_max + 1):
+            rows = [[context[-1]] * (k + 1)] * b
+            out[str(b)].append(_median_batched(lambda: batched_forward(target, caches, rows), caches,
+                                               len(context) - 1, repeats) / b)
+    return out
+
+
+def _median_batched(run, caches, keep: int, repeats: int) -> float:
+    import statistics
+    import time
+
+    from draftpick.workers.models import rollback
+
+    times = []
+    for _ in range(repeats + 1):  # the first call of a shape is slower: dropped
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+        for c in caches:
+            rollback(c, keep)
+    return statistics.median(times[1:])
 
 
 @torch.inference_mode()

@@ -4,7 +4,8 @@ One JSON object per line, one request each (documented in docs/formats.md):
   version, id, domain, tag, features, prompt_tokens, max_tokens, num_tokens, finish_reason, k_max,
   prefill_s, plain_generate_s, verify_s [k_max + 1], draft_s_per_token {drafter: s},
   drafters {name: {"proposed": [n - 1], "matched": [n - 1], "full_information": bool,
-                   optional "confidence" [n] (model drafters), "draft_confidence" [n - 1][<= k_max] (feature)}}
+                   optional "confidence" [n] (model drafters), "draft_confidence" [n - 1][<= k_max] (feature)}},
+  optional batch_verify_s {B: [k_max + 1]} (a request's share of a batched forward, see workers.record)
 """
 from __future__ import annotations
 

@@ -1,0 +1,105 @@
+"""`draftpick bench batch`: batched verification in the engine, without HTTP, and its losslessness.
+
+For each concurrency N (default 1, 4, 16, 32): N benchmark prompts (the domains in turn) generate
+together, greedy, up to max_tokens tokens each, in three ways on the same loaded engine:
+  - interleaved: each request's step with its own forward, round-robin (today's worker without
+    batching), plain decoding;
+  - batched plain: one forward per step for all of them (`SpeculativeEngine.step_batch`);
+  - batched <arm>: the same with every request drafting with a fixed arm (`--arm`, default ngram:3).
+Reported per N: aggregate output tokens/s and its ratio to interleaved, and how many greedy outputs
+differ from the request served alone (the interleaved run steps each request alone: target 0 in
+fp32). The three runs alternate level by level in one process.
+"""
+from __future__ import annotations
+
+import time
+
+from draftpick.bench import machine, write_results
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="YAML configuration (default: the embedded one)")
+    p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated numbers of requests generating together")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are cut from the left")
+    p.add_argument("--arm", default="ngram:3", help="the fixed arm of the batched speculative run")
+    p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
+
+
+def run(args) -> int:
+    from draftpick.bench.engine import DEFAULT_DOMAINS
+    from draftpick.bench.prompts import load_domain
+    from draftpick.policies.types import Arm
+    from draftpick.workers.config import load_config
+    from draftpick.workers.factory import build_engine
+    from draftpick.workers.inputs import encode_input
+    from draftpick.workers.models import set_threads
+    from draftpick.workers.sampling import SamplingParams
+
+    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    if not levels or min(levels) < 1 or args.max_tokens < 1:
+        raise ValueError("--concurrency needs numbers >= 1; --max-tokens >= 1")
+    cfg = load_config(args.config)
+    arm = Arm.parse(args.arm)
+    if arm.drafter not in cfg.drafter_names():
+        raise ValueError(f"--arm {args.arm}: drafter {arm.drafter!r} is not configured")
+    set_threads(cfg.worker.torch_threads)
+    engine = build_engine(cfg)
+    if not engine.batchable:
+        print("bench batch: this target does not batch (workers.batched.batchable); each request steps alone")
+    domains = DEFAULT_DOMAINS.split(",")
+    per = -(-max(levels) // len(domains))
+    items = [item for d in domains for item in load_domain(d, per)]
+    items = [items[i * len(items) // max(levels)] for i in range(max(levels))]  # the domains in turn
+    prompts = [encode_input(engine.tokenizer, item)[-args.max_prompt_tokens:] for item in items]
+    params = SamplingParams(max_tokens=args.max_tokens)
+    rows = []
+    for n in levels:
+        alone = _run(engine, prompts[:n], params, Arm("none", 0), batched=False)
+        for label, a in (("batched plain", Arm("none", 0)), (f"batched {arm}", arm)):
+            r = _run(engine, prompts[:n], params, a, batched=True)
+            r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
+            r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
+            rows.append(r)
+        alone.pop("outputs")
+        rows.append({**alone, "mode": "interleaved plain", "ratio": 1.0, "mismatches": 0})
+        for r in rows[-3:]:
+            print(f"N={n:<3} {r['mode']:<22} {r['tokens_per_s']:7.1f} tok/s  {r['ratio']:5.2f}x  "
+                  f"mismatches {r['mismatches']}", flush=True)
+    report = {"how": {"machine": machine(), "target": cfg.target.name, "levels": levels, "max_tokens": args.max_tokens,
+                      "arm": str(arm), "domains": domains, "date": time.strftime("%Y-%m-%d")}, "rows": rows}
+    write_results(args.out, "batch", report, _markdown(report))
+    return 0
+
+
+def _run(engine, prompts, params, arm, batched: bool) -> dict:
+    gens = [engine.start(p, params, arm) for p in prompts]
+    t0, steps = time.perf_counter(), 0
+    while any(not g.done for g in gens):
+        live = [g for g in gens if not g.done]
+        if batched:
+            errors = [e for e in engine.step_batch(live) if isinstance(e, Exception)]
+            if errors:
+                raise errors[0]
+            steps += 1
+        else:
+            for g in live:  # round-robin, one forward each
+                g.step()
+                steps += 1
+    wall = time.perf_counter() - t0
+    tokens = sum(len(g.out) for g in gens)
+    return {"concurrency": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "steps": steps, "outputs": [g.out for g in gens]}
+
+
+def _markdown(report: dict) -> str:
+    how = report["how"]
+    lines = [f"# bench batch ({how['date']}, {how['machine']})", "",
+             f"target {how['target']}, greedy, max_tokens {how['max_tokens']}, benchmark prompts (the domains in "
+             "turn); one process, the modes alternating level by level. Mismatches: greedy outputs that differ "
+             "from the request served alone.", "",
+             "| requests | mode | output tokens/s | × interleaved | steps | mismatches |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['steps']} | {r['mismatches']} |")
+    return "\n".join(lines) + "\n"
