@@ -8,6 +8,7 @@ Per request, from the worker's final event (its rounds and the policy's plan):
   `draftpick:generation_tokens_total`;
 - `draftpick:controller_decisions_total{arm,policy}`: arms the policy chose;
 - `draftpick:time_to_first_token_seconds`, `draftpick:inter_token_latency_seconds` (histograms);
+- `draftpick:round_batch_size` (histogram): per round, the requests its batched forward verified;
 - `draftpick:request_errors_total{status}`: refused requests by HTTP status.
 At scrape time, from a worker's status (gauges; with several worker replicas, the one that answered):
 - `draftpick:feedback_lag_entries`: feedback entries appended but not yet folded;
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 P = "draftpick:"
 disable_created_metrics()  # no `_created` twin of every sample
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0)
 
 
@@ -45,6 +47,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(P + "inter_token_latency_seconds", "Between tokens (a step's tokens share its gap)",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram(P + "round_batch_size", "Requests verified in the forward of each round",
+                               buckets=BATCH_BUCKETS, registry=r)
         self.lag = Gauge(P + "feedback_lag_entries", "Feedback entries appended but not yet folded", registry=r)
         self.feedback = Gauge(P + "feedback_records", "The worker's feedback sink", ["state"], registry=r)
         self.rejected = Gauge(P + "feedback_rejected_records", "Feedback records the controller refused", registry=r)
@@ -58,6 +62,7 @@ class Metrics:
         self.prompt_tokens.inc(len(res["prompt_token_ids"]))
         self.generation_tokens.inc(len(res["token_ids"]))
         for r in final["records"]:
+            self.batch.observe(r.get("batch", 1))
             if r["drafter"] == "none" or r["num_drafted"] == 0:
                 continue
             d = r["drafter"]

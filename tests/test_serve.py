@@ -212,10 +212,13 @@ def _up(port: int) -> bool:
         return False
 
 
-def test_serve_run_of_the_serve_config(cfg, engine, tok, tmp_path):
-    """Ray's own CLI: `serve run` of deploy/serve.yaml, pointed at a configuration by its args."""
+def test_serve_run_of_the_serve_config(engine, tok, tmp_path):
+    """Ray's own CLI: `serve run` of deploy/serve.yaml, pointed at a configuration by its args. The
+    worker and serve sections are the defaults: 32 concurrent streams, each pinned to its own arm,
+    are all answered (no 429), batched, each with its greedy output alone."""
     import httpx2 as httpx
 
+    cfg = service_config(save_models(tmp_path, engine.target, tok), worker={"num_cpus": 1})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     conf = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     port = free_port()
@@ -225,12 +228,31 @@ def test_serve_run_of_the_serve_config(cfg, engine, tok, tmp_path):
     env = {**env_for(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray on loopback
     serve = Path(sys.executable).with_name("serve")
     service = Service([str(serve), "run", str(tmp_path / "serve.yaml")], env, ready=lambda: _up(port))
+    prompts = ["the cat sat", "x = 1\ny = 2\n", "def add(a, b):\n", "hello there", "import os\n", "the mat"]
+    pins = [{"drafter": "none"}, {"drafter": "ngram", "num_speculative_tokens": 3},
+            {"drafter": "close", "num_speculative_tokens": 2}, {"drafter": "ngram", "num_speculative_tokens": 8}]
+
+    def stream(i):
+        body = {"model": "tiny", "prompt": prompts[i % len(prompts)], "max_tokens": 40, "temperature": 0,
+                "stream": True, "draftpick": pins[i % len(pins)]}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+            return r.status_code, "".join(e["choices"][0]["text"] for e in events)
+
     try:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
-            "model": "tiny", "prompt": "the cat sat", "max_tokens": 12, "temperature": 0,
-            "draftpick": {"drafter": "ngram", "num_speculative_tokens": 3}})
-        want = engine.generate(tok("the cat sat").input_ids, SamplingParams(max_tokens=12), Arm("none", 0))
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text, r.text
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(stream, range(32)))
+        for i, (status, text) in enumerate(answers):
+            want = engine.generate(tok(prompts[i % len(prompts)]).input_ids, SamplingParams(max_tokens=40), Arm("none", 0))
+            assert status == 200 and text == want.text, (i, status)
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["redis"] == "up"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        rounds = _sample(metrics, "draftpick:round_batch_size_count")
+        alone = _sample(metrics, 'draftpick:round_batch_size_bucket{le="1.0"}')
+        assert rounds > 0 and alone < rounds / 2, (alone, rounds)  # most rounds shared their forward
     finally:
         service.stop(signal.SIGINT)
+
+
+def _sample(metrics: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " "))
