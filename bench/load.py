@@ -9,7 +9,7 @@
    - `table`: batched, the policy a static table of k by requests in flight (`batch-table`).
 2. Within a variant, its modes alternate level by level: for each concurrency N (default 1, 4,
    16, 32), N streaming clients each send R chat requests (greedy, up to max_tokens tokens: a
-   request may end early at EOS) with speculation off (`draftpick.drafter: none`), pinned to a
+   request may end early at EOS; distinct prompts, see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
    fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
    requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
    from the SSE chunks), errors (any non-200 or broken stream; target 0).
@@ -30,12 +30,22 @@ import time
 
 from draftpick.bench import machine, write_results
 
-PROMPTS = ["Write a Python function that checks whether a number is prime.",
-           "Explain what a hash map is in two sentences.",
-           "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists.\"\"\"",
-           "List three uses of speculative decoding.",
-           "Rewrite this more politely: send me the report now.",
-           "import json\n\ndef load_config(path):"]
+MODES = ("no speculation", "learned", "fixed", "batch-table")  # each its own prompts (below)
+
+
+def prompt_pool() -> list[dict]:
+    """Distinct chat prompts from the installed sets (MT-Bench, HumanEval, 200 ShareGPT), in a fixed
+    shuffled order. Every (level, mode) gets its own slice, so no request repeats one an earlier
+    request of its variant sent: the suffix drafter sees no repeated output it could have memorised,
+    and a mode gets the same prompts in every variant (interleaved and batched compare alike)."""
+    import random
+
+    from draftpick.bench.prompts import humaneval, mtbench, sharegpt
+
+    items = [{"messages": [{"role": "user", "content": i["prompt"]}]} if "prompt" in i else {"messages": i["messages"]}
+             for i in mtbench() + humaneval() + sharegpt(200)]
+    random.Random(0).shuffle(items)
+    return items
 
 
 def add_arguments(p) -> None:
@@ -61,7 +71,8 @@ VARIANTS = {
 def _modes(variant: str, fixed) -> list[tuple[str, dict | None]]:
     pins = {"no speculation": {"drafter": "none"}, "learned": None, "batch-table": None,
             "fixed": {"drafter": fixed.drafter, "num_speculative_tokens": fixed.k}}
-    return [(f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m]) for m in VARIANTS[variant][1]]
+    return [(f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m], MODES.index(m))
+            for m in VARIANTS[variant][1]]
 
 
 def _variant_config(cfg, variant: str):
@@ -98,6 +109,10 @@ def run(args) -> int:
         raise ValueError(f"--fixed {args.fixed}: not a drafter:k of the configuration")
     port = free_port()
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
+    pool = prompt_pool()
+    if len(pool) - 1 < len(MODES) * sum(levels) * args.requests_per_client:
+        raise ValueError(f"--concurrency and --requests-per-client ask for more distinct prompts than the "
+                         f"{len(pool) - 1} there are")
     with tempfile.TemporaryDirectory() as home:
         os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis starts empty, in here
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DRAFTPICK_HOME": home}})
@@ -108,7 +123,7 @@ def run(args) -> int:
                 vcfg = _variant_config(cfg, variant)
                 print(f"bench load: variant {variant}", flush=True)
                 serve.run(build_app(vcfg), name="draftpick", route_prefix="/")
-                report["load"] += asyncio.run(_levels(url, cfg.target.name, levels, args, _modes(variant, fixed)))
+                report["load"] += asyncio.run(_levels(url, cfg.target.name, levels, args, _modes(variant, fixed), pool))
                 if report["overhead"] is None and vcfg.worker.batching:
                     report["overhead"] = asyncio.run(_overhead(url, cfg, args))
                 serve.delete("draftpick")
@@ -127,33 +142,33 @@ def _how(args, cfg, levels, variants) -> dict:
             "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
 
 
-async def _levels(url: str, model: str, levels: list[int], args, modes) -> list[dict]:
+async def _levels(url: str, model: str, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
     import httpx2 as httpx
 
     rows = []
+    per_mode = sum(levels) * args.requests_per_client
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
-        await _stream(client, url, model, PROMPTS[0], args.max_tokens, None)  # warm-up: models, caches, routes
-        for n in levels:
-            for mode, pin in modes:
+        # warm-up (models, caches, routes) on a prompt no mode sends
+        await _stream(client, url, model, pool[-1], args.max_tokens, None)
+        for li, n in enumerate(levels):
+            for mode, pin, slot in modes:
+                first = slot * per_mode + sum(levels[:li]) * args.requests_per_client
+                prompts = pool[first: first + n * args.requests_per_client]
                 t0 = time.perf_counter()
-                runs = await asyncio.gather(*(_client(client, url, model, i, args, pin) for i in range(n)))
+                runs = await asyncio.gather(*(_client(client, url, model, prompts[i::n], args, pin) for i in range(n)))
                 wall = time.perf_counter() - t0
                 rows.append(_row(n, mode, [r for c in runs for r in c], wall))
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-async def _client(client, url, model, index: int, args, pin) -> list[dict]:
-    out = []
-    for j in range(args.requests_per_client):
-        prompt = PROMPTS[(index + j) % len(PROMPTS)]
-        out.append(await _stream(client, url, model, prompt, args.max_tokens, pin))
-    return out
+async def _client(client, url, model, items: list[dict], args, pin) -> list[dict]:
+    return [await _stream(client, url, model, item, args.max_tokens, pin) for item in items]
 
 
-async def _stream(client, url, model, prompt: str, max_tokens: int, pin) -> dict:
+async def _stream(client, url, model, item: dict, max_tokens: int, pin) -> dict:
     """One streaming chat request, timed from the client: first token, gaps between chunks."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    body = {"model": model, "messages": item["messages"], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             **({"draftpick": pin} if pin else {})}
     t0 = time.perf_counter()
@@ -208,7 +223,7 @@ async def _overhead(url: str, cfg, args) -> dict:
     from draftpick.workers.sampling import SamplingParams
 
     tok = load_tokenizer(cfg.target.path, cfg.target.gguf_file)
-    item = {"messages": [{"role": "user", "content": PROMPTS[0]}]}
+    item = prompt_pool()[-1]
     ids = encode_input(tok, item)
     handle = serve.get_deployment_handle("DraftpickWorker", app_name="draftpick")
     req = GenerateRequest(ids, SamplingParams(max_tokens=args.max_tokens), Arm("none", 0))  # what HTTP sends
@@ -251,7 +266,8 @@ def _markdown(report: dict) -> str:
     lines = [f"# bench load ({how['date']}, {how['machine']})", "",
              f"target {how['target']}, policy {how['policy']} (the table variant: batch-table), "
              f"{how['requests_per_client']} chat requests per client, max_tokens {how['max_tokens']}, greedy, "
-             "streaming; client-side timings. Variants one after another, modes alternating level by level.", "",
+             "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants one after another, "
+             "modes alternating level by level.", "",
              "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors |",
              "|---|---|---|---|---|---|---|"]
     for r in report["load"]:
