@@ -9,7 +9,8 @@
    - `table`: batched, the policy a static table of k by requests in flight (`batch-table`).
 2. Within a variant, its modes alternate level by level: for each concurrency N (default 1, 4,
    16, 32), N streaming clients each send R chat requests (greedy, up to max_tokens tokens: a
-   request may end early at EOS; distinct prompts, see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
+   request may end early at EOS; distinct prompts, the same for every mode, each mode its own
+   tenant: see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
    fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
    requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
    from the SSE chunks), errors (any non-200 or broken stream; target 0).
@@ -30,14 +31,11 @@ import time
 
 from draftpick.bench import machine, write_results
 
-MODES = ("no speculation", "learned", "fixed", "batch-table")  # each its own prompts (below)
-
-
 def prompt_pool() -> list[dict]:
     """Distinct chat prompts from the installed sets (MT-Bench, HumanEval, 200 ShareGPT), in a fixed
-    shuffled order. Every (level, mode) gets its own slice, so no request repeats one an earlier
-    request of its variant sent: the suffix drafter sees no repeated output it could have memorised,
-    and a mode gets the same prompts in every variant (interleaved and batched compare alike)."""
+    shuffled order. Each level gets its own slice, the same for every mode and variant (they compare
+    on the same requests); each mode sends its requests as its own `user` (tenant), whose outputs
+    the suffix drafter indexes apart, so no request finds its own output from another mode there."""
     import random
 
     from draftpick.bench.prompts import humaneval, mtbench, sharegpt
@@ -62,7 +60,7 @@ def add_arguments(p) -> None:
 
 # variant -> (configuration overrides, modes); a mode is (label, the request's `draftpick` pin or None)
 VARIANTS = {
-    "interleaved": ({"worker": {"batching": False}}, ["no speculation", "learned"]),
+    "interleaved": ({"worker": {"batching": False}}, ["no speculation"]),
     "batched": ({"worker": {"batching": True}}, ["no speculation", "fixed", "learned"]),
     "table": ({"worker": {"batching": True}, "policy": {"name": "batch-table", "options": {}}}, ["batch-table"]),
 }
@@ -71,8 +69,7 @@ VARIANTS = {
 def _modes(variant: str, fixed) -> list[tuple[str, dict | None]]:
     pins = {"no speculation": {"drafter": "none"}, "learned": None, "batch-table": None,
             "fixed": {"drafter": fixed.drafter, "num_speculative_tokens": fixed.k}}
-    return [(f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m], MODES.index(m))
-            for m in VARIANTS[variant][1]]
+    return [(f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m]) for m in VARIANTS[variant][1]]
 
 
 def _variant_config(cfg, variant: str):
@@ -110,7 +107,7 @@ def run(args) -> int:
     port = free_port()
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
     pool = prompt_pool()
-    if len(pool) - 1 < len(MODES) * sum(levels) * args.requests_per_client:
+    if len(pool) - 1 < sum(levels) * args.requests_per_client:
         raise ValueError(f"--concurrency and --requests-per-client ask for more distinct prompts than the "
                          f"{len(pool) - 1} there are")
     with tempfile.TemporaryDirectory() as home:
@@ -146,29 +143,29 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
     import httpx2 as httpx
 
     rows = []
-    per_mode = sum(levels) * args.requests_per_client
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
         # warm-up (models, caches, routes) on a prompt no mode sends
         await _stream(client, url, model, pool[-1], args.max_tokens, None)
         for li, n in enumerate(levels):
-            for mode, pin, slot in modes:
-                first = slot * per_mode + sum(levels[:li]) * args.requests_per_client
-                prompts = pool[first: first + n * args.requests_per_client]
+            first = sum(levels[:li]) * args.requests_per_client
+            prompts = pool[first: first + n * args.requests_per_client]
+            for mode, pin in modes:
                 t0 = time.perf_counter()
-                runs = await asyncio.gather(*(_client(client, url, model, prompts[i::n], args, pin) for i in range(n)))
+                runs = await asyncio.gather(*(_client(client, url, model, prompts[i::n], args, pin, mode)
+                                              for i in range(n)))
                 wall = time.perf_counter() - t0
                 rows.append(_row(n, mode, [r for c in runs for r in c], wall))
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-async def _client(client, url, model, items: list[dict], args, pin) -> list[dict]:
-    return [await _stream(client, url, model, item, args.max_tokens, pin) for item in items]
+async def _client(client, url, model, items: list[dict], args, pin, user: str) -> list[dict]:
+    return [await _stream(client, url, model, item, args.max_tokens, pin, user) for item in items]
 
 
-async def _stream(client, url, model, item: dict, max_tokens: int, pin) -> dict:
+async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: str = "bench") -> dict:
     """One streaming chat request, timed from the client: first token, gaps between chunks."""
-    body = {"model": model, "messages": item["messages"], "max_tokens": max_tokens,
+    body = {"model": model, "messages": item["messages"], "max_tokens": max_tokens, "user": user,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             **({"draftpick": pin} if pin else {})}
     t0 = time.perf_counter()

@@ -164,15 +164,16 @@ class Ingress:
         except (InputError, ValueError) as e:
             raise ProtocolError(str(e), param) from None
         o = req.options
-        context = o.context or ""
+        context, tenant = o.context or "", req.user or ""  # the suffix drafter's index is kept per tenant
         if o.drafter is not None or o.num_speculative_tokens is not None or not self._limits["learns"]:
             arm = self.cfg.pinned_arm(o.drafter, o.num_speculative_tokens)
-            return GenerateRequest(ids, req.params, arm, context=context, request_id=rid)
+            return GenerateRequest(ids, req.params, arm, tenant=tenant, context=context, request_id=rid)
         from draftpick.controller.local import request_context
 
         item = {"tag": context, **req.input}
         ctx = request_context(item, ids, req.params.temperature)
-        return GenerateRequest(ids, req.params, None, context=context, request_id=rid, features=ctx.features)
+        return GenerateRequest(ids, req.params, None, tenant=tenant, context=context, request_id=rid,
+                               features=ctx.features)
 
     async def _release(self, events):
         try:

@@ -73,7 +73,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)  # the tenant: the suffix drafter indexes each one's outputs apart
     draftpick: DraftpickOptions | None = None
 
 

@@ -314,3 +314,19 @@ def test_streamed_text_decoded_incrementally_equals_the_whole_decode(tok, which)
         assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))  # text only grows
         assert not any("\ufffd" in s for s in seen)
     assert IncrementalDecoder(tok).add(ids, stop_at=5) == full[:5]
+
+
+def test_the_openai_user_is_the_tenant_and_is_bounded(cfg, worker, http):
+    """`user` scopes the suffix drafter's index (GenerateRequest.tenant); a huge one is a 400."""
+    from draftpick.deploy.ingress import Ingress, LocalBackend
+    from draftpick.deploy.openai_protocol import parse
+
+    ingress = Ingress(cfg, LocalBackend(worker), worker.engine.tokenizer)
+    ingress._limits = worker.limits()
+    for body, tenant in (({"user": "alice"}, "alice"), ({}, ""),
+                         ({"user": "bob", "draftpick": {"drafter": "ngram", "num_speculative_tokens": 2}}, "bob")):
+        req = parse({"model": "tiny", "prompt": "the cat", "max_tokens": 4, **body}, "completion", "tiny",
+                    cfg.drafter_names(), cfg.engine.max_k, 64)
+        assert ingress.generate_request(req, "r").tenant == tenant
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, "user": "u" * 300})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "user"
