@@ -131,7 +131,7 @@ class SpeculativeEngine:
         cancelled, and its rounds still go to the sinks). Each request's share of the
         forward's seconds, by rows, is its round's verify time. max_rows bounds the forward's rows: the
         prefills take theirs, the rounds share the rest (their drafts are cut to fit, never below 0).
-        A target `batchable` refuses runs one forward per request."""
+        A target that `batched.batchable` refuses runs one forward per request."""
         live = [g for g in gens if not g.done]
         out: dict[int, list[int] | Exception] = {}
         if len(live) <= 1 or not self.batchable:
