@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from draftpick.policies.types import Arm, Choice
+from draftpick.policies.types import Arm
 from test_engine import exact_law, hf_greedy, sampling_context
 from tiny import chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
 from draftpick.workers.batched import batchable, batched_forward
