@@ -122,7 +122,7 @@ def run(args) -> int:
                 serve.run(build_app(vcfg), name="draftpick", route_prefix="/")
                 report["load"] += asyncio.run(_levels(url, cfg.target.name, levels, args, _modes(variant, fixed), pool))
                 if report["overhead"] is None and vcfg.worker.batching:
-                    report["overhead"] = asyncio.run(_overhead(url, cfg, args))
+                    report["overhead"] = asyncio.run(_overhead(url, cfg, args, pool[-1]))
                 serve.delete("draftpick")
                 stop_controller()  # the next variant learns from scratch, with its own policy
         finally:
@@ -208,7 +208,7 @@ def _pct(xs: list[float], p: float):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def _overhead(url: str, cfg, args) -> dict:
+async def _overhead(url: str, cfg, args, item: dict) -> dict:
     """HTTP (ingress + proxy) against the worker's handle, the same request alternately."""
     import httpx2 as httpx
     from ray import serve
@@ -220,7 +220,6 @@ async def _overhead(url: str, cfg, args) -> dict:
     from draftpick.workers.sampling import SamplingParams
 
     tok = load_tokenizer(cfg.target.path, cfg.target.gguf_file)
-    item = prompt_pool()[-1]
     ids = encode_input(tok, item)
     handle = serve.get_deployment_handle("DraftpickWorker", app_name="draftpick")
     req = GenerateRequest(ids, SamplingParams(max_tokens=args.max_tokens), Arm("none", 0))  # what HTTP sends

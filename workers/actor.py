@@ -184,8 +184,7 @@ class EngineWorker:
             except Exception as e:  # the forward itself failed: every request in it fails
                 results = [e] * len(batch)
                 for s in batch:
-                    s.g._round_state = None
-                    s.g.cancel()
+                    s.g.fail()
             self.steps += 1
             for s, r in zip(list(batch), results):
                 s.out.put_nowait(r if isinstance(r, Exception) else (r, s.g.stop_at))

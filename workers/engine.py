@@ -232,7 +232,7 @@ class Generation:
         tokens = self.prepare()
         keep = self.target_features is not None
         t = time.perf_counter()
-        if self._round_state is None:  # the prefill: only the last row's logits are needed
+        if self.prefilling:  # only the last row's logits are needed
             out = forward(self.engine.target, self.cache, tokens, last_only=True, hidden=keep)
         else:
             out = verify_forward(self.engine.target, self.cache, tokens, self.engine.verify_pad_multiple, hidden=keep)
@@ -315,6 +315,11 @@ class Generation:
         self.finish_reason = "abort"
         self._finish()
         self._emit()
+
+    def fail(self) -> None:
+        """End it after its step failed midway: the prepared round (if any) is dropped, then as cancel()."""
+        self._round_state = None
+        self.cancel()
 
     def run(self) -> GenerationResult:
         """Step to the end and return the result."""
@@ -446,8 +451,7 @@ def _guarded(g: "Generation", run):
     try:
         return run()
     except Exception as e:  # noqa: BLE001 - handed to that request's caller
-        g._round_state = None
-        g.cancel()
+        g.fail()
         return e
 
 

@@ -218,16 +218,19 @@ def rollback(cache: DynamicCache, keep: int) -> None:
 
 def median_seconds(run, cache, keep: int, repeats: int) -> float:
     """Median wall seconds of run() over `repeats` calls after one warm-up (a new shape's first call
-    is slower), rolling `cache` back to `keep` positions after each."""
+    is slower), rolling `cache` (or each of a list of caches: a batched forward's) back to `keep`
+    positions after each."""
     import statistics
     import time
 
+    caches = cache if isinstance(cache, list) else [cache]
     times = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
-        rollback(cache, keep)
+        for c in caches:
+            rollback(c, keep)
     return statistics.median(times[1:])
 
 

@@ -99,25 +99,9 @@ def batch_verify_costs(engine, context: list[int], k_max: int, batches=BATCHES, 
         out[str(b)] = []
         for k in range(k_max + 1):
             rows = [[context[-1]] * (k + 1)] * b
-            out[str(b)].append(_median_batched(lambda: batched_forward(target, caches, rows), caches,
-                                               len(context) - 1, repeats) / b)
+            out[str(b)].append(median_seconds(lambda: batched_forward(target, caches, rows), caches,
+                                              len(context) - 1, repeats) / b)
     return out
-
-
-def _median_batched(run, caches, keep: int, repeats: int) -> float:
-    import statistics
-    import time
-
-    from draftpick.workers.models import rollback
-
-    times = []
-    for _ in range(repeats + 1):  # the first call of a shape is slower: dropped
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-        for c in caches:
-            rollback(c, keep)
-    return statistics.median(times[1:])
 
 
 @torch.inference_mode()
