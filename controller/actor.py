@@ -61,7 +61,7 @@ class ControllerActor:
                 backoff = min(2 * backoff, 5.0)
 
     def decide(self, context: Context) -> Plan:
-        return self.controller.decide(context)
+        return self.controller.decide(context, with_stats=False)  # a round-level worker's rounds use its own snapshot
 
     def stats(self) -> dict:
         return self.controller.stats()

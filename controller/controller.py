@@ -23,7 +23,7 @@ from draftpick.controller.feedback import BadRecord, FeedbackSink, parse_entry
 from draftpick.controller.store import DONE_LIMIT, FOLD, GROUP, SCHEMA, Keys, entry_score, flatten, namespace
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import add, decode
-from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
+from draftpick.policies.types import Arm, Choice, Context, RoundRecord, SoFar, aggregate
 
 log = logging.getLogger(__name__)
 TOTALS = ("requests", "rounds", "draft_tokens", "accepted_tokens", "rejected_records", "dropped_records")
@@ -83,22 +83,27 @@ class Controller:
                 self._snapshot_at = now
         return self._snapshot
 
-    def decide(self, context: Context) -> Plan:
+    def decide(self, context: Context, with_stats: bool = True) -> Plan:
+        """with_stats: a round-level plan carries the snapshot its rounds choose from (the controller
+        actor leaves it out: the worker's rounds then choose from the worker's own snapshot)."""
         t0 = time.perf_counter()
         stats = self.snapshot()
         choice: Choice = self.policy.select(context, stats, self.rng)
         return Plan(choice.arm, choice.propensity, choice.threshold, self.policy.name, self.level, context.tag,
-                    time.perf_counter() - t0, dict(stats) if self.level == "round" else None)
+                    time.perf_counter() - t0, dict(stats) if self.level == "round" and with_stats else None)
 
     def chooser(self, plan: Plan, context: Context):
         """The engine's round chooser for a plan: the plan's arm (request level), or the policy
-        asked before every round over the plan's snapshot (round level)."""
+        asked before every round over the plan's snapshot, or this controller's own (round level),
+        with the request's rounds so far and the load now."""
         if plan.level != "round":
             return lambda g: Choice(plan.arm, plan.propensity, plan.threshold)
-        stats = plan.stats or {}
+        stats = plan.stats if plan.stats is not None else dict(self.snapshot())
+        so_far = SoFar()
 
         def choose(g):
-            ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None)
+            ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None,
+                          request=so_far.update(g.records), load=g.load())
             return self.policy.select(ctx, stats, self.rng)
         return choose
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import add
-from draftpick.policies.types import Arm, Choice, Context, RoundRecord, aggregate
+from draftpick.policies.types import Arm, Choice, Context, RoundRecord, SoFar, aggregate
 from draftpick.workers.engine import counterfactual_rounds
 from draftpick.workers.trace import TraceError, TraceRequest, load_trace
 
@@ -92,12 +92,15 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
                 proposed = min(proposed, _confident(tr["confidence"], g, proposed, choice.threshold))
             matched = min(tr["matched"][g - 1], proposed)
         emitted = min(matched + 1, n - g)
+        # the played drafter is judged on its own draft, as live (workers.engine._own_acceptance): up to
+        # its first rejection; a draft shorter than asked (nothing more to propose) closes with a 0
+        own = [1.0] * matched + ([0.0] if matched < proposed or (proposed < k and choice.threshold is None) else [])
         draft_s = d["draft_s_per_token"].get(arm.drafter, 0.0) * proposed
         rec = RoundRecord(
             drafter=arm.drafter if k else "none", k=k, num_drafted=proposed, accepted=matched,
             emitted=emitted, draft_s=draft_s, verify_s=verify[proposed], propensity=choice.propensity,
             accepted_per_pos=[1] * matched + ([0] if matched < proposed else []),
-            per_drafter=_per_drafter(d, g, matched + 1, arm.drafter, k), context=d.get("tag", ""), features=d.get("features", []),
+            per_drafter=_per_drafter(d, g, matched + 1, arm.drafter if k else "none", own), context=d.get("tag", ""), features=d.get("features", []),
             time=t0, threshold=choice.threshold, load=d.get("batch", 1), batch=d.get("batch", 1),
         )
         records.append(rec)
@@ -117,16 +120,18 @@ def _confident(conf: list[float], g: int, k: int, threshold: float) -> int:
     return j
 
 
-def _per_drafter(d: dict, g: int, verified: int, played: str, k: int) -> dict[str, list[float]]:
-    """The acceptance on the round's verified positions (censored there, as live) of the played
-    drafter and of every other full-information one (a drafter recorded with `full_information:
-    false` is measured live only in the rounds it plays). A round without room to draft is plain
-    decoding: its drafter is then measured as any other.
+def _per_drafter(d: dict, g: int, verified: int, played: str, own: list[float]) -> dict[str, list[float]]:
+    """The acceptance on the round's verified positions (censored there, as live) of every
+    full-information drafter but the played one, whose list is `own` (a drafter recorded with
+    `full_information: false` is measured live only in the rounds it plays). A round without room
+    to draft is plain decoding (played "none"): its drafter is then measured as any other.
     A proposal that ends inside the verified positions counts as rejected after its end."""
     out = {}
     for name, tr in d["drafters"].items():
-        measured = (name == played and k > 0) or tr.get("full_information", True)
-        if not measured:
+        if name == played:
+            out[name] = own
+            continue
+        if not tr.get("full_information", True):
             continue
         p, m = tr["proposed"][g - 1], tr["matched"][g - 1]
         out[name] = ([1.0] * min(m, p) + ([0.0] if m < p or p < verified else []))[:verified]
@@ -212,8 +217,12 @@ class Replayer:
     def _per_round(self, policy, i, ctx, stats, rng, t):
         req = self.reqs[i]
 
+        so_far, seen = SoFar(), []
+
         def choose(r, last):
-            return policy.select(replace(ctx, round=r, last=last), stats, rng)
+            if last is not None:
+                seen.append(last)
+            return policy.select(replace(ctx, round=r, last=last, request=so_far.update(seen)), stats, rng)
 
         recs, secs = simulate(req, choose, self.arms, t0=t)
         if recs:  # the request's counterfactual comes with its last round, as the engine's would

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from draftpick.policies.base import BasePolicy, PolicyConfig, key
+from draftpick.policies.base import BasePolicy, PolicyConfig, key, record_arm
 from draftpick.policies.costs import cost_increments, round_costs
 from draftpick.policies.features import NAMES
 from draftpick.policies.estimators import arm_tokens_per_round, position_increments
@@ -48,6 +48,8 @@ class ContextualConfig(PolicyConfig):
     prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
     prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
     optimism: float = 0.05  # under a tag: bonus of an arm not yet played there
+    switch: bool = True  # untagged: revisit the choice at rounds 2, 4, 8, ... from the request's own rounds
+    switch_prior: float = 4.0  # the learned estimate weighs as much as this many of the request's rounds
 
 
 @register("contextual")
@@ -60,6 +62,7 @@ class Contextual(BasePolicy):
         self.iu = np.triu_indices(self.d)
         self.drafters = sorted({a.drafter for a in self.arms if a.k})
         self._name_cache: dict = {}
+        self.level = "round" if self.cfg.switch else "request"
 
     def vector(self, features) -> np.ndarray:
         x = np.zeros(self.d)
@@ -68,11 +71,33 @@ class Contextual(BasePolicy):
         return x
 
     def select(self, context, stats, rng):
-        if context.tag and stats.get(key("obs", context.tag), 0.0) > 0:
+        tagged = context.tag and stats.get(key("obs", context.tag), 0.0) > 0
+        last = context.last
+        if last is not None and (tagged or context.round & (context.round - 1)):
+            return Choice(record_arm(last), 1.0)  # between switch points (round not a power of two): keep the arm
+        if tagged:
             return Choice(self.arms[int(np.argmax(self.tagged(context.tag, stats)))], 1.0)
         tpr = self.linear(context.features, stats)
+        if context.request is not None:
+            tpr = self.within_request(tpr, context.request)
         cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load)
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0)
+
+    def within_request(self, tpr: np.ndarray, so_far) -> np.ndarray:
+        """[K] tokens per round shrunk toward what the request's own rounds so far show: for each
+        drafter measured in them (every full-information drafter; a head where it was played), its
+        per-position acceptance on the verified tokens gives the arm's tokens per round, weighed by
+        the rounds judged against `switch_prior` rounds of the learned estimate. A request that copies
+        from its prompt shows it within a few rounds, whatever its features said."""
+        out = tpr.copy()
+        m = self.cfg.switch_prior
+        for i, arm in enumerate(self.arms):
+            reach = so_far.reach.get(arm.drafter) if arm.k else None
+            if not reach or reach[0] <= 0:
+                continue
+            own = tokens_per_round(reach, so_far.hits[arm.drafter], arm.k)
+            out[i] = (reach[0] * own + m * tpr[i]) / (reach[0] + m)
+        return out
 
     def tagged(self, tag, stats) -> np.ndarray:
         """[K] tokens/s of each arm under `tag`: what the arm measured when played there, shrunk

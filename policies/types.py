@@ -154,6 +154,23 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
     )
 
 
+class SoFar:
+    """A request's rounds so far as one aggregated record, kept up to date one round at a time
+    (for round-level choosers: Context.request)."""
+
+    def __init__(self):
+        self.record: RoundRecord | None = None
+        self.rounds = 0
+
+    def update(self, records: list[RoundRecord]) -> RoundRecord | None:
+        """Fold the rounds of `records` not yet seen (records is the request's list so far)."""
+        new = records[self.rounds:]
+        if new:
+            self.record = aggregate(([self.record] if self.record else []) + new)
+            self.rounds = len(records)
+        return self.record
+
+
 @dataclass(frozen=True)
 class Context:
     """What a policy may look at when it chooses. Built by the ingress, never from policy code."""
@@ -166,6 +183,7 @@ class Context:
     # round-level state, for policies that choose every round (hf-heuristic, draft-length control)
     round: int = 0
     last: RoundRecord | None = None
+    request: RoundRecord | None = None  # the request's rounds so far, aggregated (policies.types.aggregate)
 
 
 @dataclass(frozen=True)

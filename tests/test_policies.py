@@ -279,6 +279,44 @@ def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alo
     assert policy.select(Context(features=(1.0, 0.0)), stats, rng).arm == Arm("none", 0)
 
 
+def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_the_features():
+    """Learned: on requests like this one the n-gram drafter gets 1.1 tokens a round and the chat
+    head 2 at k = 3, so the request starts on chat:3. Its own first rounds show the n-gram drafter
+    accepting every position (it copies from the prompt): at round 2 (a switch point) the policy
+    moves to ngram:8; between switch points it keeps the last round's arm; a tagged request keeps
+    its arm; with `switch: false` the policy is request-level and never asked again."""
+    from dataclasses import replace
+
+    from draftpick.policies.state import add
+    from draftpick.policies.types import SoFar
+
+    arms = [Arm("none", 0), Arm("chat", 3), Arm("ngram", 3), Arm("ngram", 8)]
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0})
+    assert policy.level == "round" and create("contextual", arms, {"switch": False}).level == "request"
+    features = (1.0, 0.5)
+    stats: dict[str, float] = {}
+    learned = RoundRecord(drafter="chat", k=3, num_drafted=3, accepted=1, emitted=2, draft_s=0.0, verify_s=0.01,
+                          features=list(features), per_drafter={"chat": [1.0, 0.0], "ngram": [0.1, 0.0]})
+    for _ in range(200):
+        add(stats, policy.increments(learned))
+    rng = np.random.default_rng(0)
+    start = policy.select(Context(features=features), stats, rng)
+    assert start.arm == Arm("chat", 3)
+    copying = replace(learned, accepted=3, emitted=4, per_drafter={"chat": [1.0, 1.0, 1.0, 1.0], "ngram": [1.0] * 4})
+    so_far = SoFar()
+    seen = [copying]
+    ctx = Context(features=features, round=1, last=copying, request=so_far.update(seen))
+    assert policy.select(ctx, stats, rng).arm == Arm("chat", 3)  # round 1: not a switch point
+    seen.append(copying)
+    ctx = replace(ctx, round=2, request=so_far.update(seen))
+    assert so_far.record.rounds == 2 and so_far.record.reach["ngram"][0] == 2
+    assert policy.select(ctx, stats, rng).arm == Arm("ngram", 8)
+    # (the head accepted every position too, but at k = 3 it cannot draft as far)
+    assert policy.select(replace(ctx, tag="t"), {**stats, "obs|t": 1.0}, rng).arm == Arm("chat", 3)  # tagged: kept
+    # without the request's rounds (or with rounds that agree with the features) it stays
+    assert policy.select(replace(ctx, request=SoFar().update([learned, learned])), stats, rng).arm == Arm("chat", 3)
+
+
 def test_batch_table_picks_k_by_requests_in_flight_and_checks_its_table():
     arms = [Arm("none", 0)] + [Arm("ngram", k) for k in (1, 2, 3)] + [Arm("model", 3)]
     p = create("batch-table", arms, {"drafter": "ngram", "table": {"1": 3, "4": 1, "12": 0}})

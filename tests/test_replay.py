@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -300,3 +301,48 @@ def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_i
     assert {(r.batch, r.load) for r in recs} == {(16, 16)}
     with pytest.raises(TraceError, match="--load 64 needs"):
         at_load(reqs, 64)
+
+
+def test_a_policy_that_switches_within_the_request_stays_lossless_and_replays_exactly(recorded, tok):
+    """`contextual` revisits its choice at rounds 2, 4, 8, .. from the request's own rounds (issue 19's
+    length and drafter within the request). Live (the engine asking it before every round, as the
+    controller's round chooser does) and in replay (the same learned statistics) it takes the same
+    rounds; the output equals plain greedy decoding; and some request changed its arm midway."""
+    from draftpick.policies.registry import create
+    from draftpick.policies.state import add
+    from draftpick.policies.types import Context, SoFar
+    from draftpick.workers.inputs import encode_input
+
+    root, cfg = recorded
+    engine = build_engine(cfg)
+    reqs = load_trace(root / "trace.jsonl")
+    for r in reqs:
+        r.data["tag"] = ""
+    keep = ("ngram", "suffix", "close", "feat")
+    rp = Replayer(reqs, [a for a in Replayer(reqs).arms if a.drafter in keep + ("none",)])
+    policy = create("contextual", rp.arms, {})
+    assert policy.level == "round"
+    stats: dict[str, float] = {}
+    for i in range(len(reqs)):  # learned from every request played plain, then from each played on ngram:2
+        for arm in (Arm("none", 0), Arm("ngram", 2)):
+            add(stats, policy.increments(rp.fixed(i, arm)[0]))
+    switched = 0
+    for i, (req, item) in enumerate(zip(reqs, PROMPTS)):
+        ctx = Context(features=tuple(req.data["features"]))
+        so_far = SoFar()
+
+        def choose(g):
+            last = g.records[-1] if g.records else None
+            return policy.select(Context(features=ctx.features, round=len(g.records), last=last,
+                                         request=so_far.update(g.records)), stats, np.random.default_rng(0))
+
+        ids = encode_input(tok, item)
+        live = engine.generate(ids, SamplingParams(max_tokens=40), Arm("none", 0), chooser=choose)
+        sim, _ = rp._per_round(policy, i, ctx, dict(stats), np.random.default_rng(0), 0.0)
+        assert [(r.drafter, r.k, r.num_drafted, r.emitted) for r in sim] == \
+               [(r.drafter, r.k, r.num_drafted, r.emitted) for r in live.records]
+        # the played drafter is judged on its own draft alone, as live (not on the trace's longer proposal)
+        assert [r.per_drafter.get(r.drafter) for r in sim[:-1]] == [r.per_drafter.get(r.drafter) for r in live.records[:-1]]
+        assert live.token_ids == engine.generate(ids, SamplingParams(max_tokens=40), Arm("none", 0)).token_ids
+        switched += len({(r.drafter, r.k) for r in live.records[:-1]}) > 1
+    assert switched > 0
