@@ -44,6 +44,20 @@ class Plan:
     stats: dict | None = None  # round-level policies: the snapshot the worker decides rounds from
 
 
+def round_chooser(policy, context: Context, stats, rng):
+    """choose(generation) -> Choice: a round-level policy asked before each round of one request, with
+    the round's index, the last round, the request's rounds so far, the load now and its own last
+    choice (the generation: its `records` and `load()`, as workers.engine.Generation has them)."""
+    so_far, previous = SoFar(), [None]
+
+    def choose(g):
+        ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None,
+                      request=so_far.update(g.records), load=g.load(), previous=previous[0])
+        previous[0] = policy.select(ctx, stats, rng)
+        return previous[0]
+    return choose
+
+
 class Controller:
     def __init__(self, client, policy, description: dict, drafters: set[str], max_k: int,
                  consumer: str | None = None, refresh_s: float = 0.5, seed: int | None = None):
@@ -99,13 +113,7 @@ class Controller:
         if plan.level != "round":
             return lambda g: Choice(plan.arm, plan.propensity, plan.threshold)
         stats = plan.stats if plan.stats is not None else dict(self.snapshot())
-        so_far = SoFar()
-
-        def choose(g):
-            ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None,
-                          request=so_far.update(g.records), load=g.load())
-            return self.policy.select(ctx, stats, self.rng)
-        return choose
+        return round_chooser(self.policy, context, stats, self.rng)
 
     # -- feedback --
     def sink(self, max_buffer: int = 10_000) -> FeedbackSink:

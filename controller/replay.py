@@ -110,6 +110,16 @@ def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tup
     return records, seconds
 
 
+def _path(chosen: list[Arm]) -> str:
+    """The arms a policy chose for a request's rounds, in order, each run of equal arms once
+    ("chat:3>ngram:8")."""
+    arms: list[str] = []
+    for a in map(str, chosen):
+        if not arms or arms[-1] != a:
+            arms.append(a)
+    return ">".join(arms)
+
+
 def _confident(conf: list[float], g: int, k: int, threshold: float) -> int:
     """Tokens drafted when drafting stops after the first token whose confidence is below threshold."""
     j = 0
@@ -183,6 +193,7 @@ class Replayer:
         best_fixed = int(np.argmin(seconds.sum(0)))
         total_tok = total_s = 0.0
         regret_oracle, regret_fixed, choices = [], [], []
+        per_request: list[list[tuple[float, str]]] = [[] for _ in self.reqs]
         t = 0.0
         for _ in range(repeat):
             for i in rng.permutation(len(self.reqs)):
@@ -190,15 +201,17 @@ class Replayer:
                 ctx = Context(tag=req.data.get("tag", ""), features=tuple(req.data.get("features", ())), time=t,
                               load=req.data.get("batch", 1))
                 if policy.level == "round":
-                    recs, secs = self._per_round(policy, i, ctx, stats, rng, t)
+                    recs, secs, chosen = self._per_round(policy, i, ctx, stats, rng, t)
                     arm = str(record_arm(recs[0])) if recs else "none:0"
+                    path = _path([c.arm for c in chosen])
                 else:
                     choice = policy.select(ctx, stats, rng)
                     agg, secs, _ = self.fixed(i, choice.arm)
                     recs = []
                     if agg is not None:
                         add(stats, policy.increments(replace(agg, propensity=choice.propensity, time=t)))
-                    arm = str(choice.arm)
+                    arm = path = str(choice.arm)
+                per_request[i].append((secs, path))
                 total_tok += req.n
                 total_s += secs
                 regret_oracle.append(secs - oracle[i])
@@ -212,24 +225,46 @@ class Replayer:
             "requests": len(choices),
             "cumulative_regret_vs_oracle": np.cumsum(regret_oracle),
             "choices": choices,
+            "per_request": self._per_request_table(per_request, seconds, best_fixed),
         }
+
+    def _per_request_table(self, per_request, seconds, best_fixed) -> list[dict]:
+        """Per trace request: the oracle's arm and seconds, the best fixed arm's, the policy's mean
+        seconds over the second half of its passes (after learning), and the arms it played there
+        ("a>b": switched from a to b within the request) with how often."""
+        rows = []
+        for i, plays in enumerate(per_request):
+            late = plays[len(plays) // 2:] or plays
+            paths: dict[str, int] = {}
+            for _, p in late:
+                paths[p] = paths.get(p, 0) + 1
+            o = int(np.argmin(seconds[i]))
+            rows.append({"id": self.reqs[i].data.get("id"), "tokens": self.reqs[i].n,
+                         "oracle_arm": str(self.arms[o]), "oracle_s": float(seconds[i, o]),
+                         "best_fixed_s": float(seconds[i, best_fixed]),
+                         "policy_s": float(np.mean([s for s, _ in late])) if late else None,
+                         "played": dict(sorted(paths.items(), key=lambda kv: -kv[1]))})
+        return rows
 
     def _per_round(self, policy, i, ctx, stats, rng, t):
         req = self.reqs[i]
 
-        so_far, seen = SoFar(), []
+        so_far, seen, chosen = SoFar(), [], []
 
         def choose(r, last):
             if last is not None:
                 seen.append(last)
-            return policy.select(replace(ctx, round=r, last=last, request=so_far.update(seen)), stats, rng)
+            choice = policy.select(replace(ctx, round=r, last=last, request=so_far.update(seen),
+                                           previous=chosen[-1] if chosen else None), stats, rng)
+            chosen.append(choice)
+            return choice
 
         recs, secs = simulate(req, choose, self.arms, t0=t)
         if recs:  # the request's counterfactual comes with its last round, as the engine's would
             recs[-1] = self.with_counterfactual(i, recs[-1])
         for rec in recs:
             add(stats, policy.increments(rec))
-        return recs, secs
+        return recs, secs, chosen
 
     def oracle(self) -> dict:
         seconds = self.table()
@@ -330,18 +365,28 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
             "regret_vs_best_fixed": res["regret_vs_best_fixed"],
             "replay_wall_s": wall,
             "requests_replayed": res["requests"],
+            "per_request": res["per_request"],
         }
     return out, series
 
 
-def summary_lines(out: dict) -> list[str]:
-    """What `draftpick replay` prints: the oracle, the best fixed arm, and each policy's ratios."""
+def summary_lines(out: dict, per_request: bool = False) -> list[str]:
+    """What `draftpick replay` prints: the oracle, the best fixed arm, and each policy's ratios
+    (with per_request, each policy's per-request table, worst against the oracle first)."""
     lines = [f"oracle {out['oracle']['tokens_per_s']:.2f} tok/s; best fixed {out['best_fixed']['arm']} "
              f"{out['best_fixed']['tokens_per_s']:.2f} tok/s"]
     for name, p in out["policies"].items():
         lines.append(f"{name:>16}: {p['tokens_per_s']:.2f} tok/s  {p['ratio_vs_oracle']:.3f} x oracle  "
                      f"{p['ratio_vs_best_fixed']:.3f} x best fixed  ({p['requests_replayed']} requests in "
                      f"{p['replay_wall_s']:.1f} s)")
+    if per_request:
+        for name, p in out["policies"].items():
+            lines.append(f"{name}, per request (second half of the passes): tokens, oracle arm, seconds: "
+                         f"oracle / best fixed / policy, arms played")
+            for row in sorted(p["per_request"], key=lambda r: r["oracle_s"] / r["policy_s"]):
+                played = ", ".join(f"{a} x{n}" for a, n in list(row["played"].items())[:3])
+                lines.append(f"  {str(row['id'])[:24]:24s} {row['tokens']:4d} {row['oracle_arm']:>10s}  "
+                             f"{row['oracle_s']:6.2f} / {row['best_fixed_s']:6.2f} / {row['policy_s']:6.2f}  {played}")
     for played, arms in out.get("estimate_bias", {}).items():
         worst = sorted(arms.items(), key=lambda kv: -abs(kv[1]["bias"]))[:5]
         lines.append(f"full-information estimates while playing {played} (tokens/round, estimated vs true): "

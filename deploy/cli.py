@@ -116,6 +116,9 @@ def _add_replay(s) -> None:
     s.add_argument("--load", type=int, default=1,
                    help="replay as if this many requests were in flight, verified in one batched forward (costs from "
                         "the trace's batched verify costs; policies see the load)")
+    s.add_argument("--per-request", action="store_true",
+                   help="also print each policy's per-request table (always in OUT.json): the oracle's arm, the "
+                        "policy's seconds and the arms it played, worst against the oracle first")
     s.add_argument("--no-counterfactual", dest="counterfactual", action="store_false",
                    help="leave out the exact re-run rounds of lookup drafters (the estimates before issue 19)")
     s.set_defaults(func=cmd_replay)
@@ -358,7 +361,7 @@ def cmd_replay(args) -> int:
         json.dump(out, f, indent=1)
     if args.plot:
         plot(series, out["arms"], args.plot)
-    for line in summary_lines(out):
+    for line in summary_lines(out, args.per_request):
         print(line, file=sys.stderr)
     return 0
 

@@ -74,7 +74,8 @@ class Contextual(BasePolicy):
         tagged = context.tag and stats.get(key("obs", context.tag), 0.0) > 0
         last = context.last
         if last is not None and (tagged or context.round & (context.round - 1)):
-            return Choice(record_arm(last), 1.0)  # between switch points (round not a power of two): keep the arm
+            # between switch points (round not a power of two): keep the arm (as chosen, before any cut of k)
+            return Choice(context.previous.arm if context.previous else record_arm(last), 1.0)
         if tagged:
             return Choice(self.arms[int(np.argmax(self.tagged(context.tag, stats)))], 1.0)
         tpr = self.linear(context.features, stats)

@@ -184,6 +184,7 @@ class Context:
     round: int = 0
     last: RoundRecord | None = None
     request: RoundRecord | None = None  # the request's rounds so far, aggregated (policies.types.aggregate)
+    previous: "Choice | None" = None  # this policy's choice for the last round (its k before the engine cut it)
 
 
 @dataclass(frozen=True)

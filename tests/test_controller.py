@@ -391,6 +391,31 @@ def test_a_learning_worker_decides_through_the_controller_and_feeds_back(ray_loo
         ray.kill(worker)
 
 
+def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(client):
+    """`contextual` is round level: the engine's chooser asks it before every round with the
+    request's rounds so far (aggregated) and the load now, over the plan's snapshot, or over the
+    controller's own when the plan came without one (as from the controller actor)."""
+    c = controller(client, "contextual")
+    sink = c.sink()
+    sink(request(6, features=[1.0, 0.5]))
+    assert sink.flush(10) and c.fold_pending() == 1
+    sink.close()
+    ctx = Context(features=(1.0, 0.5))
+    shipped, bare = c.decide(ctx), c.decide(ctx, with_stats=False)
+    assert shipped.level == bare.level == "round" and shipped.stats == stats_of(c) and bare.stats is None
+    rounds = [record(drafter="chat", k=3, features=[1.0, 0.5]), record(drafter="chat", k=3, features=[1.0, 0.5])]
+    g = SimpleNamespace(records=rounds, load=lambda: 3)
+    want = c.policy.select(Context(features=(1.0, 0.5), round=2, last=rounds[-1], request=aggregate(rounds), load=3),
+                           stats_of(c), None)
+    for plan in (shipped, bare):
+        choose = c.chooser(plan, ctx)
+        assert choose(g) == want
+    # round 3 is no switch point: the arm chosen at round 2 is kept, even where the engine cut its k (to
+    # fit the batch or the tokens left) in the round it played
+    cut = record(drafter=want.arm.drafter, k=1, drafted=1, accepted=1, features=[1.0, 0.5])
+    assert want.arm.k > 1 and choose(SimpleNamespace(records=rounds + [cut], load=lambda: 3)).arm == want.arm
+
+
 def test_done_marks_are_bounded(client, monkeypatch):
     from draftpick.controller import controller as module
 

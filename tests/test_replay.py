@@ -164,6 +164,17 @@ def test_replay_json_contract_and_consistency(recorded, capsys):
     assert rep["policies"]["fixed"]["tokens_per_s"] == pytest.approx(best["tokens_per_s"], rel=1e-12)
     assert rep["policies"]["fixed"]["regret_vs_best_fixed"] == pytest.approx(0, abs=1e-9)
     assert (root / "out.png").stat().st_size > 10_000
+    # the per-request table: the oracle's seconds are each request's minimum, `fixed` plays one arm
+    rp = Replayer(load_trace(root / "trace.jsonl"))
+    secs = rp.table()
+    fixed_rows = rep["policies"]["fixed"]["per_request"]
+    assert [r["oracle_s"] for r in fixed_rows] == pytest.approx(list(secs.min(1)))
+    assert all(r["policy_s"] == pytest.approx(r["best_fixed_s"]) and list(r["played"]) == [best["arm"]]
+               for r in fixed_rows)
+    assert sum(sum(r["played"].values()) for r in rep["policies"]["contextual"]["per_request"]) == 10 * len(fixed_rows)
+    assert main(["replay", str(root / "trace.jsonl"), "--policies", "contextual", "--json", str(out),
+                 "--per-request"]) == 0
+    assert "contextual, per request" in capsys.readouterr().err
 
 
 def test_oracle_is_per_request_minimum(recorded):
@@ -306,11 +317,12 @@ def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_i
 def test_a_policy_that_switches_within_the_request_stays_lossless_and_replays_exactly(recorded, tok):
     """`contextual` revisits its choice at rounds 2, 4, 8, .. from the request's own rounds (issue 19's
     length and drafter within the request). Live (the engine asking it before every round, as the
-    controller's round chooser does) and in replay (the same learned statistics) it takes the same
+    controller's round chooser, `round_chooser`, does) and in replay (the same learned statistics) it takes the same
     rounds; the output equals plain greedy decoding; and some request changed its arm midway."""
+    from draftpick.controller.controller import round_chooser
     from draftpick.policies.registry import create
     from draftpick.policies.state import add
-    from draftpick.policies.types import Context, SoFar
+    from draftpick.policies.types import Context
     from draftpick.workers.inputs import encode_input
 
     root, cfg = recorded
@@ -329,16 +341,10 @@ def test_a_policy_that_switches_within_the_request_stays_lossless_and_replays_ex
     switched = 0
     for i, (req, item) in enumerate(zip(reqs, PROMPTS)):
         ctx = Context(features=tuple(req.data["features"]))
-        so_far = SoFar()
-
-        def choose(g):
-            last = g.records[-1] if g.records else None
-            return policy.select(Context(features=ctx.features, round=len(g.records), last=last,
-                                         request=so_far.update(g.records)), stats, np.random.default_rng(0))
-
         ids = encode_input(tok, item)
-        live = engine.generate(ids, SamplingParams(max_tokens=40), Arm("none", 0), chooser=choose)
-        sim, _ = rp._per_round(policy, i, ctx, dict(stats), np.random.default_rng(0), 0.0)
+        live = engine.generate(ids, SamplingParams(max_tokens=40), Arm("none", 0),
+                               chooser=round_chooser(policy, ctx, stats, np.random.default_rng(0)))
+        sim, _, _ = rp._per_round(policy, i, ctx, dict(stats), np.random.default_rng(0), 0.0)
         assert [(r.drafter, r.k, r.num_drafted, r.emitted) for r in sim] == \
                [(r.drafter, r.k, r.num_drafted, r.emitted) for r in live.records]
         # the played drafter is judged on its own draft alone, as live (not on the trace's longer proposal)
