@@ -326,7 +326,7 @@ def keep_drafters(reqs: list[TraceRequest], names: list[str]) -> None:
 def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, scale: float | None = None,
            configs: dict | None = None, ignore_tags: bool = False,
            drafters: list[str] | None = None, estimates: bool = False,
-           counterfactual: bool = True, load: int = 1) -> tuple[dict, dict]:
+           counterfactual: bool = True, load: int = 1, ks: list[int] | None = None) -> tuple[dict, dict]:
     """Returns (the documented OUT.json object, per-policy series for the plot)."""
     from draftpick.policies.registry import create
 
@@ -337,7 +337,9 @@ def replay(trace: str, policy_specs: list[str], repeat: int = 1, seed: int = 0, 
     if drafters is not None:
         keep_drafters(reqs, drafters)
     reqs = at_load(reqs, load)
-    rp = Replayer(reqs, counterfactual=counterfactual)
+    if ks is not None and (not ks or min(ks) < 1):
+        raise TraceError(f"--ks: draft lengths must be >= 1, got {ks}")
+    rp = Replayer(reqs, trace_arms(reqs, tuple(sorted(set(ks)))) if ks else None, counterfactual=counterfactual)
     ref = rp.oracle()
     # reward scale: the oracle's tokens/s (so rewards are in [0, 1] with room to spare)
     scale = scale or 1.5 * ref["oracle"]["tokens_per_s"]

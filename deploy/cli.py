@@ -116,6 +116,7 @@ def _add_replay(s) -> None:
     s.add_argument("--load", type=int, default=1,
                    help="replay as if this many requests were in flight, verified in one batched forward (costs from "
                         "the trace's batched verify costs; policies see the load)")
+    s.add_argument("--ks", help="comma-separated draft lengths of the arms (default 1,2,3,5,8; at most the trace's k_max)")
     s.add_argument("--per-request", action="store_true",
                    help="also print each policy's per-request table (always in OUT.json): the oracle's arm, the "
                         "policy's seconds and the arms it played, worst against the oracle first")
@@ -352,11 +353,15 @@ def cmd_replay(args) -> int:
         raise ValueError(f"--policy-config is not valid JSON: {e}") from None
     if args.repeat < 1 or args.load < 1:
         raise ValueError("--repeat and --load must be >= 1")
+    try:
+        ks = None if args.ks is None else [int(k) for k in args.ks.split(",") if k]
+    except ValueError:
+        raise ValueError(f"--ks must be comma-separated draft lengths, got {args.ks!r}") from None
     specs = [p for p in args.policies.split(",") if p]
     drafters = None if args.drafters is None else [d for d in args.drafters.split(",") if d]
     out, series = replay(args.trace, specs, args.repeat, args.seed, configs=configs, ignore_tags=args.ignore_tags,
                          drafters=drafters, estimates=args.estimates, counterfactual=args.counterfactual,
-                         load=args.load)
+                         load=args.load, ks=ks)
     with open(args.json_out, "w") as f:
         json.dump(out, f, indent=1)
     if args.plot:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from draftpick.controller.replay import Replayer, load_trace, simulate
+from draftpick.controller.replay import Replayer, load_trace, simulate, trace_drafters
 from draftpick.deploy.cli import main
 from draftpick.policies.types import Arm, Choice
 from tiny import VOCAB, feature_drafter, noisy_copy, save_models
@@ -193,6 +193,14 @@ def test_bad_trace_and_policy_are_clear_errors(recorded, capsys, tmp_path):
     assert "lacks" in capsys.readouterr().err
     assert main(["replay", str(root / "trace.jsonl"), "--policies", "nope", "--json", str(tmp_path / "o.json")]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+    for ks, message in (("2,x", "--ks must be comma-separated"), ("0,2", "draft lengths must be >= 1")):
+        assert main(["replay", str(root / "trace.jsonl"), "--policies", "fixed", "--ks", ks,
+                     "--json", str(tmp_path / "o.json")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["replay", str(root / "trace.jsonl"), "--policies", "fixed", "--ks", "2,4",
+                 "--json", str(tmp_path / "o.json")]) == 0
+    assert set(json.loads((tmp_path / "o.json").read_text())["arms"]) == {"none:0"} | {
+        f"{d}:{k}" for d in trace_drafters(load_trace(root / "trace.jsonl")) for k in (2, 4)}
 
 
 PLUGIN_WITHOUT_SCALE = '''
