@@ -48,7 +48,7 @@ class ContextualConfig(PolicyConfig):
     prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
     prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
     optimism: float = 0.05  # under a tag: bonus of an arm not yet played there
-    switch: bool = True  # untagged: revisit the choice at rounds 2, 4, 8, ... from the request's own rounds
+    switch: bool = True  # untagged: revisit the choice at rounds 1, 2, 4, 8, ... (0-based) from the request's own rounds
     switch_prior: float = 4.0  # the learned estimate weighs as much as this many of the request's rounds
 
 

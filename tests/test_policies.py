@@ -282,9 +282,10 @@ def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alo
 def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_the_features():
     """Learned: on requests like this one the n-gram drafter gets 1.1 tokens a round and the chat
     head 2 at k = 3, so the request starts on chat:3. Its own first rounds show the n-gram drafter
-    accepting every position (it copies from the prompt): at round 2 (a switch point) the policy
-    moves to ngram:8; between switch points it keeps the last round's arm; a tagged request keeps
-    its arm; with `switch: false` the policy is request-level and never asked again."""
+    accepting every position (it copies from the prompt): one round is not evidence enough (round 1,
+    a switch point), two are (round 2): the policy moves to ngram:8; between switch points (round 3)
+    it keeps its own last choice; a tagged request keeps its arm; with `switch: false` the policy is
+    request-level and never asked again."""
     from dataclasses import replace
 
     from draftpick.policies.state import add
@@ -306,11 +307,16 @@ def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_
     so_far = SoFar()
     seen = [copying]
     ctx = Context(features=features, round=1, last=copying, request=so_far.update(seen))
-    assert policy.select(ctx, stats, rng).arm == Arm("chat", 3)  # round 1: not a switch point
+    assert policy.select(ctx, stats, rng).arm == Arm("chat", 3)  # round 1: asked, but one round is too few
     seen.append(copying)
     ctx = replace(ctx, round=2, request=so_far.update(seen))
     assert so_far.record.rounds == 2 and so_far.record.reach["ngram"][0] == 2
-    assert policy.select(ctx, stats, rng).arm == Arm("ngram", 8)
+    moved = policy.select(ctx, stats, rng)
+    assert moved.arm == Arm("ngram", 8)
+    # round 3 is no switch point: the choice is kept (even against evidence, and where k was cut)
+    agree = SoFar().update([learned] * 3)
+    assert policy.select(replace(ctx, round=3, request=agree, previous=moved), stats, rng).arm == Arm("ngram", 8)
+    assert policy.select(replace(ctx, round=4, request=agree, previous=moved), stats, rng).arm == Arm("chat", 3)
     # (the head accepted every position too, but at k = 3 it cannot draft as far)
     assert policy.select(replace(ctx, tag="t"), {**stats, "obs|t": 1.0}, rng).arm == Arm("chat", 3)  # tagged: kept
     # without the request's rounds (or with rounds that agree with the features) it stays

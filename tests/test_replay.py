@@ -323,7 +323,7 @@ def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_i
 
 
 def test_a_policy_that_switches_within_the_request_stays_lossless_and_replays_exactly(recorded, tok):
-    """`contextual` revisits its choice at rounds 2, 4, 8, .. from the request's own rounds (issue 19's
+    """`contextual` revisits its choice at rounds 1, 2, 4, 8, .. from the request's own rounds (issue 19's
     length and drafter within the request). Live (the engine asking it before every round, as the
     controller's round chooser, `round_chooser`, does) and in replay (the same learned statistics) it takes the same
     rounds; the output equals plain greedy decoding; and some request changed its arm midway."""
