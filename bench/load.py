@@ -260,7 +260,8 @@ def _ratios(rows: list[dict]) -> list[str]:
 def _markdown(report: dict) -> str:
     how = report["how"]
     lines = [f"# bench load ({how['date']}, {how['machine']})", "",
-             f"target {how['target']}, policy {how['policy']} (the table variant: batch-table), "
+             f"target {how['target']}, policy {how['policy']}"
+             f"{' (the table variant: batch-table)' if 'table' in how['variants'] else ''}, "
              f"{how['requests_per_client']} chat requests per client, max_tokens {how['max_tokens']}, greedy, "
              "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants one after another, "
              "modes alternating level by level.", "",
