@@ -9,6 +9,11 @@ together, greedy, up to max_tokens tokens each, in three ways on the same loaded
 Reported per N: aggregate output tokens/s and its ratio to interleaved, and how many greedy outputs
 differ from the request served alone (the interleaved run steps each request alone: target 0 in
 fp32). The three runs alternate level by level in one process.
+
+With `--prefill-chunk C`, two more batched plain runs per level where the requests join one per
+step (as a server's arrivals do) instead of all at once: whole prompts in the step they join, and
+chunked prefill (at most C prompt tokens a step, all joining requests together). Their step-time p50 / p99 is the
+inter-token latency the requests in flight see while others join.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are cut from the left")
     p.add_argument("--arm", default="ngram:3", help="the fixed arm of the batched speculative run")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="also compare requests joining one per step with whole and with chunked prefill (C tokens)")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
 
 
@@ -37,8 +44,8 @@ def run(args) -> int:
     from draftpick.workers.sampling import SamplingParams
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not levels or min(levels) < 1 or args.max_tokens < 1:
-        raise ValueError("--concurrency needs numbers >= 1; --max-tokens >= 1")
+    if not levels or min(levels) < 1 or args.max_tokens < 1 or args.prefill_chunk < 0:
+        raise ValueError("--concurrency needs numbers >= 1; --max-tokens >= 1; --prefill-chunk >= 0")
     cfg = load_config(args.config)
     arm = Arm.parse(args.arm)
     if arm.drafter not in cfg.drafter_names():
@@ -61,24 +68,43 @@ def run(args) -> int:
             r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
             r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
             rows.append(r)
+        modes = 3
+        if args.prefill_chunk:
+            for label, chunk in (("joining, whole prefill", None), (f"joining, prefill chunk {args.prefill_chunk}",
+                                                                     args.prefill_chunk)):
+                r = _run(engine, prompts[:n], params, Arm("none", 0), batched=True, join_every=1, chunk=chunk)
+                r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
+                r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
+                rows.append(r)
+                modes += 1
         alone.pop("outputs")
         rows.append({**alone, "mode": "interleaved plain", "ratio": 1.0, "mismatches": 0})
-        for r in rows[-3:]:
-            print(f"N={n:<3} {r['mode']:<22} {r['tokens_per_s']:7.1f} tok/s  {r['ratio']:5.2f}x  "
-                  f"mismatches {r['mismatches']}", flush=True)
+        for r in rows[-modes:]:
+            step = f"  step p50/p99 {r['step_p50_ms']:.0f}/{r['step_p99_ms']:.0f} ms" if "step_p50_ms" in r else ""
+            print(f"N={n:<3} {r['mode']:<28} {r['tokens_per_s']:7.1f} tok/s  {r['ratio']:5.2f}x  "
+                  f"mismatches {r['mismatches']}{step}", flush=True)
     report = {"how": {"machine": machine(), "target": cfg.target.name, "levels": levels, "max_tokens": args.max_tokens,
-                      "arm": str(arm), "domains": domains, "date": time.strftime("%Y-%m-%d")}, "rows": rows}
+                      "arm": str(arm), "domains": domains, "prefill_chunk": args.prefill_chunk,
+                      "date": time.strftime("%Y-%m-%d")}, "rows": rows}
     write_results(args.out, "batch", report, _markdown(report))
     return 0
 
 
-def _run(engine, prompts, params, arm, batched: bool) -> dict:
+def _run(engine, prompts, params, arm, batched: bool, join_every: int = 0, chunk: int | None = None) -> dict:
+    """join_every: request i joins at step i * join_every (0: all at the start); chunk: chunked prefill.
+    Batched runs also report the p50 / p99 seconds of the steps in which some request decoded."""
+    import numpy as np
+
     gens = [engine.start(p, params, arm) for p in prompts]
-    t0, steps = time.perf_counter(), 0
+    t0, steps, times = time.perf_counter(), 0, []
     while any(not g.done for g in gens):
-        live = [g for g in gens if not g.done]
+        live = [g for i, g in enumerate(gens) if not g.done and i * join_every <= steps]
         if batched:
-            errors = [e for e in engine.step_batch(live) if isinstance(e, Exception)]
+            decoding = any(not g.prefill_left for g in live)
+            ts = time.perf_counter()
+            errors = [e for e in engine.step_batch(live, None, chunk) if isinstance(e, Exception)]
+            if decoding:
+                times.append(time.perf_counter() - ts)
             if errors:
                 raise errors[0]
             steps += 1
@@ -88,8 +114,11 @@ def _run(engine, prompts, params, arm, batched: bool) -> dict:
                 steps += 1
     wall = time.perf_counter() - t0
     tokens = sum(len(g.out) for g in gens)
-    return {"concurrency": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "steps": steps, "outputs": [g.out for g in gens]}
+    out = {"concurrency": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+           "steps": steps, "outputs": [g.out for g in gens]}
+    if times:
+        out.update(step_p50_ms=1000 * float(np.percentile(times, 50)), step_p99_ms=1000 * float(np.percentile(times, 99)))
+    return out
 
 
 def _markdown(report: dict) -> str:
@@ -98,8 +127,10 @@ def _markdown(report: dict) -> str:
              f"target {how['target']}, greedy, max_tokens {how['max_tokens']}, benchmark prompts (the domains in "
              "turn); one process, the modes alternating level by level. Mismatches: greedy outputs that differ "
              "from the request served alone.", "",
-             "| requests | mode | output tokens/s | × interleaved | steps | mismatches |", "|---|---|---|---|---|---|"]
+             "| requests | mode | output tokens/s | × interleaved | steps | step p50 / p99 (ms) | mismatches |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        step = f"{r['step_p50_ms']:.0f} / {r['step_p99_ms']:.0f}" if "step_p50_ms" in r else "-"
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f} | "
-                     f"{r['steps']} | {r['mismatches']} |")
+                     f"{r['steps']} | {step} | {r['mismatches']} |")
     return "\n".join(lines) + "\n"

@@ -29,16 +29,17 @@ def engine(target, tok, tmp_path_factory):
     return SpeculativeEngine(target, tok, drafters)
 
 
-def run_batched(engine, jobs, max_rows=None, on_step=None):
+def run_batched(engine, jobs, max_rows=None, on_step=None, chunk=None):
     """jobs: (start step, prompt ids, params, arm, start kwargs). Every request in flight steps
-    together (engine.step_batch), joining at its start step. Returns the generations in job order."""
+    together (engine.step_batch; chunk: chunked prefill), joining at its start step. Returns the
+    generations in job order."""
     gens, step = [None] * len(jobs), 0
     while step <= max(j[0] for j in jobs) or any(not g.done for g in gens if g):
         for i, (start, ids, params, arm, kw) in enumerate(jobs):
             if start == step:
                 gens[i] = engine.start(ids, params, arm, **kw)
         live = [g for g in gens if g and not g.done]
-        results = engine.step_batch(live, max_rows)
+        results = engine.step_batch(live, max_rows, chunk)
         assert not [r for r in results if isinstance(r, Exception)]
         if on_step:
             on_step(live)
@@ -100,6 +101,41 @@ def test_each_cache_holds_exactly_its_verified_tokens_after_every_batched_step(e
 
     jobs = [(i, tok(p).input_ids, SamplingParams(max_tokens=20), arm, {}) for i, (p, arm) in enumerate(zip(PROMPTS, ARMS))]
     run_batched(engine, jobs, on_step=check)
+
+
+def test_chunked_prefill_leaves_every_output_and_cache_exact(engine, target, tok):
+    """Prompts run 3 tokens a step, all joining requests together, while the others decode (chunked
+    prefill): each cache holds exactly the prompt tokens run so far, then the verified tokens; every
+    greedy output (a feature head's included, which reads the prompt's hidden states chunk by chunk)
+    is plain greedy; a request appends nothing until its last chunk; and the chunks shared steps
+    with rounds."""
+    seen = {"mixed": 0, "waited": 0}
+    ran: dict[int, int] = {}
+
+    def check(live):
+        if len(live) > 1:  # (a request alone stalls no one: it prefills whole)
+            assert sum(g.prefilled - ran.get(id(g), 0) for g in live) <= 3  # the step's prompt-token budget
+            seen["waited"] += any(g.prefill_left and g.prefilled == ran.get(id(g), 0) for g in live)
+        ran.update({id(g): g.prefilled for g in live})
+        for g in live:
+            if g.done:
+                continue
+            fresh = new_cache(target)
+            held = g.prompt_ids[: g.prefilled] if g.prefill_left else g.ids[:-1]
+            assert not g.prefill_left or not g.out
+            if held:
+                forward(target, fresh, held)
+                for a, b in zip(fresh.layers, g.cache.layers):
+                    assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
+            if g.target_features is not None:
+                assert len(g.target_features) == len(held)  # the hidden states of the same tokens
+        seen["mixed"] += any(g.prefill_left for g in live) and any(g.records for g in live)
+
+    jobs = [(i, tok(p).input_ids, SamplingParams(max_tokens=24), arm, {}) for i, (p, arm) in enumerate(zip(PROMPTS, ARMS))]
+    gens = run_batched(engine, jobs, on_step=check, chunk=3)
+    for (_, ids, params, arm, _), g in zip(jobs, gens):
+        assert g.out == hf_greedy(target, ids, params.max_tokens), arm
+    assert seen["mixed"] > 3 and seen["waited"] > 0  # a later prompt waited for an earlier one's chunks
 
 
 def test_sampled_outputs_in_a_batch_follow_the_target_law(engine, target, tok):
@@ -214,11 +250,12 @@ async def _stream(worker, req, delay=0.0, close_after=None):
     return chunks
 
 
-@pytest.mark.parametrize("batching", [True, False])
-def test_worker_serves_concurrent_streams_exactly_batched_or_interleaved(worker_cfg, target, tok, batching):
+@pytest.mark.parametrize("batching,chunk", [(True, 0), (False, 0), (True, 4)])
+def test_worker_serves_concurrent_streams_exactly_batched_or_interleaved(worker_cfg, target, tok, batching, chunk):
     from draftpick.workers.actor import EngineWorker, GenerateRequest
 
-    cfg = worker_cfg.model_copy(update={"worker": worker_cfg.worker.model_copy(update={"batching": batching})})
+    cfg = worker_cfg.model_copy(update={"worker": worker_cfg.worker.model_copy(update={"batching": batching,
+                                                                                     "prefill_chunk": chunk})})
     worker = EngineWorker(cfg)
     arms = [Arm("close", 4), Arm("ngram", 3), Arm("suffix", 2), Arm("none", 0), Arm("ngram", 5)]
     reqs = [GenerateRequest(tok(p).input_ids, SamplingParams(max_tokens=n), arm, request_id=str(i))
@@ -235,6 +272,8 @@ def test_worker_serves_concurrent_streams_exactly_batched_or_interleaved(worker_
         assert streamed == chunks[-1]["result"]["token_ids"] == hf_greedy(target, req.prompt_ids, req.params.max_tokens)
     records = [r for chunks in outs for r in chunks[-1]["records"]]
     rounds = len(records) + len(outs) + 3  # rounds and prefills, with the closed stream's few
+    if chunk:  # a prompt of n tokens takes up to ceil(n / chunk) steps
+        rounds += sum(-(-len(r.prompt_ids) // chunk) - 1 for r in reqs)
     if batching:
         assert max(r["batch"] for r in records) >= 4 and worker.steps < 0.75 * rounds  # many steps ran several requests
     else:

@@ -84,13 +84,17 @@ def test_bench_controller_measures_decisions_folding_and_ray(tmp_path, target, t
 def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp_path, target, tok):
     _tiny_config(tmp_path, target, tok)
     code = main(["bench", "batch", "--config", str(tmp_path / "cfg.yaml"), "--concurrency", "1,3", "--max-tokens", "12",
-                 "--arm", "close:2", "--out", str(tmp_path / "out")])
+                 "--arm", "close:2", "--prefill-chunk", "2", "--out", str(tmp_path / "out")])
     assert code == 0
     rows = json.loads(next((tmp_path / "out").glob("batch-*.json")).read_text())["rows"]
     assert [(r["concurrency"], r["mode"]) for r in rows] == [
-        (n, m) for n in (1, 3) for m in ("batched plain", "batched close:2", "interleaved plain")]
+        (n, m) for n in (1, 3) for m in ("batched plain", "batched close:2", "joining, whole prefill",
+                                          "joining, prefill chunk 2", "interleaved plain")]
     for r in rows:
         assert r["mismatches"] == 0 and r["tokens"] > 0, r  # batched greedy outputs equal each request alone
     # three requests: batched steps run all of them at once, interleaved ones one each
     by = {r["mode"]: r for r in rows if r["concurrency"] == 3}
     assert by["batched plain"]["steps"] < by["interleaved plain"]["steps"] / 2
+    # joining one a step takes more steps than starting together, chunked prefill more again
+    assert by["batched plain"]["steps"] < by["joining, whole prefill"]["steps"] < by["joining, prefill chunk 2"]["steps"]
+    assert by["joining, prefill chunk 2"]["step_p99_ms"] > 0

@@ -155,18 +155,20 @@ class EngineWorker:
     async def _loop(self) -> None:
         """Step the requests in flight until none is left. Between steps (in the event loop, the
         models idle): cancel the requests whose stream closed, let joining requests in while their
-        prompts fit worker.max_batch_tokens. A step runs in a thread; if this task is cancelled the
+        prompts (or first chunks, worker.prefill_chunk) fit worker.max_batch_tokens. A step runs in a thread; if this task is cancelled the
         step still ends before it does (the models never run two steps at once)."""
         w = self.cfg.worker
         while self.running or self.joining:
             for s in [s for s in self.running + self.joining if s.cancelled]:
                 s.g.cancel()  # its rounds go to the sinks
                 (self.running if s in self.running else self.joining).remove(s)
-            rows, joined = len(self.running), 0
-            while self.joining and (rows + len(self.joining[0].g.prompt_ids) <= w.max_batch_tokens
+            chunk = w.prefill_chunk if w.batching else 0
+            rows = sum(s.g.prefill_rows(chunk) if s.g.prefill_left else 1 for s in self.running)
+            joined = 0
+            while self.joining and (rows + self.joining[0].g.prefill_rows(chunk) <= w.max_batch_tokens
                                     or not joined):  # one prompt joins each step, however long
                 s = self.joining.pop(0)
-                rows += len(s.g.prompt_ids)
+                rows += s.g.prefill_rows(chunk)
                 joined += 1
                 self.running.append(s)
             if not self.running:
@@ -175,7 +177,7 @@ class EngineWorker:
             if not w.batching:  # round-robin
                 self.running.append(self.running.pop(0))
             task = asyncio.ensure_future(asyncio.to_thread(
-                self.engine.step_batch, [s.g for s in batch], w.max_batch_tokens))
+                self.engine.step_batch, [s.g for s in batch], w.max_batch_tokens, chunk or None))
             try:
                 results = await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -187,7 +189,8 @@ class EngineWorker:
                     s.g.fail()
             self.steps += 1
             for s, r in zip(list(batch), results):
-                s.out.put_nowait(r if isinstance(r, Exception) else (r, s.g.stop_at))
+                if isinstance(r, Exception) or r:  # a prefill chunk before the last appends no token
+                    s.out.put_nowait(r if isinstance(r, Exception) else (r, s.g.stop_at))
                 if s.g.done:
                     s.out.put_nowait(None)
                     self.running.remove(s)

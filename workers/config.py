@@ -154,6 +154,9 @@ class WorkerConfig(_Strict):
                            "(workers.batched; false: one request's round at a time, interleaved)")
     max_batch_tokens: int = Field(512, ge=1, description="rows (tokens) one batched forward may run: joining "
                                   "prompts wait for the next step beyond it and drafts are cut to fit")
+    prefill_chunk: int = Field(0, ge=0, description="batched: the prompt tokens joining requests together run "
+                               "per step, first come first served, so the requests in flight are not stalled by "
+                               "long prefills (chunked prefill; 0: whole prompts in the step they join)")
     replicas: int = Field(1, ge=1, description="worker replicas of the Serve application (without autoscaling)")
     autoscaling: AutoscalingConfig | None = Field(None, description="scale the worker replicas with load "
                                                     "instead of a fixed number (see below)")

@@ -124,13 +124,17 @@ class SpeculativeEngine:
     def generate(self, prompt_ids: list[int], params: SamplingParams, arm: Arm = Arm("none", 0), **kw) -> GenerationResult:
         return self.start(prompt_ids, params, arm, **kw).run()
 
-    def step_batch(self, gens: list["Generation"], max_rows: int | None = None) -> list[list[int] | Exception]:
+    def step_batch(self, gens: list["Generation"], max_rows: int | None = None,
+                   prefill_chunk: int | None = None) -> list[list[int] | Exception]:
         """One step of every unfinished generation in `gens` (prefill or round) with one target forward
         for them all (workers.batched); returns the tokens each appended, or the exception that ended
         it (a request's own error, e.g. from its round chooser, fails that request alone: it is
         cancelled, and its rounds still go to the sinks). Each request's share of the
         forward's seconds, by rows, is its round's verify time. max_rows bounds the forward's rows: the
         prefills take theirs, the rounds share the rest (their drafts are cut to fit, never below 0).
+        prefill_chunk: the prompt tokens all prefilling requests together run in this step (chunked
+        prefill, first come first served; a prompt beyond it waits; None: whole prompts); a request
+        still prefilling appends no token.
         A target that `batched.batchable` refuses runs one forward per request."""
         live = [g for g in gens if not g.done]
         out: dict[int, list[int] | Exception] = {}
@@ -138,12 +142,18 @@ class SpeculativeEngine:
             for g in live:
                 out[id(g)] = _guarded(g, g.step)
             return [out.get(id(g), []) for g in gens]
-        n_rounds = sum(g.started is not None for g in live)
+        chunks, budget = {}, prefill_chunk or None
+        for g in live:  # the prompt-token budget of the step, first come first served
+            if g.prefill_left and budget is not None:
+                chunks[id(g)] = min(g.prefill_left, budget)
+                budget -= chunks[id(g)]
+        live = [g for g in live if chunks.get(id(g)) != 0]  # a prompt beyond the budget waits a step
+        n_rounds = sum(not g.prefill_left for g in live)
         max_k = None
         if max_rows is not None and n_rounds:
-            prefill_rows = sum(len(g.prompt_ids) for g in live if g.started is None)
+            prefill_rows = sum(g.prefill_rows(chunks.get(id(g))) for g in live if g.prefill_left)
             max_k = max(0, (max_rows - prefill_rows - n_rounds) // n_rounds)
-        tokens = {id(g): _guarded(g, lambda g=g: g.prepare(max_k)) for g in live}
+        tokens = {id(g): _guarded(g, lambda g=g: g.prepare(max_k, chunks.get(id(g)))) for g in live}
         for g in live:
             if isinstance(tokens[id(g)], Exception):
                 out[id(g)] = tokens[id(g)]
@@ -217,11 +227,22 @@ class Generation:
                          for n, d in self.engine.drafters.items()}
         self.started = None
         self.prefill_s = 0.0
+        self.prefilled = 0  # prompt tokens in the target's cache (a chunked prefill takes several steps)
+        self._chunk = 0  # prompt tokens the prepared prefill step runs
         self._round_state = None  # a prepared round: (choice, k, drafter, draft, q, draft seconds)
 
     @property
     def ids(self) -> list[int]:
         return self.prompt_ids + self.out
+
+    @property
+    def prefill_left(self) -> int:
+        """Prompt tokens not yet in the target's cache (0 once the prefill is done)."""
+        return len(self.prompt_ids) - self.prefilled
+
+    def prefill_rows(self, chunk: int | None = None) -> int:
+        """Rows the next prefill step runs with chunks of at most `chunk` tokens (None: the rest)."""
+        return self.prefill_left if not chunk else min(chunk, self.prefill_left)
 
     def step(self) -> list[int]:
         """Advance by the prefill or one round, with its own target forward; returns the tokens it
@@ -239,14 +260,17 @@ class Generation:
         logits, hidden = out if keep else (out, None)
         return self.complete(logits, hidden, time.perf_counter() - t)
 
-    def prepare(self, max_k: int | None = None) -> list[int]:
+    def prepare(self, max_k: int | None = None, chunk: int | None = None) -> list[int]:
         """The first half of a step: the tokens its target forward runs after the cache. The prefill
-        (the prompt; the forward needs only its last row's logits, `prefilling`), or a round's choice
-        and draft: [pending token] + drafts, at most max_k drafts (the worker's bound on rows per step)."""
+        (the prompt, or its next `chunk` tokens; the forward needs only its last row's logits,
+        `prefilling`), or a round's choice and draft: [pending token] + drafts, at most max_k drafts
+        (the worker's bound on rows per step)."""
         assert not self.done and self._round_state is None, "prepare() twice without complete()"
         if self.started is None:
             self.started = time.perf_counter()
-            return self.prompt_ids
+        if self.prefill_left:
+            self._chunk = self.prefill_rows(chunk)
+            return self.prompt_ids[self.prefilled: self.prefilled + self._chunk]
         choice = self.chooser(self) if self.chooser else Choice(self.arm, 1.0)
         if choice.arm.drafter not in self.sessions:
             raise ValueError(f"the round chooser picked unknown drafter {choice.arm.drafter!r}")
@@ -261,8 +285,8 @@ class Generation:
 
     @property
     def prefilling(self) -> bool:
-        """Whether the prepared step is the prefill."""
-        return self._round_state is None and not self.out
+        """Whether the prepared step is (a chunk of) the prefill."""
+        return self._round_state is None and self.prefill_left > 0
 
     def complete(self, logits: torch.Tensor, hidden: torch.Tensor | None, forward_s: float, batch: int = 1,
                  rows: int = 0) -> list[int]:
@@ -328,8 +352,12 @@ class Generation:
         return self.result()
 
     def _first_token(self, logits: torch.Tensor, hidden: torch.Tensor | None) -> list[int]:
+        """A prefill step's end: the chunk is in the cache; after the last chunk, the first token."""
         if self.target_features is not None:
-            self.target_features.append(hidden)  # [prompt, d]
+            self.target_features.append(hidden)  # [chunk, d]
+        self.prefilled += self._chunk
+        if self.prefill_left:
+            return []
         token = self.sampler.draw(self.sampler.probs(logits[-1:], len(self.prompt_ids))[0])
         self.prefill_s = time.perf_counter() - self.started
         return self._append([token])
