@@ -239,8 +239,9 @@ def worker_cfg(tmp_path_factory, target, tok):
     })
 
 
-async def _stream(worker, req, delay=0.0, close_after=None):
-    await asyncio.sleep(delay)
+async def _stream(worker, req, after_steps=0, close_after=None):
+    while worker.steps < after_steps:  # join once the worker has run that many steps (not by the clock)
+        await asyncio.sleep(0.001)
     chunks, gen = [], worker.generate_stream(req)
     async for c in gen:
         chunks.append(c)
@@ -264,7 +265,7 @@ def test_worker_serves_concurrent_streams_exactly_batched_or_interleaved(worker_
     async def main():
         closing = _stream(worker, GenerateRequest(tok(PROMPTS[5]).input_ids, SamplingParams(max_tokens=40), Arm("ngram", 2)),
                           close_after=3)
-        return await asyncio.gather(*[_stream(worker, r, delay=0.02 * i) for i, r in enumerate(reqs)], closing)
+        return await asyncio.gather(*[_stream(worker, r, after_steps=i) for i, r in enumerate(reqs)], closing)
 
     *outs, closed = asyncio.run(main())
     for req, chunks in zip(reqs, outs):
