@@ -60,26 +60,23 @@ def run(args) -> int:
     items = [items[i * len(items) // max(levels)] for i in range(max(levels))]  # the domains in turn
     prompts = [encode_input(engine.tokenizer, item)[-args.max_prompt_tokens:] for item in items]
     params = SamplingParams(max_tokens=args.max_tokens)
+    plain = Arm("none", 0)
+    # the batched modes: (label, arm, a request joins every .. steps (0: all at once), prefill chunk)
+    modes = [("batched plain", plain, 0, None), (f"batched {arm}", arm, 0, None)]
+    if args.prefill_chunk:
+        modes += [("joining, whole prefill", plain, 1, None),
+                  (f"joining, prefill chunk {args.prefill_chunk}", plain, 1, args.prefill_chunk)]
     rows = []
     for n in levels:
-        alone = _run(engine, prompts[:n], params, Arm("none", 0), batched=False)
-        for label, a in (("batched plain", Arm("none", 0)), (f"batched {arm}", arm)):
-            r = _run(engine, prompts[:n], params, a, batched=True)
+        alone = _run(engine, prompts[:n], params, plain, batched=False)
+        for label, a, join_every, chunk in modes:
+            r = _run(engine, prompts[:n], params, a, batched=True, join_every=join_every, chunk=chunk)
             r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
             r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
             rows.append(r)
-        modes = 3
-        if args.prefill_chunk:
-            for label, chunk in (("joining, whole prefill", None), (f"joining, prefill chunk {args.prefill_chunk}",
-                                                                     args.prefill_chunk)):
-                r = _run(engine, prompts[:n], params, Arm("none", 0), batched=True, join_every=1, chunk=chunk)
-                r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
-                r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
-                rows.append(r)
-                modes += 1
         alone.pop("outputs")
         rows.append({**alone, "mode": "interleaved plain", "ratio": 1.0, "mismatches": 0})
-        for r in rows[-modes:]:
+        for r in rows[-len(modes) - 1:]:
             step = f"  step p50/p99 {r['step_p50_ms']:.0f}/{r['step_p99_ms']:.0f} ms" if "step_p50_ms" in r else ""
             print(f"N={n:<3} {r['mode']:<28} {r['tokens_per_s']:7.1f} tok/s  {r['ratio']:5.2f}x  "
                   f"mismatches {r['mismatches']}{step}", flush=True)

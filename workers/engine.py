@@ -143,16 +143,15 @@ class SpeculativeEngine:
                 out[id(g)] = _guarded(g, g.step)
             return [out.get(id(g), []) for g in gens]
         chunks, budget = {}, prefill_chunk or None
-        for g in live:  # the prompt-token budget of the step, first come first served
-            if g.prefill_left and budget is not None:
-                chunks[id(g)] = min(g.prefill_left, budget)
-                budget -= chunks[id(g)]
+        for g in live:  # the prompt tokens each prefill runs: all, or first come first served from the budget
+            if g.prefill_left:
+                chunks[id(g)] = g.prefill_left if budget is None else min(g.prefill_left, budget)
+                budget = None if budget is None else budget - chunks[id(g)]
         live = [g for g in live if chunks.get(id(g)) != 0]  # a prompt beyond the budget waits a step
         n_rounds = sum(not g.prefill_left for g in live)
         max_k = None
         if max_rows is not None and n_rounds:
-            prefill_rows = sum(g.prefill_rows(chunks.get(id(g))) for g in live if g.prefill_left)
-            max_k = max(0, (max_rows - prefill_rows - n_rounds) // n_rounds)
+            max_k = max(0, (max_rows - sum(chunks.values()) - n_rounds) // n_rounds)
         tokens = {id(g): _guarded(g, lambda g=g: g.prepare(max_k, chunks.get(id(g)))) for g in live}
         for g in live:
             if isinstance(tokens[id(g)], Exception):
