@@ -75,14 +75,17 @@ class Contextual(BasePolicy):
         last = context.last
         if last is not None and (tagged or context.round & (context.round - 1)):
             # between switch points (round not a power of two): keep the arm (as chosen, before any cut of k)
-            return Choice(context.previous.arm if context.previous else record_arm(last), 1.0)
+            return Choice(context.previous.arm if context.previous else record_arm(last), 1.0,
+                          note=context.previous.note if context.previous else None)
         if tagged:
             return Choice(self.arms[int(np.argmax(self.tagged(context.tag, stats)))], 1.0)
-        tpr = self.linear(context.features, stats)
-        if context.request is not None:
-            tpr = self.within_request(tpr, context.request)
+        # untagged: the prediction from the features is made once per request (round 0) and carried in
+        # the choice's note; each switch point shrinks it toward the request's own rounds so far
+        note = context.previous.note if context.previous is not None else None
+        prior = np.asarray(note) if note is not None else self.linear(context.features, stats)
+        tpr = self.within_request(prior, context.request) if context.request is not None else prior
         cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load)
-        return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0)
+        return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0, note=tuple(prior.tolist()) if self.cfg.switch else None)
 
     def within_request(self, tpr: np.ndarray, so_far) -> np.ndarray:
         """[K] tokens per round shrunk toward what the request's own rounds so far show: for each

@@ -192,3 +192,6 @@ class Choice:
     arm: Arm
     propensity: float  # probability the policy had of choosing this arm (1.0 if deterministic)
     threshold: float | None = None  # stop drafting when the drafter's top-1 probability is below this
+    # the policy's own note for the request's later rounds: it comes back as context.previous.note
+    # (contextual keeps its prediction from the prompt features there, so a round costs no regression)
+    note: tuple | None = None

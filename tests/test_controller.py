@@ -410,10 +410,15 @@ def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(c
     for plan in (shipped, bare):
         choose = c.chooser(plan, ctx)
         assert choose(g) == want
-    # round 3 is no switch point: the arm chosen at round 2 is kept, even where the engine cut its k (to
-    # fit the batch or the tokens left) in the round it played
+    # the next round is asked with the chooser's previous choice (its note carries the features'
+    # prediction) and the round as played, k cut by the engine (to fit the batch or the tokens left);
+    # round 3 is no switch point: the arm chosen at round 2 is kept, its k uncut
     cut = record(drafter=want.arm.drafter, k=1, drafted=1, accepted=1, features=[1.0, 0.5])
-    assert want.arm.k > 1 and choose(SimpleNamespace(records=rounds + [cut], load=lambda: 3)).arm == want.arm
+    played = rounds + [cut]
+    then = c.policy.select(Context(features=(1.0, 0.5), round=3, last=cut, request=aggregate(played), load=3,
+                                   previous=want), stats_of(c), None)
+    assert want.note is not None and choose(SimpleNamespace(records=played, load=lambda: 3)) == then
+    assert then.arm == want.arm and want.arm.k > 1
 
 
 def test_done_marks_are_bounded(client, monkeypatch):

@@ -282,17 +282,19 @@ def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alo
 def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_the_features():
     """Learned: on requests like this one the n-gram drafter gets 1.1 tokens a round and the chat
     head 2 at k = 3, so the request starts on chat:3. Its own first rounds show the n-gram drafter
-    accepting every position (it copies from the prompt): one round is not evidence enough (round 1,
-    a switch point), two are (round 2): the policy moves to ngram:8; between switch points (round 3)
-    it keeps its own last choice; a tagged request keeps its arm; with `switch: false` the policy is
-    request-level and never asked again."""
+    accepting every position (it copies from the prompt): against `switch_prior` = 4 rounds of the
+    learned estimate one round is not evidence enough (round 1), two are (round 2): the policy moves
+    to ngram:8; between switch points (round 3) it keeps its own last choice, and at the next one
+    (round 4) it moves back if the request's rounds agree with the features again. The prediction
+    from the features comes from round 0 (carried in the choice's note), not from the features
+    again; a tagged request keeps its arm; with `switch: false` the policy is request level."""
     from dataclasses import replace
 
     from draftpick.policies.state import add
     from draftpick.policies.types import SoFar
 
     arms = [Arm("none", 0), Arm("chat", 3), Arm("ngram", 3), Arm("ngram", 8)]
-    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0})
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "switch_prior": 4.0})
     assert policy.level == "round" and create("contextual", arms, {"switch": False}).level == "request"
     features = (1.0, 0.5)
     stats: dict[str, float] = {}
@@ -302,23 +304,29 @@ def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_
         add(stats, policy.increments(learned))
     rng = np.random.default_rng(0)
     start = policy.select(Context(features=features), stats, rng)
-    assert start.arm == Arm("chat", 3)
+    assert start.arm == Arm("chat", 3) and start.note is not None
     copying = replace(learned, accepted=3, emitted=4, per_drafter={"chat": [1.0, 1.0, 1.0, 1.0], "ngram": [1.0] * 4})
     so_far = SoFar()
     seen = [copying]
-    ctx = Context(features=features, round=1, last=copying, request=so_far.update(seen))
-    assert policy.select(ctx, stats, rng).arm == Arm("chat", 3)  # round 1: asked, but one round is too few
+    ctx = Context(features=features, round=1, last=copying, request=so_far.update(seen), previous=start)
+    one = policy.select(ctx, stats, rng)
+    assert one.arm == Arm("chat", 3)  # round 1: one round is too few
     seen.append(copying)
-    ctx = replace(ctx, round=2, request=so_far.update(seen))
+    ctx = replace(ctx, round=2, request=so_far.update(seen), previous=one)
     assert so_far.record.rounds == 2 and so_far.record.reach["ngram"][0] == 2
     moved = policy.select(ctx, stats, rng)
     assert moved.arm == Arm("ngram", 8)
-    # round 3 is no switch point: the choice is kept (even against evidence, and where k was cut)
+    # the features' prediction comes with the previous choice: other features change nothing now
+    assert moved.note == start.note and policy.select(replace(ctx, features=(1.0, 9.0)), stats, rng) == moved
+    assert policy.select(replace(ctx, features=(1.0, 9.0), previous=None), stats, rng).note != start.note
+    # round 3 is no switch point: the choice is kept (even against evidence, and where k was cut);
+    # at round 4, rounds that agree with the features bring it back
     agree = SoFar().update([learned] * 3)
-    assert policy.select(replace(ctx, round=3, request=agree, previous=moved), stats, rng).arm == Arm("ngram", 8)
+    assert policy.select(replace(ctx, round=3, request=agree, previous=moved), stats, rng) == moved
     assert policy.select(replace(ctx, round=4, request=agree, previous=moved), stats, rng).arm == Arm("chat", 3)
     # (the head accepted every position too, but at k = 3 it cannot draft as far)
-    assert policy.select(replace(ctx, tag="t"), {**stats, "obs|t": 1.0}, rng).arm == Arm("chat", 3)  # tagged: kept
+    tagged = policy.select(replace(ctx, tag="t", previous=None), {**stats, "obs|t": 1.0}, rng)
+    assert tagged.arm == Arm("chat", 3)  # tagged: the arm of its last round is kept
     # without the request's rounds (or with rounds that agree with the features) it stays
     assert policy.select(replace(ctx, request=SoFar().update([learned, learned])), stats, rng).arm == Arm("chat", 3)
 
