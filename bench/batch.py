@@ -5,7 +5,9 @@ together, greedy, up to max_tokens tokens each, in three ways on the same loaded
   - interleaved: each request's step with its own forward, round-robin (today's worker without
     batching), plain decoding;
   - batched plain: one forward per step for all of them (`SpeculativeEngine.step_batch`);
-  - batched <arm>: the same with every request drafting with a fixed arm (`--arm`, default ngram:3).
+  - batched <arm>: the same with every request drafting with a fixed arm (`--arm`, default ngram:3);
+    for a drafter that drafts requests together (a feature head: `propose_batch`), once more with
+    each request drafting alone ("drafts alone"), to show what drafting together saves.
 Reported per N: aggregate output tokens/s and its ratio to interleaved, and how many greedy outputs
 differ from the request served alone (the interleaved run steps each request alone: target 0 in
 fp32). The three runs alternate level by level in one process.
@@ -61,16 +63,21 @@ def run(args) -> int:
     prompts = [encode_input(engine.tokenizer, item)[-args.max_prompt_tokens:] for item in items]
     params = SamplingParams(max_tokens=args.max_tokens)
     plain = Arm("none", 0)
-    # the batched modes: (label, arm, a request joins every .. steps (0: all at once), prefill chunk)
-    modes = [("batched plain", plain, 0, None), (f"batched {arm}", arm, 0, None)]
+    # the batched modes: (label, arm, a request joins every .. steps (0: all at once), prefill chunk,
+    # the arm's drafter drafts the requests together where it can)
+    modes = [("batched plain", plain, 0, None, True), (f"batched {arm}", arm, 0, None, True)]
+    if hasattr(engine.drafters[arm.drafter], "propose_batch"):
+        modes.append((f"batched {arm}, drafts alone", arm, 0, None, False))
     if args.prefill_chunk:
-        modes += [("joining, whole prefill", plain, 1, None),
-                  (f"joining, prefill chunk {args.prefill_chunk}", plain, 1, args.prefill_chunk)]
+        modes += [("joining, whole prefill", plain, 1, None, True),
+                  (f"joining, prefill chunk {args.prefill_chunk}", plain, 1, args.prefill_chunk, True)]
     rows = []
     for n in levels:
         alone = _run(engine, prompts[:n], params, plain, batched=False)
-        for label, a, join_every, chunk in modes:
+        for label, a, join_every, chunk, together in modes:
+            engine.batch_drafts = together
             r = _run(engine, prompts[:n], params, a, batched=True, join_every=join_every, chunk=chunk)
+            engine.batch_drafts = True
             r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
             r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
             rows.append(r)
@@ -78,8 +85,8 @@ def run(args) -> int:
         rows.append({**alone, "mode": "interleaved plain", "ratio": 1.0, "mismatches": 0})
         for r in rows[-len(modes) - 1:]:
             step = f"  step p50/p99 {r['step_p50_ms']:.0f}/{r['step_p99_ms']:.0f} ms" if "step_p50_ms" in r else ""
-            print(f"N={n:<3} {r['mode']:<28} {r['tokens_per_s']:7.1f} tok/s  {r['ratio']:5.2f}x  "
-                  f"mismatches {r['mismatches']}{step}", flush=True)
+            print(f"N={n:<3} {r['mode']:<32} {r['tokens_per_s']:7.1f} tok/s  {r['ratio']:5.2f}x  "
+                  f"drafting {100 * r['draft_share']:4.1f} %  mismatches {r['mismatches']}{step}", flush=True)
     report = {"how": {"machine": machine(), "target": cfg.target.name, "levels": levels, "max_tokens": args.max_tokens,
                       "arm": str(arm), "domains": domains, "prefill_chunk": args.prefill_chunk,
                       "date": time.strftime("%Y-%m-%d")}, "rows": rows}
@@ -111,8 +118,9 @@ def _run(engine, prompts, params, arm, batched: bool, join_every: int = 0, chunk
                 steps += 1
     wall = time.perf_counter() - t0
     tokens = sum(len(g.out) for g in gens)
+    draft_s = sum(r.draft_s for g in gens for r in g.records)
     out = {"concurrency": len(prompts), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-           "steps": steps, "outputs": [g.out for g in gens]}
+           "steps": steps, "draft_share": draft_s / wall, "outputs": [g.out for g in gens]}
     if times:
         out.update(step_p50_ms=1000 * float(np.percentile(times, 50)), step_p99_ms=1000 * float(np.percentile(times, 99)))
     return out
@@ -124,10 +132,11 @@ def _markdown(report: dict) -> str:
              f"target {how['target']}, greedy, max_tokens {how['max_tokens']}, benchmark prompts (the domains in "
              "turn); one process, the modes alternating level by level. Mismatches: greedy outputs that differ "
              "from the request served alone.", "",
-             "| requests | mode | output tokens/s | × interleaved | steps | step p50 / p99 (ms) | mismatches |",
-             "|---|---|---|---|---|---|---|"]
+             "| requests | mode | output tokens/s | × interleaved | drafting (% of wall) | steps | step p50 / p99 (ms) "
+             "| mismatches |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         step = f"{r['step_p50_ms']:.0f} / {r['step_p99_ms']:.0f}" if "step_p50_ms" in r else "-"
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f} | "
-                     f"{r['steps']} | {step} | {r['mismatches']} |")
+                     f"{100 * r['draft_share']:.1f} | {r['steps']} | {step} | {r['mismatches']} |")
     return "\n".join(lines) + "\n"

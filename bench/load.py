@@ -13,7 +13,9 @@
    tenant: see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
    fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
    requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
-   from the SSE chunks), errors (any non-200 or broken stream; target 0).
+   from the SSE chunks), errors (any non-200 or broken stream; target 0). With `--warmup W`, before
+   each level the modes that learn (their policy decides) first send W requests per client at that
+   concurrency, unmeasured, on other prompts: the policy is then measured after learning there.
 3. Overhead (first batched variant): the same pinned request (plain decoding, max_tokens tokens)
    sent alternately through HTTP and straight to the worker deployment's handle, one at a time;
    the median difference is what the ingress, HTTP and Serve's proxy add, as a share of the request
@@ -53,6 +55,9 @@ def add_arguments(p) -> None:
                    help=f"comma-separated service variants, run one after another ({', '.join(VARIANTS)})")
     p.add_argument("--fixed", default="ngram:3", help="the fixed arm the batched variant is also measured with")
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="before each level, the learning modes' clients first send this many requests each, "
+                        "not measured (other prompts): the policy measured after learning at that load")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
@@ -85,8 +90,8 @@ def run(args) -> int:
     from draftpick.policies.types import Arm
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
-        raise ValueError("--concurrency needs numbers >= 1; --requests-per-client and --max-tokens >= 1")
+    if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.warmup < 0:
+        raise ValueError("--concurrency needs numbers >= 1; --requests-per-client and --max-tokens >= 1; --warmup >= 0")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if not variants or unknown:
@@ -107,9 +112,9 @@ def run(args) -> int:
     port = free_port()
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
     pool = prompt_pool()
-    if len(pool) - 1 < sum(levels) * args.requests_per_client:
-        raise ValueError(f"--concurrency and --requests-per-client ask for more distinct prompts than the "
-                         f"{len(pool) - 1} there are")
+    if len(pool) - 1 < sum(levels) * (args.requests_per_client + args.warmup):
+        raise ValueError(f"--concurrency, --requests-per-client and --warmup ask for more distinct prompts than "
+                         f"the {len(pool) - 1} there are")
     with tempfile.TemporaryDirectory() as home:
         os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis starts empty, in here
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DRAFTPICK_HOME": home}})
@@ -136,6 +141,7 @@ def run(args) -> int:
 def _how(args, cfg, levels, variants) -> dict:
     return {"machine": machine(), "target": cfg.target.name, "policy": cfg.policy.name, "levels": levels,
             "variants": variants, "fixed": args.fixed, "requests_per_client": args.requests_per_client,
+            "warmup": args.warmup,
             "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
 
 
@@ -149,6 +155,13 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
         for li, n in enumerate(levels):
             first = sum(levels[:li]) * args.requests_per_client
             prompts = pool[first: first + n * args.requests_per_client]
+            if args.warmup:  # the learning modes learn at this load first, on prompts from the pool's end
+                end = len(pool) - 1 - sum(levels[:li]) * args.warmup
+                warm = pool[end - n * args.warmup: end]
+                for mode, pin in modes:
+                    if pin is None:
+                        await asyncio.gather(*(_client(client, url, model, warm[i::n], args, pin, mode + " warm-up")
+                                               for i in range(n)))
             for mode, pin in modes:
                 t0 = time.perf_counter()
                 runs = await asyncio.gather(*(_client(client, url, model, prompts[i::n], args, pin, mode)
@@ -264,7 +277,9 @@ def _markdown(report: dict) -> str:
              f"{' (the table variant: batch-table)' if 'table' in how['variants'] else ''}, "
              f"{how['requests_per_client']} chat requests per client, max_tokens {how['max_tokens']}, greedy, "
              "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants one after another, "
-             "modes alternating level by level.", "",
+             "modes alternating level by level"
+             + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"
+                if how.get("warmup") else "") + ".", "",
              "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors |",
              "|---|---|---|---|---|---|---|"]
     for r in report["load"]:

@@ -49,25 +49,40 @@ def at_load(reqs: list[TraceRequest], load: int) -> list[TraceRequest]:
     """The requests as if `load` requests were in flight, each verifying in one batched forward with
     the others: each verify cost scaled by the trace's batched costs (workers.record's
     batch_verify_s: a request's share of a forward where every request verifies k + 1 tokens, over
-    the same alone; interpolated between the batch sizes measured). The others are taken to draft
-    as much as this request (a symmetric batch)."""
+    the same alone; interpolated between the batch sizes measured), and the draft cost per token of
+    a drafter that drafts requests together (batch_draft_s, where recorded) by its batched cost
+    over its cost alone. The others are taken to draft as much as this request (a symmetric batch)."""
     if load == 1:
         return reqs
     out = []
     for r in reqs:
         table = r.data.get("batch_verify_s") or {}
-        sizes = sorted(int(b) for b in table)
-        if "1" not in table or len(sizes) < 2 or not sizes[0] <= load <= sizes[-1]:
+        if "1" not in table or not _around(table, load):
             raise TraceError(f"request {r.data.get('id')}: --load {load} needs the trace's batched verify costs "
-                             f"for 1 and sizes around it (recorded: {sizes or 'none'}); record it again")
-        lo = max(b for b in sizes if b <= load)
-        hi = min(b for b in sizes if b >= load)
-        w = 0.0 if hi == lo else (load - lo) / (hi - lo)
+                             f"for 1 and sizes around it (recorded: {sorted(map(int, table)) or 'none'}); record it again")
         k_max = r.data["k_max"]
-        factor = [((1 - w) * table[str(lo)][k] + w * table[str(hi)][k]) / table["1"][k] for k in range(k_max + 1)]
-        data = dict(r.data, verify_s=[v * f for v, f in zip(r.data["verify_s"], factor)], batch=load)
-        out.append(TraceRequest(data))
+        verify = [v * _interpolate(table, load, k) / table["1"][k] for k, v in enumerate(r.data["verify_s"][: k_max + 1])]
+        draft = dict(r.data["draft_s_per_token"])
+        for name, costs in (r.data.get("batch_draft_s") or {}).items():
+            if name in draft and "1" in costs and _around(costs, load):
+                draft[name] *= _interpolate(costs, load) / costs["1"]
+        out.append(TraceRequest(dict(r.data, verify_s=verify, draft_s_per_token=draft, batch=load)))
     return out
+
+
+def _around(table: dict, load: int) -> bool:
+    """Whether a {batch size: ...} table measured sizes on both sides of `load`."""
+    sizes = sorted(int(b) for b in table)
+    return len(sizes) >= 2 and sizes[0] <= load <= sizes[-1]
+
+
+def _interpolate(table: dict, load: int, k: int | None = None) -> float:
+    """table[B] (or table[B][k]) at B = load, linear between the measured sizes around it."""
+    sizes = sorted(int(b) for b in table)
+    lo, hi = max(b for b in sizes if b <= load), min(b for b in sizes if b >= load)
+    at = (lambda b: table[str(b)]) if k is None else (lambda b: table[str(b)][k])
+    w = 0.0 if hi == lo else (load - lo) / (hi - lo)
+    return (1 - w) * at(lo) + w * at(hi)
 
 
 def simulate(req: TraceRequest, choose, arms: list[Arm], t0: float = 0.0) -> tuple[list[RoundRecord], float]:

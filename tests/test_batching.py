@@ -167,6 +167,68 @@ def test_a_seeded_request_gets_the_same_output_alone_and_in_a_batch(engine, tok)
         assert gens[0].out == ref, arm
 
 
+def test_a_lean_head_step_for_many_requests_equals_each_requests_own_step(engine):
+    """LeanHead.step_rows: three requests with caches of different lengths, one row each (a draft
+    step) and then 2, 1 and 3 rows (a catch-up on verified tokens) in one call: each gets the
+    features, and its cache the entries, of its own call."""
+    from draftpick.workers.drafters.feature.lean import LeanCache
+
+    d = engine.drafters["feat"]
+    g = torch.Generator().manual_seed(0)
+    dim = d.out_rows.shape[1]
+    alone, together = [LeanCache() for _ in range(3)], [LeanCache() for _ in range(3)]
+    for n, a, b in zip([5, 1, 9], alone, together):
+        f, e = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+        d.lean(f, e, a)
+        d.lean(f, e, b)
+    for counts in ([1, 1, 1], [2, 1, 3]):
+        f, e = torch.randn(sum(counts), dim, generator=g), torch.randn(sum(counts), dim, generator=g)
+        starts = [0, counts[0], counts[0] + counts[1]]
+        own = torch.cat([d.lean(f[s:s + t], e[s:s + t], c) for s, t, c in zip(starts, counts, alone)])
+        rows = d.lean.step_rows(f, e, together, counts)
+        assert torch.allclose(own, rows, atol=1e-5)
+        assert torch.equal(d.logits(own).argmax(-1), d.logits(rows).argmax(-1))
+        for a, b in zip(alone, together):
+            assert a.n == b.n and torch.allclose(a.k[:, :a.n], b.k[:, :b.n], atol=1e-5)
+
+
+def test_a_feature_heads_requests_draft_together_and_as_each_would_alone(engine, target, tok, monkeypatch):
+    """Several requests on the feature head (different k, one with a confidence threshold, one
+    sampled with a seed), stepping together: their draft steps run in one call per step
+    (`propose_batch`), each request drafts what it drafts when the batch drafts one by one (the
+    same rounds), and every greedy output is the target's plain greedy output."""
+    from draftpick.policies.types import Choice
+
+    feat = engine.drafters["feat"]
+    sizes = []
+    real = feat.propose_batch
+    monkeypatch.setattr(feat, "propose_batch", lambda asks: sizes.append(len(asks)) or real(asks))
+    seeded = SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True)
+    jobs = [(start, tok(p).input_ids, params, Arm("feat", k), kw) for start, p, params, k, kw in [
+        (0, PROMPTS[0], SamplingParams(max_tokens=30), 4, {}),
+        (0, PROMPTS[1], SamplingParams(max_tokens=20), 2, {}),
+        (1, PROMPTS[2], seeded, 3, {}),
+        (2, PROMPTS[4], SamplingParams(max_tokens=26), 5,
+         {"chooser": lambda g: Choice(Arm("feat", 5), 1.0, threshold=0.3)}),
+        (0, PROMPTS[5], SamplingParams(max_tokens=16), 3, {})]]
+    together = run_batched(engine, jobs)
+    assert sizes and max(sizes) >= 4
+    engine.batch_drafts = False
+    try:
+        sizes.clear()
+        alone = run_batched(engine, jobs)
+    finally:
+        engine.batch_drafts = True
+    assert not sizes
+    for (_, ids, params, arm, _), a, b in zip(jobs, together, alone):
+        assert [(r.num_drafted, r.accepted) for r in a.records] == [(r.num_drafted, r.accepted) for r in b.records], arm
+        assert a.out == b.out
+        if params.temperature == 0:
+            assert a.out == hf_greedy(target, ids, params.max_tokens)
+    rounds = [r for g in together for r in g.records]
+    assert sum(r.num_drafted for r in rounds) > 40 and sum(r.accepted for r in rounds) > 0
+
+
 def test_a_cancelled_request_leaves_the_batch_and_the_others_are_unchanged(engine, target, tok):
     got = []
     engine.add_sink(got.append)

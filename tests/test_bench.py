@@ -98,3 +98,11 @@ def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp
     # joining one a step takes more steps than starting together, chunked prefill more again
     assert by["batched plain"]["steps"] < by["joining, whole prefill"]["steps"] < by["joining, prefill chunk 2"]["steps"]
     assert by["joining, prefill chunk 2"]["step_p99_ms"] > 0
+
+
+def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
+    assert main(["bench", "load", "--warmup", "-1"]) == 2
+    assert "--warmup >= 0" in capsys.readouterr().err
+    # the measured and the warm-up requests each need their own prompts
+    assert main(["bench", "load", "--concurrency", "32,32", "--warmup", "20"]) == 2
+    assert "more distinct prompts" in capsys.readouterr().err

@@ -86,6 +86,9 @@ class SpeculativeEngine:
         self.vocab_size = target.config.vocab_size
         self.context_window = getattr(target.config, "max_position_embeddings", None)
         self.batchable = batchable(target)  # concurrent requests share one forward (workers.batched)
+        # in step_batch, the rounds of one drafter that drafts requests together (`propose_batch`: a
+        # feature head's draft steps) draft in one call; False: each request drafts alone
+        self.batch_drafts = True
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
@@ -152,7 +155,11 @@ class SpeculativeEngine:
         max_k = None
         if max_rows is not None and n_rounds:
             max_k = max(0, (max_rows - sum(chunks.values()) - n_rounds) // n_rounds)
-        tokens = {id(g): _guarded(g, lambda g=g: g.prepare(max_k, chunks.get(id(g)))) for g in live}
+        tokens = {id(g): _guarded(g, lambda g=g: g.plan(max_k, chunks.get(id(g)))) for g in live}
+        rounds = [g for g in live if tokens[id(g)] is None]
+        together = self._draft_together(rounds) if self.batch_drafts else {}
+        for g in rounds:
+            tokens[id(g)] = together.get(id(g)) or _guarded(g, g.draft_planned)
         for g in live:
             if isinstance(tokens[id(g)], Exception):
                 out[id(g)] = tokens[id(g)]
@@ -168,6 +175,35 @@ class SpeculativeEngine:
                 share = forward_s * len(tokens[id(g)]) / rows
                 out[id(g)] = _guarded(g, lambda g=g, lg=logits, h=hidden, s=share: g.complete(lg, h, s, len(batch), rows))
         return [out.get(id(g), []) for g in gens]
+
+    def _draft_together(self, gens: list["Generation"]) -> dict[int, list[int]]:
+        """Drafts the planned rounds of drafters that draft several requests in one call
+        (`propose_batch`: a feature head's layer and logits run once per draft step for all of them),
+        grouped by drafter, each request's draft seconds the call's shared by the tokens it drafted.
+        Returns each drafted request's forward tokens; the others (other drafters, alone on theirs,
+        or in a group whose call failed) draft alone, where a request's own error shows as its own."""
+        groups: dict[str, list[Generation]] = {}
+        for g in gens:
+            _, k, name = g.planned
+            if k > 0 and hasattr(self.drafters[name], "propose_batch"):
+                groups.setdefault(name, []).append(g)
+        out: dict[int, list[int]] = {}
+        for name, gs in groups.items():
+            if len(gs) < 2:
+                continue
+            t = time.perf_counter()
+            try:
+                drafts = self.drafters[name].propose_batch(
+                    [(g.sessions[name], g.ids, g.planned[1], g.sampler, g.planned[0].threshold) for g in gs])
+            except Exception:  # noqa: BLE001 - each request then drafts alone, and fails alone if it must
+                log.warning("draftpick: drafting %d requests together with %r failed; drafting them one by one",
+                            len(gs), name, exc_info=True)
+                continue
+            seconds = time.perf_counter() - t
+            total = sum(len(d) for d, _ in drafts)
+            for g, (draft, q) in zip(gs, drafts):
+                out[id(g)] = g.drafted(draft, q, seconds * (len(draft) / total if total else 1 / len(gs)))
+        return out
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse, with a message naming the problem, what the target cannot run."""
@@ -229,6 +265,7 @@ class Generation:
         self.prefilled = 0  # prompt tokens in the target's cache (a chunked prefill takes several steps)
         self._chunk = 0  # prompt tokens the prepared prefill step runs
         self._round_state = None  # a prepared round: (choice, k, drafter, draft, q, draft seconds)
+        self.planned = None  # a planned round before its draft: (choice, k, drafter)
 
     @property
     def ids(self) -> list[int]:
@@ -263,8 +300,23 @@ class Generation:
         """The first half of a step: the tokens its target forward runs after the cache. The prefill
         (the prompt, or its next `chunk` tokens; the forward needs only its last row's logits,
         `prefilling`), or a round's choice and draft: [pending token] + drafts, at most max_k drafts
-        (the worker's bound on rows per step)."""
-        assert not self.done and self._round_state is None, "prepare() twice without complete()"
+        (the worker's bound on rows per step). = plan(), then draft the planned round (step_batch
+        drafts the rounds of one drafter for several requests at once, then calls `drafted`)."""
+        tokens = self.plan(max_k, chunk)
+        return tokens if tokens is not None else self.draft_planned()
+
+    def draft_planned(self) -> list[int]:
+        """Drafts the planned round alone; returns the tokens the round's forward runs."""
+        choice, k, drafter = self.planned
+        t0 = time.perf_counter()
+        draft, q = self._draft(drafter, self.ids, k, choice.threshold)  # 1. draft
+        return self.drafted(draft, q, time.perf_counter() - t0)
+
+    def plan(self, max_k: int | None = None, chunk: int | None = None) -> list[int] | None:
+        """The prefill's tokens for this step, or None for a round, whose choice, k and drafter are
+        then in `planned` (the round's draft not yet made)."""
+        assert not self.done and self._round_state is None and self.planned is None, \
+            "prepare() twice without complete()"
         if self.started is None:
             self.started = time.perf_counter()
         if self.prefill_left:
@@ -273,14 +325,17 @@ class Generation:
         choice = self.chooser(self) if self.chooser else Choice(self.arm, 1.0)
         if choice.arm.drafter not in self.sessions:
             raise ValueError(f"the round chooser picked unknown drafter {choice.arm.drafter!r}")
-        ids = self.ids
         # drafts past max_tokens are wasted: draft (and record) at most what can still be emitted
         k = min(choice.arm.k, self.params.max_tokens - len(self.out) - 1, choice.arm.k if max_k is None else max_k)
-        drafter = choice.arm.drafter if k > 0 else "none"
-        t0 = time.perf_counter()
-        draft, q = self._draft(drafter, ids, k, choice.threshold)  # 1. draft
-        self._round_state = (choice, k, drafter, draft, q, time.perf_counter() - t0)
-        return [ids[-1]] + draft.tolist()
+        self.planned = (choice, k, choice.arm.drafter if k > 0 else "none")
+        return None
+
+    def drafted(self, draft: torch.Tensor, q: torch.Tensor | None, seconds: float) -> list[int]:
+        """The planned round's draft [d <= k] (and q [d, vocab], None: deterministic), made in
+        `seconds`; returns the tokens the round's forward runs: [pending token] + drafts."""
+        (choice, k, drafter), self.planned = self.planned, None
+        self._round_state = (choice, k, drafter, draft, q, seconds)
+        return [self.ids[-1]] + draft.tolist()
 
     @property
     def prefilling(self) -> bool:
@@ -341,7 +396,7 @@ class Generation:
 
     def fail(self) -> None:
         """End it after its step failed midway: the prepared round (if any) is dropped, then as cancel()."""
-        self._round_state = None
+        self._round_state = self.planned = None
         self.cancel()
 
     def run(self) -> GenerationResult:

@@ -13,7 +13,9 @@ request follow exactly (see controller.replay). Each drafter's part comes from i
 (workers.drafters.base.Drafter). Batched costs, measured once per recording on the first request's
 context and written on every line: a request's share (by rows) of one batched forward in which B
 requests each verify k + 1 tokens, for B in BATCHES and k = 0..k_max (and B = 1 the same way
-alone), so that `replay --load B` can replay the trace as if B requests were in flight.
+alone), and, for drafters that draft requests together (feature heads), the seconds per drafted
+token when B requests draft together, so that `replay --load B` can replay the trace as if B
+requests were in flight.
 
 Trace format: workers.trace (documented in docs/formats.md).
 """
@@ -25,7 +27,7 @@ from draftpick.policies.features import prompt_features
 from draftpick.policies.types import Arm
 from draftpick.workers.engine import SpeculativeEngine
 from draftpick.workers.models import forward, median_seconds, new_cache, verify_forward
-from draftpick.workers.sampling import SamplingParams
+from draftpick.workers.sampling import SamplingParams, TokenSampler
 from draftpick.workers.trace import trace_line
 
 
@@ -41,10 +43,13 @@ def record_file(engine: SpeculativeEngine, items: list[dict], out: str, max_toke
 
     encoded = encode_inputs(engine.tokenizer, items)
     batch_costs = batch_verify_costs(engine, encoded[0][-256:], k_max) if encoded and engine.batchable else {}
+    draft_costs = batch_draft_costs(engine, encoded[0][-256:], k_max) if encoded and engine.batchable else {}
     with open(out, "w") as f:
         for item, ids in zip(items, tqdm(encoded, desc="record", unit="request", file=sys.stderr, disable=not progress)):
             line = record_request(engine, item, ids, input_text(item), max_tokens, k_max, tenant)
             line["batch_verify_s"] = batch_costs
+            if draft_costs:
+                line["batch_draft_s"] = draft_costs
             f.write(json.dumps(line) + "\n")
             f.flush()
     return len(items)
@@ -101,6 +106,49 @@ def batch_verify_costs(engine, context: list[int], k_max: int, batches=BATCHES, 
             rows = [[context[-1]] * (k + 1)] * b
             out[str(b)].append(median_seconds(lambda: batched_forward(target, caches, rows), caches,
                                               len(context) - 1, repeats) / b)
+    return out
+
+
+@torch.inference_mode()
+def batch_draft_costs(engine, context: list[int], k_max: int, batches=BATCHES, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """{drafter: {B: seconds per drafted token when B requests draft up to k_max tokens each after
+    `context` in one call}} for the drafters that draft requests together (`propose_batch`: feature
+    heads), greedy, with the drafter's confidence gate off (so every draft is k_max long, as the
+    trace's cost per token alone is measured); the catch-up on the context is done once beforehand,
+    so this is the draft steps' cost (the median of `repeats` calls over the tokens they drafted)."""
+    import statistics
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from draftpick.workers.drafters.feature import TargetFeatures
+
+    names = [n for n, d in engine.drafters.items() if hasattr(d, "propose_batch")]
+    if not names:
+        return {}
+    _, hidden = forward(engine.target, new_cache(engine.target), context, hidden=True)
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    for name in names:
+        d = engine.drafters[name]
+        gate, d.min_confidence = d.min_confidence, 0.0  # every draft k_max tokens long (as the trace's cost is)
+        try:
+            for b in tqdm(batches, desc=f"batched draft costs ({name})", unit="batch size", file=sys.stderr):
+                asks = []
+                for _ in range(b):
+                    features = TargetFeatures()
+                    features.rows = hidden[: len(context) - 1]
+                    sampler = TokenSampler(SamplingParams(max_tokens=k_max + 1))  # greedy
+                    asks.append((d.session("", len(context), features), context, k_max, sampler, None))
+                d.propose_batch(asks)  # the catch-up on the context
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    drafts = d.propose_batch(asks)
+                    times.append(time.perf_counter() - t)
+                out[name][str(b)] = statistics.median(times) / max(sum(len(x) for x, _ in drafts), 1)
+        finally:
+            d.min_confidence = gate
     return out
 
 

@@ -5,7 +5,8 @@ One JSON object per line, one request each (documented in docs/formats.md):
   prefill_s, plain_generate_s, verify_s [k_max + 1], draft_s_per_token {drafter: s},
   drafters {name: {"proposed": [n - 1], "matched": [n - 1], "full_information": bool,
                    optional "confidence" [n] (model drafters), "draft_confidence" [n - 1][<= k_max] (feature)}},
-  optional batch_verify_s {B: [k_max + 1]} (a request's share of a batched forward, see workers.record)
+  optional batch_verify_s {B: [k_max + 1]} (a request's share of a batched forward, see workers.record),
+  optional batch_draft_s {drafter: {B: s}} (seconds per drafted token, B requests drafting together)
 """
 from __future__ import annotations
 

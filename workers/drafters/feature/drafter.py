@@ -128,6 +128,69 @@ class FeatureDrafter:
         """Predicted features [n, d] -> float32 logits [n, vocab], -inf outside the kept vocabulary."""
         return kept_logits(h.to(self.dtype), self.out_rows, self.kept, self.vocab_size)
 
+    @torch.inference_mode()
+    def propose_batch(self, asks: list[tuple["FeatureSession", list[int], int, object, float | None]]) -> list:
+        """FeatureSession.propose for several requests at once, asks: (session, ids, k, sampler,
+        threshold) each. Each request catches up on its own verified tokens, then every draft step
+        runs the head's layer (LeanHead.step_rows) and its logits once for all the requests still
+        drafting: the weights and the output rows are read once a step instead of once a request.
+        Each token is chosen by the request's own sampler, gate and threshold, as alone; a head
+        without the lean path drafts them one by one."""
+        if self.lean is None:
+            return [s.propose(ids, k, sampler, threshold) for s, ids, k, sampler, threshold in asks]
+        qs: list[list[torch.Tensor]] = [[] for _ in asks]
+        tokens: list[list[int]] = [[] for _ in asks]
+        choose = [s.chooser(ids, sampler, threshold, qs[i]) for i, (s, ids, _, sampler, threshold) in enumerate(asks)]
+        active = [i for i, ask in enumerate(asks) if ask[2] > 0]
+        for i in active:
+            asks[i][0]._check(len(asks[i][1]) - 1)
+        caught = self.catch_up([asks[i][0] for i in active], [asks[i][1] for i in active],
+                               [len(asks[i][1]) - 1 for i in active])
+        h = dict(zip(active, caught))  # [1, d] each
+        step = 0
+        while active:
+            logits = self.logits(torch.cat([h[i] for i in active]))  # [A, vocab]
+            going = []
+            for row, i in enumerate(active):
+                x, go_on = choose[i](step, logits[row])
+                if x is None:
+                    continue
+                tokens[i].append(x)
+                if go_on and step + 1 < asks[i][2]:
+                    going.append(i)
+            if going:
+                feats = torch.cat([h[i] for i in going]).to(self.dtype)
+                emb = self.embed(torch.tensor([tokens[i][-1] for i in going], device=feats.device)).to(self.dtype)
+                out = self.lean.step_rows(feats, emb, [asks[i][0].cache for i in going])
+                for row, i in enumerate(going):
+                    h[i] = out[row: row + 1]
+            active, step = going, step + 1
+        return [proposal(t, q) for t, q in zip(tokens, qs)]
+
+    @torch.inference_mode()
+    def catch_up(self, sessions: list["FeatureSession"], ids: list[list[int]], upto: list[int]) -> list[torch.Tensor]:
+        """Each session's draft entries dropped and its true pairs fed up to entry upto - 1 (needs
+        upto <= len(features)), the sessions' new rows in one call of the lean layer (one by one
+        without it); returns each one's predicted feature [1, d] that drafts ids[upto + 1]."""
+        feed = []  # (session, its true features, its tokens) to feed
+        for s, toks, u in zip(sessions, ids, upto):
+            rollback(s.cache, s.fed)  # drop the previous draft's speculative entries
+            if u > s.fed:
+                feed.append((s, s.features.rows[s.fed: u], toks[s.fed + 1: u + 1]))
+        if feed and self.lean is not None:
+            emb = self.embed(torch.tensor([t for _, _, toks in feed for t in toks], device=self.kept.device))
+            out = self.lean.step_rows(torch.cat([r for _, r, _ in feed]).to(self.dtype), emb.to(self.dtype),
+                                      [s.cache for s, _, _ in feed], [len(r) for _, r, _ in feed])
+            ends = torch.tensor([len(r) for _, r, _ in feed]).cumsum(0) - 1
+            for (s, _, _), end in zip(feed, ends.tolist()):
+                s.h_last = out[end: end + 1]
+        else:
+            for s, rows, toks in feed:
+                s.h_last = self.step(s.cache, rows, toks)[-1:]
+        for s, _, toks in feed:
+            s.fed += len(toks)
+        return [s.h_last for s in sessions]
+
     def new_cache(self):
         return LeanCache() if self.lean is not None else new_cache(self.head.body)
 
@@ -138,6 +201,13 @@ class FeatureDrafter:
         if self.lean is not None:
             return self.lean(feats.to(self.dtype), emb, cache)
         return self.head(feats[None].to(self.dtype), emb[None], cache)[0]
+
+
+def proposal(tokens: list[int], qs: list[torch.Tensor]):
+    """(tokens [d], q [d, vocab]) of a draft, or (empty, None) for no draft."""
+    if not tokens:
+        return torch.empty(0, dtype=torch.long), None
+    return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)
 
 
 class FeatureSession:
@@ -152,12 +222,7 @@ class FeatureSession:
     def _catch_up(self, ids: list[int], upto: int) -> torch.Tensor:
         """Feed the true pairs up to entry upto - 1 (needs upto <= len(features)); returns the
         predicted feature [1, d] that drafts ids[upto + 1]."""
-        rollback(self.cache, self.fed)  # drop the previous draft's speculative entries
-        if upto > self.fed:
-            rows = self.features.rows[self.fed : upto]
-            self.h_last = self.d.step(self.cache, rows, ids[self.fed + 1 : upto + 1])[-1:]
-            self.fed = upto
-        return self.h_last
+        return self.d.catch_up([self], [ids], [upto])[0]
 
     def draft(self, ids: list[int], upto: int, n: int, choose) -> tuple[list[int], list[torch.Tensor]]:
         """Draft up to n tokens after ids[: upto + 1]. choose(i, logits) -> (token, go_on): the
@@ -180,9 +245,14 @@ class FeatureSession:
     def propose(self, ids, k, sampler, threshold=None):
         if k <= 0:
             return torch.empty(0, dtype=torch.long), None
+        qs: list[torch.Tensor] = []
+        self._check(len(ids) - 1)
+        tokens, _ = self.draft(ids, len(ids) - 1, k, self.chooser(ids, sampler, threshold, qs))
+        return proposal(tokens, qs)
 
+    def chooser(self, ids, sampler, threshold, qs: list):
+        """propose()'s choice of each drafted token (see draft()); appends its q to qs."""
         gate = self.d.min_confidence
-        qs = []
 
         def choose(i, logits):
             raw = logits.softmax(-1) if gate > 0 or threshold is not None else None
@@ -194,11 +264,7 @@ class FeatureSession:
             # confidence stop, as in ModelSession: the drafter's own probability of its token
             return x, threshold is None or float(raw[x]) >= threshold
 
-        self._check(len(ids) - 1)
-        tokens, _ = self.draft(ids, len(ids) - 1, k, choose)
-        if not tokens:
-            return torch.empty(0, dtype=torch.long), None
-        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)
+        return choose
 
     def sync(self, ids, start, p, sampler):
         if p is None:

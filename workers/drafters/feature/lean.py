@@ -93,29 +93,45 @@ class LeanHead:
         rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
         return x * cos + rotated * sin
 
-    @torch.inference_mode()
     def __call__(self, feats: torch.Tensor, tok_emb: torch.Tensor, cache: LeanCache) -> torch.Tensor:
         """feats, tok_emb: [T, d] after what `cache` holds -> predicted features [T, d]."""
-        x = self.fc(torch.cat([tok_emb, feats], -1))  # [T, d]
-        T, past = x.shape[0], cache.n
-        cos, sin = self._tables(past + T, x)
-        cos, sin = cos[past : past + T], sin[past : past + T]  # [T, head_dim]
+        return self.step_rows(feats, tok_emb, [cache], [feats.shape[0]])
+
+    @torch.inference_mode()
+    def step_rows(self, feats: torch.Tensor, tok_emb: torch.Tensor, caches: list[LeanCache],
+                  counts: list[int] | None = None) -> torch.Tensor:
+        """Several requests at once: rows of feats, tok_emb [N, d], counts[b] of them (1 each by
+        default: a draft step) in turn for request b, after what caches[b] holds. The weights are
+        read once for all rows; attention runs per request against its own cache (causal among its
+        new rows). Returns the predicted features [N, d] (what one call per request gives, up to the
+        rounding of an N-row matmul)."""
+        counts = counts or [1] * len(caches)
+        x = self.fc(torch.cat([tok_emb, feats], -1))  # [N, d]
+        N = x.shape[0]
+        pos = torch.cat([torch.arange(c.n, c.n + t, device=x.device) for c, t in zip(caches, counts)])
+        cos, sin = self._tables(int(pos.max()) + 1, x)
+        cos, sin = cos[pos][:, None], sin[pos][:, None]  # [N, 1, head_dim]
         h = self._norm(self.norms[0], x)
-        q = self.q(h).view(T, -1, self.head_dim).transpose(0, 1)  # [heads, T, hd]
-        k = self.k(h).view(T, -1, self.head_dim).transpose(0, 1)  # [kv_heads, T, hd]
-        v = self.v(h).view(T, -1, self.head_dim).transpose(0, 1)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        keys, values = cache.append(k, v)
-        if T == 1:  # a draft step: plain matmuls beat the fused kernel's set-up for one query
-            kv_heads = keys.shape[0]
-            qg = q.reshape(kv_heads, -1, self.head_dim)  # [kv_heads, group, hd]: heads sharing a key
-            w = (qg @ keys.transpose(1, 2) * self.scaling).float().softmax(-1).to(values.dtype)
-            a = (w @ values).reshape(-1, 1, self.head_dim)  # [heads, 1, hd]
-        else:  # causal among the new positions; every cached one is visible
-            mask = torch.arange(past + T, device=x.device)[None] <= torch.arange(past, past + T, device=x.device)[:, None]
-            a = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                               scale=self.scaling, enable_gqa=True)[0]  # [heads, T, hd]
-        x = x + self.o(a.transpose(0, 1).reshape(T, -1))
+        q = self._rotate(self.q(h).view(N, -1, self.head_dim), cos, sin).transpose(0, 1)  # [heads, N, hd]
+        k = self._rotate(self.k(h).view(N, -1, self.head_dim), cos, sin).transpose(0, 1)  # [kv_heads, N, hd]
+        v = self.v(h).view(N, -1, self.head_dim).transpose(0, 1)
+        out, start = [], 0
+        for cache, T in zip(caches, counts):
+            rows = slice(start, start + T)
+            past = cache.n
+            keys, values = cache.append(k[:, rows], v[:, rows])
+            if T == 1:  # a draft step: plain matmuls beat the fused kernel's set-up for one query
+                qg = q[:, rows].reshape(keys.shape[0], -1, self.head_dim)  # [kv_heads, group, hd]: heads sharing a key
+                w = (qg @ keys.transpose(1, 2) * self.scaling).float().softmax(-1).to(values.dtype)
+                a = (w @ values).reshape(-1, 1, self.head_dim)  # [heads, 1, hd]
+            else:  # causal among the new positions; every cached one is visible
+                mask = (torch.arange(past + T, device=x.device)[None]
+                        <= torch.arange(past, past + T, device=x.device)[:, None])
+                a = F.scaled_dot_product_attention(q[None, :, rows], keys[None], values[None], attn_mask=mask,
+                                                   scale=self.scaling, enable_gqa=True)[0]  # [heads, T, hd]
+            out.append(a.transpose(0, 1).reshape(T, -1))
+            start += T
+        x = x + self.o(torch.cat(out))
         h = self._norm(self.norms[1], x)
         x = x + self.down(self.act(self.gate(h)) * self.up(h))
         return self._norm(self.norms[2], x)
