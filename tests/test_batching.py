@@ -7,7 +7,7 @@ import torch
 
 from draftpick.policies.types import Arm
 from test_engine import exact_law, hf_greedy, sampling_context
-from tiny import chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
+from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
 from draftpick.workers.batched import batchable, batched_forward
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
@@ -25,7 +25,9 @@ PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat 
 def engine(target, tok, tmp_path_factory):
     head = feature_drafter(target, tok, tmp_path_factory.mktemp("feature") / "head")
     drafters = {"ngram": NgramDrafter(), "suffix": SuffixDrafter(), "close": ModelDrafter("close", noisy_copy(target, 0.05)),
-                "feat": FeatureDrafter.load("feat", str(head), target)}
+                "feat": FeatureDrafter.load("feat", str(head), target),
+                # a drafter with a reduced output vocabulary (as distilled ones have): every other token id
+                "trimmed": ModelDrafter("trimmed", noisy_copy(target, 0.05), kept=list(range(0, VOCAB, 2)))}
     return SpeculativeEngine(target, tok, drafters)
 
 
@@ -192,24 +194,25 @@ def test_a_lean_head_step_for_many_requests_equals_each_requests_own_step(engine
             assert a.n == b.n and torch.allclose(a.k[:, :a.n], b.k[:, :b.n], atol=1e-5)
 
 
-def test_a_feature_heads_requests_draft_together_and_as_each_would_alone(engine, target, tok, monkeypatch):
-    """Several requests on the feature head (different k, one with a confidence threshold, one
-    sampled with a seed), stepping together: their draft steps run in one call per step
-    (`propose_batch`), each request drafts what it drafts when the batch drafts one by one (the
-    same rounds), and every greedy output is the target's plain greedy output."""
+@pytest.mark.parametrize("name", ["feat", "close", "trimmed"])
+def test_a_drafters_requests_draft_together_and_as_each_would_alone(engine, target, tok, monkeypatch, name):
+    """Several requests on one model or feature drafter (different k, one with a confidence
+    threshold, one sampled with a seed), stepping together: their draft steps run in one call per
+    step (`propose_batch`), each request drafts what it drafts when the batch drafts one by one
+    (the same rounds), and every greedy output is the target's plain greedy output."""
     from draftpick.policies.types import Choice
 
-    feat = engine.drafters["feat"]
+    drafter = engine.drafters[name]
     sizes = []
-    real = feat.propose_batch
-    monkeypatch.setattr(feat, "propose_batch", lambda asks: sizes.append(len(asks)) or real(asks))
+    real = drafter.propose_batch
+    monkeypatch.setattr(drafter, "propose_batch", lambda asks: sizes.append(len(asks)) or real(asks))
     seeded = SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True)
-    jobs = [(start, tok(p).input_ids, params, Arm("feat", k), kw) for start, p, params, k, kw in [
+    jobs = [(start, tok(p).input_ids, params, Arm(name, k), kw) for start, p, params, k, kw in [
         (0, PROMPTS[0], SamplingParams(max_tokens=30), 4, {}),
         (0, PROMPTS[1], SamplingParams(max_tokens=20), 2, {}),
         (1, PROMPTS[2], seeded, 3, {}),
         (2, PROMPTS[4], SamplingParams(max_tokens=26), 5,
-         {"chooser": lambda g: Choice(Arm("feat", 5), 1.0, threshold=0.3)}),
+         {"chooser": lambda g: Choice(Arm(name, 5), 1.0, threshold=0.3)}),
         (0, PROMPTS[5], SamplingParams(max_tokens=16), 3, {})]]
     together = run_batched(engine, jobs)
     assert sizes and max(sizes) >= 4

@@ -313,15 +313,16 @@ def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_i
     at16 = at_load(reqs, 16)
     for r, r16 in zip(reqs, at16):
         assert r16.data["verify_s"] == pytest.approx([v * a / b for v, a, b in zip(r.data["verify_s"], table["16"], table["1"])])
-    # the feature heads draft requests together: their cost per drafted token at each batch size;
-    # at a load, theirs is scaled by it and the other drafters' kept
+    # the feature heads and model drafters draft requests together: their cost per drafted token at
+    # each batch size; at a load, theirs is scaled by it and the lookup drafters' kept
     drafts = reqs[0].data["batch_draft_s"]
-    assert set(drafts) == {"feat", "featgate", "featidle"}
+    assert set(drafts) == {"feat", "featgate", "featidle", "close", "closegate", "trimmed"}
     assert all(sorted(map(int, c)) == [1, 2, 4, 8, 16, 32] and min(c.values()) > 0 for c in drafts.values())
     for r, r16 in zip(reqs, at16):
         cost, cost16 = r.data["draft_s_per_token"], r16.data["draft_s_per_token"]
-        assert cost16["feat"] == pytest.approx(cost["feat"] * drafts["feat"]["16"] / drafts["feat"]["1"])
-        assert cost16["ngram"] == cost["ngram"] and cost16["close"] == cost["close"]
+        for name in ("feat", "close"):
+            assert cost16[name] == pytest.approx(cost[name] * drafts[name]["16"] / drafts[name]["1"])
+        assert cost16["ngram"] == cost["ngram"] and cost16["suffix"] == cost["suffix"]
     at12 = at_load(reqs, 12)[0].data["draft_s_per_token"]["feat"] / reqs[0].data["draft_s_per_token"]["feat"]
     assert at12 == pytest.approx((drafts["feat"]["8"] + drafts["feat"]["16"]) / 2 / drafts["feat"]["1"])
     out, _ = replay(str(root / "trace.jsonl"), ["batch-table", "contextual"], repeat=3, load=16)

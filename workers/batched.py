@@ -35,12 +35,14 @@ def batchable(model) -> bool:
 
 @torch.inference_mode()
 def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], last_only: list[bool] | None = None,
-                    hidden: bool = False):
+                    hidden: bool = False, head=None):
     """Run each request's `tokens[i]` after what `caches[i]` holds, all in one forward.
 
     Returns per request float32 logits [len(tokens[i]) or 1 (last_only[i]), vocab] and, with
     `hidden`, its last hidden states [len(tokens[i]), d] (what the output layer reads), as a list of
-    (logits, hidden). The caches grow by their request's rows, as with `models.forward`.
+    (logits, hidden). The caches grow by their request's rows, as with `models.forward`. head: the
+    output layer to use instead of the model's (hidden rows [r, d] -> float32 logits [r, vocab]; a
+    drafter with a reduced output vocabulary computes only those rows).
     """
     inner = model.model
     rope = sys.modules[type(inner.layers[0].self_attn).__module__].apply_rotary_pos_emb
@@ -77,7 +79,8 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
     last_only = last_only or [False] * len(tokens)
     ends = torch.tensor(n).cumsum(0).tolist()
     keep = [torch.arange(e - 1, e) if lo else torch.arange(e - m, e) for e, m, lo in zip(ends, n, last_only)]
-    logits = model.lm_head(h[torch.cat(keep)]).float()  # [rows kept, vocab]
+    rows = h[torch.cat(keep)]
+    logits = model.lm_head(rows).float() if head is None else head(rows)  # [rows kept, vocab]
     out, off = [], 0
     for e, m, idx in zip(ends, n, keep):
         lg = logits[off: off + len(idx)]

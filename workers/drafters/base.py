@@ -148,3 +148,58 @@ class LookupSession:
 
     def close(self, ids):
         pass
+
+
+def draft_chooser(ids: list[int], sampler: TokenSampler, threshold: float | None, gate: float, qs: list):
+    """How a model or feature drafter's propose(ids, ..) picks its i-th drafted token from its
+    logits [vocab]: nothing where its top-1 probability is below `gate` (its min_confidence), else
+    a draw from the request's sampler at sequence position len(ids) + i (its q appended to qs), and
+    whether to draft another after it (the confidence stop: the drafter's own probability of the
+    token at least `threshold`). choose(i, logits) -> (token or None, go on)."""
+
+    def choose(i, logits):
+        raw = logits.float().softmax(-1) if gate > 0 or threshold is not None else None
+        if gate > 0 and not confident(raw, gate):
+            return None, False
+        q = sampler.probs(logits[None], len(ids) + i)[0]
+        qs.append(q)
+        x = sampler.draw(q)
+        return x, threshold is None or float(raw[x]) >= threshold
+
+    return choose
+
+
+def proposal(tokens: list[int], qs: list[torch.Tensor]):
+    """propose()'s answer: (tokens [d], q [d, vocab]), or (empty, None) for no draft."""
+    if not tokens:
+        return torch.empty(0, dtype=torch.long), None
+    return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)
+
+
+def draft_together(asks: list, gate: float, first, advance) -> list:
+    """The draft loop of a drafter's propose_batch: several requests' drafts, a draft step for all
+    of them at a time. asks: (session, ids, k, sampler, threshold) per request; first(active) ->
+    logits [len(active), vocab] of the requests with k > 0 (indices into asks), after their
+    catch-up; advance(going, tokens) -> logits [len(going), vocab] after feeding each request in
+    `going` its last drafted token. Each token is picked as the request's own propose() would
+    (draft_chooser). Returns propose()'s answer per request."""
+    qs: list[list[torch.Tensor]] = [[] for _ in asks]
+    tokens: list[list[int]] = [[] for _ in asks]
+    choose = [draft_chooser(ids, sampler, threshold, gate, qs[i])
+              for i, (_, ids, _, sampler, threshold) in enumerate(asks)]
+    active = [i for i, ask in enumerate(asks) if ask[2] > 0]
+    logits = first(active) if active else None
+    step = 0
+    while active:
+        going = []
+        for row, i in enumerate(active):
+            x, go_on = choose[i](step, logits[row])
+            if x is None:
+                continue
+            tokens[i].append(x)
+            if go_on and step + 1 < asks[i][2]:
+                going.append(i)
+        if going:
+            logits = advance(going, [tokens[i][-1] for i in going])
+        active, step = going, step + 1
+    return [proposal(t, q) for t, q in zip(tokens, qs)]

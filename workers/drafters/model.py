@@ -12,9 +12,10 @@ import torch
 import json
 from pathlib import Path
 
-from draftpick.workers.drafters.base import confident, gate_length, gated, matching_prefix
-from draftpick.workers.models import (check_same_vocabulary, forward, forward_trimmed, load_model, median_seconds,
-                                      new_cache, rollback)
+from draftpick.workers.batched import batchable, batched_forward
+from draftpick.workers.drafters.base import draft_chooser, draft_together, gate_length, gated, matching_prefix, proposal
+from draftpick.workers.models import (check_same_vocabulary, forward, forward_trimmed, kept_logits, load_model,
+                                      median_seconds, new_cache, rollback)
 from draftpick.workers.sampling import TokenSampler
 from draftpick.workers.verify import acceptance_probability
 
@@ -72,6 +73,34 @@ class ModelDrafter:
         return {"proposed": proposed, "matched": matched, "confidence": confidence}, seconds
 
 
+    @torch.inference_mode()
+    def propose_batch(self, asks: list[tuple["ModelSession", list[int], int, TokenSampler, float | None]]) -> list:
+        """ModelSession.propose for several requests at once, asks: (session, ids, k, sampler,
+        threshold) each: their catch-ups, then each draft step, in one forward of the drafter for all
+        of them (workers.batched: the weights read once a step, attention per request against its
+        own cache); each token chosen by the request's own sampler, gate and threshold, as alone.
+        A drafter that `batchable` refuses drafts them one by one."""
+        if not batchable(self.model):
+            return [s.propose(ids, k, sampler, threshold) for s, ids, k, sampler, threshold in asks]
+        head = None if self.kept is None else (
+            lambda h: kept_logits(h, self.head, self.kept, self.model.config.vocab_size))
+
+        def feed(sessions, tokens):
+            outs = batched_forward(self.model, [s.cache for s in sessions], tokens, [True] * len(tokens), head=head)
+            for s, t in zip(sessions, tokens):
+                s.fed.extend(t)
+            return torch.cat([lg for lg, _ in outs])  # [len(sessions), vocab]
+
+        def first(active):
+            for i in active:
+                asks[i][0]._align(asks[i][1])
+            return feed([asks[i][0] for i in active], [asks[i][1][len(asks[i][0].fed):] for i in active])
+
+        def advance(going, tokens):
+            return feed([asks[i][0] for i in going], [[t] for t in tokens])
+
+        return draft_together(asks, self.min_confidence, first, advance)
+
     def logits(self, cache, tokens: list[int], last_only: bool = False) -> torch.Tensor:
         """float32 [n (or 1), vocab] after `cache`; -inf outside the kept vocabulary, if any."""
         if self.kept is not None:
@@ -106,24 +135,18 @@ class ModelSession:
         self._align(ids)
         logits = self._feed(ids[len(self.fed) :], last_only=True)[-1]  # [vocab]
         tokens, qs = [], []
+        # the gate, the request's sampler and the confidence stop (SpecDec++ / transformers'
+        # assistant_confidence_threshold: the drafter's own probability of its token)
+        choose = draft_chooser(ids, sampler, threshold, self.d.min_confidence, qs)
         for i in range(k):
-            # the drafter's own distribution, before any greedy one-hot warp (gate and confidence stop)
-            raw = logits.float().softmax(-1) if self.d.min_confidence > 0 or threshold is not None else None
-            if self.d.min_confidence > 0 and not confident(raw, self.d.min_confidence):
+            x, go_on = choose(i, logits)
+            if x is None:
                 break
-            q = sampler.probs(logits[None], len(ids) + i)[0]  # [vocab]
-            x = sampler.draw(q)
             tokens.append(x)
-            qs.append(q)
-            # confidence stop (SpecDec++ / transformers' assistant_confidence_threshold): the drafter's
-            # own probability of its token
-            if threshold is not None and float(raw[x]) < threshold:
+            if not go_on or i + 1 == k:
                 break
-            if i + 1 < k:
-                logits = self._feed([x], last_only=True)[-1]
-        if not tokens:
-            return torch.empty(0, dtype=torch.long), None
-        return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)  # [n], [n, vocab]
+            logits = self._feed([x], last_only=True)[-1]
+        return proposal(tokens, qs)  # [n], [n, vocab]
 
     def sync(self, ids, start, p, sampler):
         self._align(ids)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from draftpick.workers.drafters.base import confident, gate_length, gated, matching_prefix
+from draftpick.workers.drafters.base import draft_chooser, draft_together, gate_length, gated, matching_prefix, proposal
 from draftpick.workers.drafters.feature.head import FeatureHead
 from draftpick.workers.drafters.feature.lean import LeanCache, LeanHead, supports_lean
 from draftpick.workers.drafters.feature.storage import load_head
@@ -131,41 +131,30 @@ class FeatureDrafter:
     @torch.inference_mode()
     def propose_batch(self, asks: list[tuple["FeatureSession", list[int], int, object, float | None]]) -> list:
         """FeatureSession.propose for several requests at once, asks: (session, ids, k, sampler,
-        threshold) each. Each request catches up on its own verified tokens, then every draft step
-        runs the head's layer (LeanHead.step_rows) and its logits once for all the requests still
-        drafting: the weights and the output rows are read once a step instead of once a request.
-        Each token is chosen by the request's own sampler, gate and threshold, as alone; a head
-        without the lean path drafts them one by one."""
+        threshold) each. The requests' catch-ups on their verified tokens run in one call of the
+        head's layer (LeanHead.step_rows), then every draft step runs the layer and the output rows
+        once for all the requests still drafting: the weights are read once a step instead of once
+        a request. Each token is chosen by the request's own sampler, gate and threshold, as alone
+        (workers.drafters.base.draft_together); a head without the lean path drafts them one by one."""
         if self.lean is None:
             return [s.propose(ids, k, sampler, threshold) for s, ids, k, sampler, threshold in asks]
-        qs: list[list[torch.Tensor]] = [[] for _ in asks]
-        tokens: list[list[int]] = [[] for _ in asks]
-        choose = [s.chooser(ids, sampler, threshold, qs[i]) for i, (s, ids, _, sampler, threshold) in enumerate(asks)]
-        active = [i for i, ask in enumerate(asks) if ask[2] > 0]
-        for i in active:
-            asks[i][0]._check(len(asks[i][1]) - 1)
-        caught = self.catch_up([asks[i][0] for i in active], [asks[i][1] for i in active],
-                               [len(asks[i][1]) - 1 for i in active])
-        h = dict(zip(active, caught))  # [1, d] each
-        step = 0
-        while active:
-            logits = self.logits(torch.cat([h[i] for i in active]))  # [A, vocab]
-            going = []
-            for row, i in enumerate(active):
-                x, go_on = choose[i](step, logits[row])
-                if x is None:
-                    continue
-                tokens[i].append(x)
-                if go_on and step + 1 < asks[i][2]:
-                    going.append(i)
-            if going:
-                feats = torch.cat([h[i] for i in going]).to(self.dtype)
-                emb = self.embed(torch.tensor([tokens[i][-1] for i in going], device=feats.device)).to(self.dtype)
-                out = self.lean.step_rows(feats, emb, [asks[i][0].cache for i in going])
-                for row, i in enumerate(going):
-                    h[i] = out[row: row + 1]
-            active, step = going, step + 1
-        return [proposal(t, q) for t, q in zip(tokens, qs)]
+        h: dict[int, torch.Tensor] = {}
+
+        def first(active):
+            for i in active:
+                asks[i][0]._check(len(asks[i][1]) - 1)
+            h.update(zip(active, self.catch_up([asks[i][0] for i in active], [asks[i][1] for i in active],
+                                               [len(asks[i][1]) - 1 for i in active])))
+            return self.logits(torch.cat([h[i] for i in active]))
+
+        def advance(going, tokens):
+            feats = torch.cat([h[i] for i in going]).to(self.dtype)
+            emb = self.embed(torch.tensor(tokens, device=feats.device)).to(self.dtype)
+            out = self.lean.step_rows(feats, emb, [asks[i][0].cache for i in going])
+            h.update((i, out[row: row + 1]) for row, i in enumerate(going))
+            return self.logits(out)
+
+        return draft_together(asks, self.min_confidence, first, advance)
 
     @torch.inference_mode()
     def catch_up(self, sessions: list["FeatureSession"], ids: list[list[int]], upto: list[int]) -> list[torch.Tensor]:
@@ -201,13 +190,6 @@ class FeatureDrafter:
         if self.lean is not None:
             return self.lean(feats.to(self.dtype), emb, cache)
         return self.head(feats[None].to(self.dtype), emb[None], cache)[0]
-
-
-def proposal(tokens: list[int], qs: list[torch.Tensor]):
-    """(tokens [d], q [d, vocab]) of a draft, or (empty, None) for no draft."""
-    if not tokens:
-        return torch.empty(0, dtype=torch.long), None
-    return torch.tensor(tokens, dtype=torch.long), torch.stack(qs)
 
 
 class FeatureSession:
@@ -247,24 +229,8 @@ class FeatureSession:
             return torch.empty(0, dtype=torch.long), None
         qs: list[torch.Tensor] = []
         self._check(len(ids) - 1)
-        tokens, _ = self.draft(ids, len(ids) - 1, k, self.chooser(ids, sampler, threshold, qs))
+        tokens, _ = self.draft(ids, len(ids) - 1, k, draft_chooser(ids, sampler, threshold, self.d.min_confidence, qs))
         return proposal(tokens, qs)
-
-    def chooser(self, ids, sampler, threshold, qs: list):
-        """propose()'s choice of each drafted token (see draft()); appends its q to qs."""
-        gate = self.d.min_confidence
-
-        def choose(i, logits):
-            raw = logits.softmax(-1) if gate > 0 or threshold is not None else None
-            if gate > 0 and not confident(raw, gate):
-                return None, False
-            q = sampler.probs(logits[None], len(ids) + i)[0]
-            qs.append(q)
-            x = sampler.draw(q)
-            # confidence stop, as in ModelSession: the drafter's own probability of its token
-            return x, threshold is None or float(raw[x]) >= threshold
-
-        return choose
 
     def sync(self, ids, start, p, sampler):
         if p is None:
