@@ -55,6 +55,9 @@ def add_arguments(p) -> None:
                    help=f"comma-separated service variants, run one after another ({', '.join(VARIANTS)})")
     p.add_argument("--fixed", default="ngram:3", help="the fixed arm the batched variant is also measured with")
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=0,
+                   help="each mode sends at least this many requests per level (more per client where there are "
+                        "few clients: one client's 2 requests say little)")
     p.add_argument("--warmup", type=int, default=0,
                    help="before each level, the learning modes' clients first send this many requests each, "
                         "not measured (other prompts): the policy measured after learning at that load")
@@ -90,8 +93,12 @@ def run(args) -> int:
     from draftpick.policies.types import Arm
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not levels or min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.warmup < 0:
-        raise ValueError("--concurrency needs numbers >= 1; --requests-per-client and --max-tokens >= 1; --warmup >= 0")
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--concurrency needs numbers >= 1, got {args.concurrency!r}")
+    for name, value, least in (("--requests-per-client", args.requests_per_client, 1), ("--max-tokens", args.max_tokens, 1),
+                               ("--warmup", args.warmup, 0), ("--min-requests", args.min_requests, 0)):
+        if value < least:
+            raise ValueError(f"{name} needs a number >= {least}, got {value}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if not variants or unknown:
@@ -112,7 +119,7 @@ def run(args) -> int:
     port = free_port()
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
     pool = prompt_pool()
-    if len(pool) - 1 < sum(levels) * (args.requests_per_client + args.warmup):
+    if len(pool) - 1 < sum(n * (_per_client(args, n) + args.warmup) for n in levels):
         raise ValueError(f"--concurrency, --requests-per-client and --warmup ask for more distinct prompts than "
                          f"the {len(pool) - 1} there are")
     with tempfile.TemporaryDirectory() as home:
@@ -141,8 +148,14 @@ def run(args) -> int:
 def _how(args, cfg, levels, variants) -> dict:
     return {"machine": machine(), "target": cfg.target.name, "policy": cfg.policy.name, "levels": levels,
             "variants": variants, "fixed": args.fixed, "requests_per_client": args.requests_per_client,
+            "min_requests": args.min_requests,
             "warmup": args.warmup,
             "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
+
+
+def _per_client(args, clients: int) -> int:
+    """Requests each of `clients` clients sends in a mode: --requests-per-client, more to reach --min-requests."""
+    return max(args.requests_per_client, -(-args.min_requests // clients))
 
 
 async def _levels(url: str, model: str, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
@@ -153,8 +166,8 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
         # warm-up (models, caches, routes) on a prompt no mode sends
         await _stream(client, url, model, pool[-1], args.max_tokens, None)
         for li, n in enumerate(levels):
-            first = sum(levels[:li]) * args.requests_per_client
-            prompts = pool[first: first + n * args.requests_per_client]
+            first = sum(m * _per_client(args, m) for m in levels[:li])
+            prompts = pool[first: first + n * _per_client(args, n)]
             if args.warmup:  # the learning modes learn at this load first, on prompts from the pool's end
                 end = len(pool) - 1 - sum(levels[:li]) * args.warmup
                 warm = pool[end - n * args.warmup: end]
@@ -275,7 +288,9 @@ def _markdown(report: dict) -> str:
     lines = [f"# bench load ({how['date']}, {how['machine']})", "",
              f"target {how['target']}, policy {how['policy']}"
              f"{' (the table variant: batch-table)' if 'table' in how['variants'] else ''}, "
-             f"{how['requests_per_client']} chat requests per client, max_tokens {how['max_tokens']}, greedy, "
+             f"{how['requests_per_client']} chat requests per client"
+             + (f" (at least {how['min_requests']} per mode and level)" if how.get("min_requests") else "")
+             + f", max_tokens {how['max_tokens']}, greedy, "
              "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants one after another, "
              "modes alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"

@@ -88,8 +88,8 @@ def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp
     assert code == 0
     rows = json.loads(next((tmp_path / "out").glob("batch-*.json")).read_text())["rows"]
     assert [(r["concurrency"], r["mode"]) for r in rows] == [
-        (n, m) for n in (1, 3) for m in ("batched plain", "batched close:2", "joining, whole prefill",
-                                          "joining, prefill chunk 2", "interleaved plain")]
+        (n, m) for n in (1, 3) for m in ("batched plain", "batched close:2", "batched close:2, drafts alone",
+                                          "joining, whole prefill", "joining, prefill chunk 2", "interleaved plain")]
     for r in rows:
         assert r["mismatches"] == 0 and r["tokens"] > 0, r  # batched greedy outputs equal each request alone
     # three requests: batched steps run all of them at once, interleaved ones one each
@@ -98,11 +98,15 @@ def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp
     # joining one a step takes more steps than starting together, chunked prefill more again
     assert by["batched plain"]["steps"] < by["joining, whole prefill"]["steps"] < by["joining, prefill chunk 2"]["steps"]
     assert by["joining, prefill chunk 2"]["step_p99_ms"] > 0
+    # the model drafter drafted (its seconds are in both of its modes), together and alone
+    assert by["batched close:2"]["draft_share"] > 0 and by["batched close:2, drafts alone"]["draft_share"] > 0
 
 
 def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
     assert main(["bench", "load", "--warmup", "-1"]) == 2
-    assert "--warmup >= 0" in capsys.readouterr().err
+    assert "--warmup needs a number >= 0, got -1" in capsys.readouterr().err
     # the measured and the warm-up requests each need their own prompts
     assert main(["bench", "load", "--concurrency", "32,32", "--warmup", "20"]) == 2
+    assert "more distinct prompts" in capsys.readouterr().err
+    assert main(["bench", "load", "--concurrency", "1,2", "--min-requests", "300"]) == 2  # 300 + 2 x 150 prompts
     assert "more distinct prompts" in capsys.readouterr().err
