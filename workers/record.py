@@ -13,9 +13,9 @@ request follow exactly (see controller.replay). Each drafter's part comes from i
 (workers.drafters.base.Drafter). Batched costs, measured once per recording on the first request's
 context and written on every line: a request's share (by rows) of one batched forward in which B
 requests each verify k + 1 tokens, for B in BATCHES and k = 0..k_max (and B = 1 the same way
-alone), and, for drafters that draft requests together (feature heads, model drafters), the seconds per drafted
-token when B requests draft together, so that `replay --load B` can replay the trace as if B
-requests were in flight.
+alone), and, for drafters that draft requests together (feature heads, model drafters), the
+seconds per drafted token when B requests draft together, so that `replay --load B` can replay
+the trace as if B requests were in flight.
 
 Trace format: workers.trace (documented in docs/formats.md).
 """
@@ -113,9 +113,10 @@ def batch_verify_costs(engine, context: list[int], k_max: int, batches=BATCHES, 
 def batch_draft_costs(engine, context: list[int], k_max: int, batches=BATCHES, repeats: int = 3) -> dict[str, dict[str, float]]:
     """{drafter: {B: seconds per drafted token when B requests draft up to k_max tokens each after
     `context` in one call}} for the drafters that draft requests together (`propose_batch`: feature
-    heads, model drafters), greedy, with the drafter's confidence gate off (so every draft is k_max long, as the
-    trace's cost per token alone is measured); the catch-up on the context is done once beforehand,
-    so this is the draft steps' cost (the median of `repeats` calls over the tokens they drafted)."""
+    heads, model drafters), greedy, with the drafter's confidence gate off (so every draft is k_max
+    long, as the trace's cost per token alone is measured); the catch-up on the context is done once
+    beforehand, so this is the draft steps' cost (the median of `repeats` calls over the tokens
+    they drafted)."""
     import statistics
     import sys
     import time
