@@ -13,7 +13,9 @@
    tenant: see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
    fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
    requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
-   from the SSE chunks), errors (any non-200 or broken stream; target 0). With `--warmup W`, before
+   from the SSE chunks), errors (any non-200 or broken stream; target 0), and what speculation did
+   (from each response's speculative stats: drafted tokens per round, their acceptance, and the arms
+   of the requests' first rounds where the policy decided). With `--warmup W`, before
    each level the modes that learn (their policy decides) first send W requests per client at that
    concurrency, unmeasured, on other prompts: the policy is then measured after learning there.
 3. Overhead (first batched variant): the same pinned request (plain decoding, max_tokens tokens)
@@ -195,7 +197,7 @@ async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: st
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             **({"draftpick": pin} if pin else {})}
     t0 = time.perf_counter()
-    stamps, tokens, ok = [], 0, False
+    stamps, tokens, ok, spec, arm = [], 0, False, {}, None
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -211,10 +213,14 @@ async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: st
                     stamps.append(time.perf_counter())
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    spec = chunk.get("metrics", {}).get("speculative_decoding", {})
+                    arm = chunk.get("draftpick", {}).get("arm")
     except Exception as e:  # counted as an error, the run goes on
         return {"ok": False, "status": type(e).__name__}
     return {"ok": ok, "tokens": tokens, "ttft": stamps[0] - t0 if stamps else None,
-            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0}
+            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0,
+            "rounds": spec.get("num_spec_steps", 0), "drafted": spec.get("num_draft_tokens", 0),
+            "accepted": spec.get("num_accepted_draft_tokens", 0), "first_arm": arm}
 
 
 def _row(n: int, mode: str, results: list[dict], wall: float) -> dict:
@@ -222,10 +228,19 @@ def _row(n: int, mode: str, results: list[dict], wall: float) -> dict:
     ttft = sorted(r["ttft"] for r in good if r["ttft"] is not None)
     gaps = sorted(g for r in good for g in r["gaps"])
     tokens = sum(r["tokens"] for r in good)
+    rounds, drafted, accepted = (sum(r.get(k, 0) for r in good) for k in ("rounds", "drafted", "accepted"))
+    arms: dict[str, int] = {}
+    for r in good:  # the arm of each request's first round, as the response reports it
+        if r.get("first_arm"):
+            arms[r["first_arm"]] = arms.get(r["first_arm"], 0) + 1
     return {"concurrency": n, "mode": mode, "requests": len(results), "errors": len(results) - len(good),
             "requests_per_s": len(good) / wall, "output_tokens_per_s": tokens / wall,
             "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
-            "itl_p50_s": _pct(gaps, 50), "itl_p99_s": _pct(gaps, 99), "wall_s": wall}
+            "itl_p50_s": _pct(gaps, 50), "itl_p99_s": _pct(gaps, 99), "wall_s": wall,
+            # what speculation did: drafted tokens per round, their acceptance, the first rounds' arms
+            "drafted_per_round": drafted / rounds if rounds else None,
+            "acceptance": accepted / drafted if drafted else None,
+            "first_arms": dict(sorted(arms.items(), key=lambda kv: -kv[1]))}
 
 
 def _pct(xs: list[float], p: float):
@@ -295,13 +310,16 @@ def _markdown(report: dict) -> str:
              "modes alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"
                 if how.get("warmup") else "") + ".", "",
-             "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors |",
-             "|---|---|---|---|---|---|---|"]
+             "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors "
+             "| drafted / round | acceptance | first rounds' arms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["load"]:
         itl = "/".join("-" if v is None else f"{1000 * v:.0f}" for v in (r["itl_p50_s"], r["itl_p99_s"]))
         ttft = "/".join("-" if v is None else f"{v:.2f}" for v in (r["ttft_p50_s"], r["ttft_p99_s"]))
+        spec = " | ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("drafted_per_round", "acceptance"))
+        arms = ", ".join(f"{a} ×{c}" for a, c in list(r.get("first_arms", {}).items())[:3]) or "-"
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.2f} | "
-                     f"{r['output_tokens_per_s']:.1f} | {ttft} | {itl} | {r['errors']} |")
+                     f"{r['output_tokens_per_s']:.1f} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} |")
     lines += _ratios(report["load"])
     o = report["overhead"]
     if o is None:

@@ -110,3 +110,26 @@ def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
     assert "more distinct prompts" in capsys.readouterr().err
     assert main(["bench", "load", "--concurrency", "1,2", "--min-requests", "300"]) == 2  # 300 + 2 x 150 prompts
     assert "more distinct prompts" in capsys.readouterr().err
+
+
+def test_bench_load_rows_say_what_speculation_did():
+    """A level's row sums its requests' speculative stats (as the responses' last chunks carry
+    them) into drafted tokens per round and acceptance, and counts the arms of their first rounds;
+    a failed request counts as an error and adds nothing."""
+    from draftpick.bench.load import _markdown, _row
+
+    ok = dict(ok=True, tokens=10, ttft=0.1, gaps=[0.05], seconds=1.0)
+    results = [dict(ok, rounds=4, drafted=8, accepted=6, first_arm="ngram:2"),
+               dict(ok, rounds=6, drafted=2, accepted=0, first_arm="chat:3"),
+               dict(ok, rounds=5, drafted=0, accepted=0, first_arm="ngram:2"),
+               {"ok": False, "status": 500, "rounds": 9, "drafted": 9, "accepted": 9}]
+    row = _row(4, "learned", results, wall=2.0)
+    assert row["errors"] == 1 and row["output_tokens_per_s"] == 15.0
+    assert row["drafted_per_round"] == 10 / 15 and row["acceptance"] == 6 / 10
+    assert row["first_arms"] == {"ngram:2": 2, "chat:3": 1}
+    plain = _row(4, "plain", [dict(ok, rounds=3, drafted=0, accepted=0, first_arm=None)], wall=1.0)
+    assert plain["acceptance"] is None and plain["first_arms"] == {}
+    how = {"date": "d", "machine": "m", "target": "t", "policy": "p", "variants": ["batched"], "requests_per_client": 1,
+           "max_tokens": 8}
+    md = _markdown({"how": how, "load": [row, plain], "overhead": None})
+    assert "| 0.67 | 0.60 | ngram:2 ×2, chat:3 ×1 |" in md and "| 0 | 0.00 | - | - |" in md
