@@ -6,7 +6,7 @@ together, greedy, up to max_tokens tokens each, in three ways on the same loaded
     batching), plain decoding;
   - batched plain: one forward per step for all of them (`SpeculativeEngine.step_batch`);
   - batched <arm>: the same with every request drafting with a fixed arm (`--arm`, default ngram:3);
-    for a drafter that drafts requests together (a feature head: `propose_batch`), once more with
+    for a drafter that drafts requests together (`propose_batch`: feature heads, model drafters), once more with
     each request drafting alone ("drafts alone"), to show what drafting together saves.
 Reported per N: aggregate output tokens/s and its ratio to interleaved, and how many greedy outputs
 differ from the request served alone (the interleaved run steps each request alone: target 0 in

@@ -86,8 +86,8 @@ class SpeculativeEngine:
         self.vocab_size = target.config.vocab_size
         self.context_window = getattr(target.config, "max_position_embeddings", None)
         self.batchable = batchable(target)  # concurrent requests share one forward (workers.batched)
-        # in step_batch, the rounds of one drafter that drafts requests together (`propose_batch`: a
-        # feature head's draft steps) draft in one call; False: each request drafts alone
+        # in step_batch, the rounds of one drafter that drafts requests together (`propose_batch`:
+        # feature heads, model drafters) draft in one call; False: each request drafts alone
         self.batch_drafts = True
 
     def add_sink(self, sink: Sink) -> None:
@@ -178,8 +178,9 @@ class SpeculativeEngine:
 
     def _draft_together(self, gens: list["Generation"]) -> dict[int, list[int]]:
         """Drafts the planned rounds of drafters that draft several requests in one call
-        (`propose_batch`: a feature head's layer and logits run once per draft step for all of them),
-        grouped by drafter, each request's draft seconds the call's shared by the tokens it drafted.
+        (`propose_batch`: a feature head's layer or a model drafter's forward runs once per draft step
+        for all of them), grouped by drafter, each request's draft seconds the call's shared by the
+        tokens it drafted.
         Returns each drafted request's forward tokens; the others (other drafters, alone on theirs,
         or in a group whose call failed) draft alone, where a request's own error shows as its own."""
         groups: dict[str, list[Generation]] = {}
