@@ -159,7 +159,7 @@ def _ray_decisions(cfg, ctrl, redis_url: str, callers: int, seconds: float) -> d
                 "p99_ms": 1e3 * lat[int(0.99 * (len(lat) - 1))], "local_snapshot_decisions_per_s": local,
                 "snapshot_staleness_s": ctrl.refresh_s}
     finally:
-        stop_controller()
+        stop_controller(cfg.serve.name)
         ray.shutdown()
 
 

@@ -2,13 +2,16 @@
 
 1. The service as `draftpick serve` runs it (Ray on loopback, the Serve application, the
    controller with a private embedded Redis in a temporary directory unless REDIS_URL is set),
-   deployed once per *variant* of the worker and policy (`--variants`, one after another, the
-   controller and its statistics restarted between them):
+   deployed once per *variant* of the worker and policy (`--variants`), side by side: each variant
+   its own Serve application `draftpick-<variant>` at the route `/<variant>`, with its own worker,
+   controller and statistics (serve.name); the workers share the CPUs (worker.num_cpus split
+   among them), and only one variant runs requests at a time:
    - `interleaved`: the worker stepping one request's round at a time (worker.batching false);
    - `batched`: all requests in flight verified in one forward per step (the default);
    - `table`: batched, the policy a static table of k by requests in flight (`batch-table`).
-2. Within a variant, its modes alternate level by level: for each concurrency N (default 1, 4,
-   16, 32), N streaming clients each send R chat requests (greedy, up to max_tokens tokens: a
+2. The modes of all variants alternate level by level, so the machine's drift over the run falls
+   on every mode alike: for each concurrency N (default 1, 4, 16, 32), N streaming clients each
+   send R chat requests (greedy, up to max_tokens tokens: a
    request may end early at EOS; distinct prompts, the same for every mode, each mode its own
    tenant: see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
    fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
@@ -18,7 +21,7 @@
    of the requests' first rounds where the policy decided). With `--warmup W`, before
    each level the modes that learn (their policy decides) first send W requests per client at that
    concurrency, unmeasured, on other prompts: the policy is then measured after learning there.
-3. Overhead (first batched variant): the same pinned request (plain decoding, max_tokens tokens)
+3. Overhead (the first batched variant): the same pinned request (plain decoding, max_tokens tokens)
    sent alternately through HTTP and straight to the worker deployment's handle, one at a time;
    the median difference is what the ingress, HTTP and Serve's proxy add, as a share of the request
    (target <= 5 %).
@@ -54,7 +57,7 @@ def add_arguments(p) -> None:
     p.add_argument("--config", help="YAML configuration (default: the embedded one)")
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated numbers of concurrent clients")
     p.add_argument("--variants", default="interleaved,batched,table",
-                   help=f"comma-separated service variants, run one after another ({', '.join(VARIANTS)})")
+                   help=f"comma-separated service variants, deployed side by side ({', '.join(VARIANTS)})")
     p.add_argument("--fixed", default="ngram:3", help="the fixed arm the batched variant is also measured with")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=0,
@@ -76,18 +79,24 @@ VARIANTS = {
 }
 
 
-def _modes(variant: str, fixed) -> list[tuple[str, dict | None]]:
+def _modes(variant: str, fixed) -> list[tuple[str, str, dict | None]]:
+    """(variant, label, the requests' pin or None) of each of a variant's modes."""
     pins = {"no speculation": {"drafter": "none"}, "learned": None, "batch-table": None,
             "fixed": {"drafter": fixed.drafter, "num_speculative_tokens": fixed.k}}
-    return [(f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m]) for m in VARIANTS[variant][1]]
+    return [(variant, f"{variant}, {'fixed ' + str(fixed) if m == 'fixed' else m}", pins[m])
+            for m in VARIANTS[variant][1]]
 
 
-def _variant_config(cfg, variant: str):
+def _variant_config(cfg, variant: str, side_by_side: int = 1):
+    """The variant's configuration: its overrides, its own service name, and a 1/side_by_side share of
+    the worker's CPUs (the variants take turns)."""
     from draftpick.workers.config import DraftpickConfig
 
     data = cfg.model_dump()
     for section, values in VARIANTS[variant][0].items():
         data[section] = {**data[section], **values}
+    data["serve"] = {**data["serve"], "name": f"draftpick-{variant}"}
+    data["worker"] = {**data["worker"], "num_cpus": data["worker"]["num_cpus"] / side_by_side}
     return DraftpickConfig.model_validate(data)
 
 
@@ -124,24 +133,25 @@ def run(args) -> int:
     if len(pool) - 1 < sum(n * (_per_client(args, n) + args.warmup) for n in levels):
         raise ValueError(f"--concurrency, --requests-per-client and --warmup ask for more distinct prompts than "
                          f"the {len(pool) - 1} there are")
+    configs = {v: _variant_config(cfg, v, len(variants)) for v in variants}
     with tempfile.TemporaryDirectory() as home:
-        os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis starts empty, in here
+        os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis servers start empty, in here
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DRAFTPICK_HOME": home}})
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}"
-            for variant in variants:
-                vcfg = _variant_config(cfg, variant)
-                print(f"bench load: variant {variant}", flush=True)
-                serve.run(build_app(vcfg), name="draftpick", route_prefix="/")
-                report["load"] += asyncio.run(_levels(url, cfg.target.name, levels, args, _modes(variant, fixed), pool))
-                if report["overhead"] is None and vcfg.worker.batching:
-                    report["overhead"] = asyncio.run(_overhead(url, cfg, args, pool[-1]))
-                serve.delete("draftpick")
-                stop_controller()  # the next variant learns from scratch, with its own policy
+            for variant, vcfg in configs.items():
+                print(f"bench load: deploying variant {variant} at /{variant}", flush=True)
+                serve.run(build_app(vcfg), name=vcfg.serve.name, route_prefix=f"/{variant}")
+            modes = [m for v in variants for m in _modes(v, fixed)]
+            report["load"] = asyncio.run(_levels(url, cfg.target.name, levels, args, modes, pool))
+            batched = [v for v in variants if configs[v].worker.batching]
+            if batched:
+                report["overhead"] = asyncio.run(_overhead(f"{url}/{batched[0]}", configs[batched[0]], args, pool[-1]))
         finally:
             serve.shutdown()
-            stop_controller()
+            for vcfg in configs.values():
+                stop_controller(vcfg.serve.name)
             ray.shutdown()
     write_results(args.out, "load", report, _markdown(report))
     return 0
@@ -165,22 +175,22 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
 
     rows = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
-        # warm-up (models, caches, routes) on a prompt no mode sends
-        await _stream(client, url, model, pool[-1], args.max_tokens, None)
+        for variant in dict.fromkeys(v for v, _, _ in modes):  # warm-up (models, caches, routes), unmeasured
+            await _stream(client, f"{url}/{variant}", model, pool[-1], args.max_tokens, None)
         for li, n in enumerate(levels):
             first = sum(m * _per_client(args, m) for m in levels[:li])
             prompts = pool[first: first + n * _per_client(args, n)]
             if args.warmup:  # the learning modes learn at this load first, on prompts from the pool's end
                 end = len(pool) - 1 - sum(levels[:li]) * args.warmup
                 warm = pool[end - n * args.warmup: end]
-                for mode, pin in modes:
+                for variant, mode, pin in modes:
                     if pin is None:
-                        await asyncio.gather(*(_client(client, url, model, warm[i::n], args, pin, mode + " warm-up")
-                                               for i in range(n)))
-            for mode, pin in modes:
+                        await asyncio.gather(*(_client(client, f"{url}/{variant}", model, warm[i::n], args, pin,
+                                                       mode + " warm-up") for i in range(n)))
+            for variant, mode, pin in modes:
                 t0 = time.perf_counter()
-                runs = await asyncio.gather(*(_client(client, url, model, prompts[i::n], args, pin, mode)
-                                              for i in range(n)))
+                runs = await asyncio.gather(*(_client(client, f"{url}/{variant}", model, prompts[i::n], args, pin,
+                                                      mode) for i in range(n)))
                 wall = time.perf_counter() - t0
                 rows.append(_row(n, mode, [r for c in runs for r in c], wall))
                 print(json.dumps(rows[-1]), flush=True)
@@ -262,7 +272,7 @@ async def _overhead(url: str, cfg, args, item: dict) -> dict:
 
     tok = load_tokenizer(cfg.target.path, cfg.target.gguf_file)
     ids = encode_input(tok, item)
-    handle = serve.get_deployment_handle("DraftpickWorker", app_name="draftpick")
+    handle = serve.get_deployment_handle("DraftpickWorker", app_name=cfg.serve.name)
     req = GenerateRequest(ids, SamplingParams(max_tokens=args.max_tokens), Arm("none", 0))  # what HTTP sends
     body = {"model": cfg.target.name, **item, "max_tokens": args.max_tokens, "temperature": 0,
             "draftpick": {"drafter": "none"}}
@@ -306,8 +316,8 @@ def _markdown(report: dict) -> str:
              f"{how['requests_per_client']} chat requests per client"
              + (f" (at least {how['min_requests']} per mode and level)" if how.get("min_requests") else "")
              + f", max_tokens {how['max_tokens']}, greedy, "
-             "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants one after another, "
-             "modes alternating level by level"
+             "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants side by side "
+             "(one Serve application each), all their modes alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"
                 if how.get("warmup") else "") + ".", "",
              "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors "

@@ -1,10 +1,12 @@
 """The controller as a Ray actor, and the client workers decide through.
 
-`start_controller(cfg, description, redis_url)` starts (or finds) the actor named
-`draftpick_controller` in the Ray namespace `draftpick`: detached, so it does not die with the
-process that created it (a Serve replica, a driver), and restarted by Ray when it dies
-(`max_restarts=-1`); whoever starts it stops it on shutdown (`stop_controller`). The actor folds
-feedback in a background thread and answers `decide`, `stats` and `status`.
+`start_controller(cfg, description, redis_url)` starts (or finds) the service's actor, named
+`<serve.name>_controller` (`draftpick_controller` by default) in the Ray namespace `draftpick`:
+detached, so it does not die with the process that created it (a Serve replica, a driver), and
+restarted by Ray when it dies (`max_restarts=-1`); whoever starts it stops it on shutdown
+(`stop_controller`). The actor folds feedback in a background thread and answers `decide`, `stats`
+and `status`. Services with other names run side by side on one cluster, each with its own
+controller and embedded Redis.
 
 `DecisionClient` is what a worker holds: it asks the actor, and when the actor cannot answer in
 time it decides with the same policy over its own snapshot of the statistics in Redis, so requests
@@ -22,7 +24,12 @@ from draftpick.controller.controller import Controller, Plan
 from draftpick.policies.types import Context
 
 log = logging.getLogger(__name__)
-NAME, NAMESPACE = "draftpick_controller", "draftpick"
+NAME, NAMESPACE = "draftpick_controller", "draftpick"  # the default service's actor
+
+
+def actor_name(service: str = "draftpick") -> str:
+    """The controller actor of the service named `service` (serve.name)."""
+    return f"{service}_controller"
 
 
 def _controller(cfg, description: dict, redis_url: str, consumer: str | None = None) -> Controller:
@@ -36,14 +43,16 @@ def _controller(cfg, description: dict, redis_url: str, consumer: str | None = N
 class ControllerActor:
     def __init__(self, cfg, description: dict, redis_url: str | None, fold_block_ms: int = 500,
                  redis_port: int | None = None, redis_password: str | None = None):
-        """redis_url None: start the embedded Redis on this node (its address, the given port and
-        password; stopped with the actor, restarted with it on the same address)."""
+        """redis_url None: start the service's embedded Redis on this node (its address, the given
+        port and password, the service's directory; stopped with the actor, restarted with it on the
+        same address)."""
         self.redis_server = None
         if redis_url is None:
-            self.redis_server = _embedded_redis(redis_port, redis_password)
+            self.redis_server = _embedded_redis(redis_port, redis_password, cfg.serve.name)
             redis_url = self.redis_server.url
         self._redis_url = redis_url
-        self.controller = _controller(cfg, description, redis_url, consumer=f"{NAME}-{int(time.time() * 1000)}")
+        self.controller = _controller(cfg, description, redis_url,
+                                      consumer=f"{actor_name(cfg.serve.name)}-{int(time.time() * 1000)}")
         self.folded, self.fold_error = 0, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fold_loop, args=(fold_block_ms,), daemon=True)
@@ -85,16 +94,17 @@ class ControllerActor:
             self.redis_server.stop()
 
 
-def _embedded_redis(port: int | None, password: str | None, wait_s: float = 15.0):
-    """The embedded Redis on this Ray node's address. After a restart of the actor the previous
-    server may still be flushing on the port for a moment: retry until it is free."""
-    from draftpick.controller.redis_server import EmbeddedRedis, RedisUnavailable
+def _embedded_redis(port: int | None, password: str | None, service: str, wait_s: float = 15.0):
+    """The service's embedded Redis on this Ray node's address. After a restart of the actor the
+    previous server may still be flushing on the port for a moment: retry until it is free."""
+    from draftpick.controller.redis_server import EmbeddedRedis, RedisUnavailable, default_data_dir
 
     host = ray.util.get_node_ip_address()
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return EmbeddedRedis(port=port, host=host, password=password, die_with_parent=True).start()
+            return EmbeddedRedis(default_data_dir(service), port=port, host=host, password=password,
+                                 die_with_parent=True).start()
         except RedisUnavailable:
             if time.monotonic() > deadline:
                 raise
@@ -102,14 +112,14 @@ def _embedded_redis(port: int | None, password: str | None, wait_s: float = 15.0
 
 
 def start_controller(cfg, description: dict, redis_url: str | None):
-    """The named, detached controller actor (an existing one is reused). redis_url None: the actor
-    starts the embedded Redis on its node (`ray.get(actor.redis_url.remote())` says where)."""
+    """The service's named, detached controller actor (an existing one is reused). redis_url None:
+    the actor starts the embedded Redis on its node (`ray.get(actor.redis_url.remote())` says where)."""
     import secrets
 
     from draftpick.controller.redis_server import free_port
 
     cls = ray.remote(ControllerActor).options(
-        name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
+        name=actor_name(cfg.serve.name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, max_restarts=-1,
         max_task_retries=-1, num_cpus=0, max_concurrency=16)
     if redis_url:
         return cls.remote(cfg, description, redis_url)
@@ -126,10 +136,10 @@ def service_redis_url(cfg, description: dict, redis_url: str | None = None) -> s
     return redis_url or ray.get(actor.redis_url.remote(), timeout=60)
 
 
-def stop_controller() -> bool:
-    """Stop the controller actor if it runs; returns whether one was stopped."""
+def stop_controller(service: str = "draftpick") -> bool:
+    """Stop the service's controller actor if it runs; returns whether one was stopped."""
     try:
-        actor = ray.get_actor(NAME, namespace=NAMESPACE)
+        actor = ray.get_actor(actor_name(service), namespace=NAMESPACE)
     except ValueError:
         return False
     try:
@@ -146,6 +156,7 @@ class DecisionClient:
 
     def __init__(self, cfg, description: dict, redis_url: str, timeout_s: float = 0.5):
         self.local = _controller(cfg, description, redis_url)
+        self.name = actor_name(cfg.serve.name)
         self.timeout_s = timeout_s
         self.fallbacks = 0
         self.controller_error: str | None = None
@@ -154,7 +165,7 @@ class DecisionClient:
         try:
             if not ray.is_initialized():  # no Ray here, so no actor (and no Ray started by asking)
                 raise RuntimeError("Ray is not initialized")
-            actor = ray.get_actor(NAME, namespace=NAMESPACE)
+            actor = ray.get_actor(self.name, namespace=NAMESPACE)
             plan = ray.get(actor.decide.remote(context), timeout=self.timeout_s)
             self.controller_error = None
             return plan

@@ -252,8 +252,10 @@ def fingerprint(obj) -> str:
 
 
 def describe(cfg, engine) -> dict:
-    """What a namespace stands for: the schema, the target's and each drafter's fingerprint, the policy."""
+    """What a namespace stands for: the service (serve.name), the schema, the target's and each
+    drafter's fingerprint, the policy."""
     return {
+        "service": cfg.serve.name,
         "schema": SCHEMA,
         "target": {"name": cfg.target.name, "fingerprint": fingerprint(engine.target)},
         "drafters": {n: {"type": type(d).__name__, "fingerprint": fingerprint(d)}

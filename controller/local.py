@@ -11,7 +11,7 @@ import os
 
 from draftpick.controller.controller import Plan, from_config
 from draftpick.controller.feedback import CONTEXT
-from draftpick.controller.redis_server import connect
+from draftpick.controller.redis_server import connect, default_data_dir
 from draftpick.policies.features import prompt_features
 from draftpick.policies.types import Context
 from draftpick.workers.inputs import InputError, input_text
@@ -20,9 +20,9 @@ from draftpick.workers.inputs import InputError, input_text
 class LocalLearning:
     def __init__(self, cfg, engine, redis_url: str | None = None, data_dir=None):
         """redis_url: else REDIS_URL, else an embedded server with its data in data_dir (default:
-        $DRAFTPICK_HOME/redis)."""
+        the service's, redis_server.default_data_dir(serve.name))."""
         self.engine = engine
-        self.client, self.server = connect(redis_url, data_dir)
+        self.client, self.server = connect(redis_url, data_dir or default_data_dir(cfg.serve.name))
         self.redis_url = redis_url or os.environ.get("REDIS_URL") or self.server.url
         self.controller = from_config(cfg, engine, self.client)
         self.sink = self.controller.sink()

@@ -24,8 +24,10 @@ class RedisUnavailable(RuntimeError):
     pass
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("DRAFTPICK_HOME", Path.home() / ".cache" / "draftpick")) / "redis"
+def default_data_dir(service: str = "draftpick") -> Path:
+    """Where a service's embedded Redis keeps its data (serve.name: each service its own)."""
+    home = Path(os.environ.get("DRAFTPICK_HOME", Path.home() / ".cache" / "draftpick"))
+    return home / ("redis" if service == "draftpick" else f"redis-{service}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

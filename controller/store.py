@@ -8,8 +8,9 @@ Schema (version 1; docs/controller.md), every key under `draftpick:v1:<namespace
   :feedback  stream one entry per finished request: {"data": JSON {"records": [...], "context", "tenant"}}
   :done      zset   entry ids already folded (bounded), so that no entry is folded twice
 
-The namespace is a hash of the target's and every drafter's fingerprint, the policy, its options
-and its arms: statistics learned for other weights or another policy are never reused.
+The namespace is a hash of the service's name, the target's and every drafter's fingerprint, the
+policy, its options and its arms: statistics learned for other weights or another policy (or by
+another service) are never reused.
 
 Folding a batch of entries is one Lua script over their summed increments: if any entry of the batch
 is already marked done, the script only acknowledges those and returns their ids, and the caller

@@ -287,12 +287,12 @@ def cmd_serve(args) -> int:
 
 def cmd_stats(args) -> int:
     from draftpick.controller.controller import from_config
-    from draftpick.controller.redis_server import connect
+    from draftpick.controller.redis_server import connect, default_data_dir
     from draftpick.workers.factory import build_engine
 
     cfg = load_config(args.config)
     engine = build_engine(cfg)  # the namespace is the target's and drafters' fingerprints
-    client, server = connect()
+    client, server = connect(data_dir=default_data_dir(cfg.serve.name))
     try:
         controller = from_config(cfg, engine, client)
         if args.reset:

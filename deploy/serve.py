@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray loads: a local Ray as one loopback node
 
@@ -155,7 +156,7 @@ def run_service(config_path: str | None, host: str | None = None, port: int | No
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(cfg), name="draftpick", route_prefix="/")
+        serve.run(build_app(cfg), name=cfg.serve.name, route_prefix="/")
         print(f"draftpick serving {cfg.target.name} at http://{host}:{port}/v1", flush=True)
         print(f"ray address: {ray.get_runtime_context().gcs_address}", flush=True)
         if ready is not None:  # e.g. `draftpick demo`: ask, print, then stop
@@ -164,9 +165,9 @@ def run_service(config_path: str | None, host: str | None = None, port: int | No
     finally:
         print("draftpick: shutting down", file=sys.stderr, flush=True)
         try:  # each step bounded: a cluster that is already going away must not hold the shutdown
-            _bounded(lambda: drain(cfg.serve.ingress_replicas), DRAIN_S + 5)  # streams end while the proxy runs
+            _bounded(partial(drain, cfg.serve.ingress_replicas, cfg.serve.name), DRAIN_S + 5)  # streams end first
             _bounded(serve.shutdown, 40)  # streams drain, replicas append their feedback
-            _bounded(stop_controller, 20)  # folds what is left, stops the embedded Redis
+            _bounded(partial(stop_controller, cfg.serve.name), 20)  # folds what is left, stops its Redis
         finally:
             ray.shutdown()
 
@@ -196,4 +197,4 @@ def _bounded(fn, seconds: float) -> None:
     t.start()
     t.join(seconds)
     if t.is_alive():
-        print(f"draftpick: {getattr(fn, '__name__', fn)} did not finish in {seconds:.0f} s; going on", file=sys.stderr)
+        print(f"draftpick: {getattr(getattr(fn, 'func', fn), '__name__', fn)} did not finish in {seconds:.0f} s; going on", file=sys.stderr)

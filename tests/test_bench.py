@@ -133,3 +133,20 @@ def test_bench_load_rows_say_what_speculation_did():
            "max_tokens": 8}
     md = _markdown({"how": how, "load": [row, plain], "overhead": None})
     assert "| 0.67 | 0.60 | ngram:2 ×2, chat:3 ×1 |" in md and "| 0 | 0.00 | - | - |" in md
+
+
+def test_bench_load_deploys_its_variants_side_by_side_each_its_own_service():
+    """Each variant is its own service (serve.name: its own Serve application, controller and Redis)
+    with a share of the worker CPUs, so all can be deployed at once and their modes alternate."""
+    from draftpick.bench.load import VARIANTS, _modes, _variant_config
+    from draftpick.policies.types import Arm
+    from draftpick.workers.config import load_config
+
+    cfg = load_config(None)
+    configs = {v: _variant_config(cfg, v, len(VARIANTS)) for v in VARIANTS}
+    assert len({c.serve.name for c in configs.values()} | {cfg.serve.name}) == len(VARIANTS) + 1
+    assert all(c.worker.num_cpus == cfg.worker.num_cpus / len(VARIANTS) for c in configs.values())
+    assert not configs["interleaved"].worker.batching and configs["batched"].worker.batching
+    assert configs["table"].policy.name == "batch-table" and configs["batched"].policy == cfg.policy
+    modes = [m for v in VARIANTS for m in _modes(v, Arm("ngram", 3))]
+    assert len({label for _, label, _ in modes}) == len(modes) == 5

@@ -203,11 +203,11 @@ def _wait_stats(url: str, requests: int, timeout: float = 30) -> dict:
         time.sleep(0.2)
 
 
-def _up(port: int) -> bool:
+def _up(port: int, route: str = "") -> bool:
     import httpx2 as httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        return httpx.get(f"http://127.0.0.1:{port}{route}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -215,7 +215,9 @@ def _up(port: int) -> bool:
 def test_serve_run_of_the_serve_config(engine, tok, tmp_path):
     """Ray's own CLI: `serve run` of deploy/serve.yaml, pointed at a configuration by its args. The
     worker and serve sections are the defaults: 32 concurrent streams, each pinned to its own arm,
-    are all answered (no 429), batched, each with its greedy output alone."""
+    are all answered (no 429), batched, each with its greedy output alone. A second service (its own
+    serve.name and policy) runs beside it in the same Serve instance at /other, and each learns only
+    from its own requests, in its own controller and embedded Redis."""
     import httpx2 as httpx
 
     cfg = service_config(save_models(tmp_path, engine.target, tok), worker={"num_cpus": 1})
@@ -224,10 +226,16 @@ def test_serve_run_of_the_serve_config(engine, tok, tmp_path):
     port = free_port()
     conf["http_options"]["port"] = port
     conf["applications"][0]["args"]["config"] = str(tmp_path / "cfg.yaml")
+    other = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"name": "other"}),
+                                   "policy": cfg.policy.model_copy(update={"name": "thompson"})})
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other.model_dump(mode="json")))
+    conf["applications"].append({**conf["applications"][0], "name": "other", "route_prefix": "/other",
+                                 "args": {"config": str(tmp_path / "other.yaml")}})
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(conf))
     env = {**env_for(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray on loopback
     serve = Path(sys.executable).with_name("serve")
-    service = Service([str(serve), "run", str(tmp_path / "serve.yaml")], env, ready=lambda: _up(port))
+    service = Service([str(serve), "run", str(tmp_path / "serve.yaml")], env,
+                      ready=lambda: _up(port) and _up(port, "/other"))
     prompts = ["the cat sat", "x = 1\ny = 2\n", "def add(a, b):\n", "hello there", "import os\n", "the mat"]
     pins = [{"drafter": "none"}, {"drafter": "ngram", "num_speculative_tokens": 3},
             {"drafter": "close", "num_speculative_tokens": 2}, {"drafter": "ngram", "num_speculative_tokens": 8}]
@@ -242,14 +250,37 @@ def test_serve_run_of_the_serve_config(engine, tok, tmp_path):
     try:
         with ThreadPoolExecutor(32) as pool:
             answers = list(pool.map(stream, range(32)))
+        learnable = 0  # requests with a round to learn from (one that ends at its first token has none)
         for i, (status, text) in enumerate(answers):
             want = engine.generate(tok(prompts[i % len(prompts)]).input_ids, SamplingParams(max_tokens=40), Arm("none", 0))
             assert status == 200 and text == want.text, (i, status)
+            learnable += bool(want.records)
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["redis"] == "up"
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         rounds = _sample(metrics, "draftpick:round_batch_size_count")
         alone = _sample(metrics, 'draftpick:round_batch_size_bucket{le="1.0"}')
         assert rounds > 0 and alone < rounds / 2, (alone, rounds)  # most rounds shared their forward
+        # the other service: requests its policy decides, learned there alone
+        other_learnable = 0
+        for prompt in prompts:
+            r = httpx.post(f"http://127.0.0.1:{port}/other/v1/completions", timeout=120,
+                           json={"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0})
+            assert r.status_code == 200 and r.json()["draftpick"]["policy"] == "thompson", r.text
+            other_learnable += bool(engine.generate(tok(prompt).input_ids, SamplingParams(max_tokens=12)).records)
+        want = {"": learnable, "/other": other_learnable}
+        stats = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = {route: httpx.get(f"http://127.0.0.1:{port}{route}/v1/draftpick/stats", timeout=30).json()
+                     for route in want}
+            if all(stats[route]["totals"].get("requests") == n for route, n in want.items()):
+                break
+            time.sleep(0.5)
+        assert {route: stats[route]["totals"].get("requests") for route in want} == want
+        assert stats[""]["policy"] == "ucb1" and stats["/other"]["policy"] == "thompson"
+        assert stats[""]["namespace"] != stats["/other"]["namespace"]
+        assert sorted(p.name for p in (tmp_path / "home").iterdir() if p.name.startswith("redis")) == \
+            ["redis", "redis-other"]  # each service's embedded Redis in its own directory
     finally:
         service.stop(signal.SIGINT)
 

@@ -165,6 +165,11 @@ class WorkerConfig(_Strict):
 class ServeSection(_Strict):
     """The HTTP endpoint (`draftpick serve`, and the Serve application of deploy/serve.yaml)."""
 
+    name: str = Field("draftpick", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+                      description="the service's name: its Serve application (`draftpick serve`; name the application "
+                      "of a Serve config the same), its controller actor `<name>_controller`, its embedded Redis's "
+                      "directory (`$DRAFTPICK_HOME/redis`, `redis-<name>` for other names) and its learned state; "
+                      "services on one Ray cluster need different names")
     host: str = Field("127.0.0.1", description="address `draftpick serve` listens on (loopback by default)")
     port: int = Field(8000, ge=1, le=65535, description="port `draftpick serve` listens on")
     api_key: str | None = Field(None, description="required as `Authorization: Bearer KEY`; `env:NAME` reads it "
