@@ -76,8 +76,10 @@ def run(args) -> int:
         alone = _run(engine, prompts[:n], params, plain, batched=False)
         for label, a, join_every, chunk, together in modes:
             engine.batch_drafts = together
-            r = _run(engine, prompts[:n], params, a, batched=True, join_every=join_every, chunk=chunk)
-            engine.batch_drafts = True
+            try:
+                r = _run(engine, prompts[:n], params, a, batched=True, join_every=join_every, chunk=chunk)
+            finally:
+                engine.batch_drafts = True
             r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
             r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
             rows.append(r)
