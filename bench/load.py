@@ -9,11 +9,12 @@
    - `interleaved`: the worker stepping one request's round at a time (worker.batching false);
    - `batched`: all requests in flight verified in one forward per step (the default);
    - `table`: batched, the policy a static table of k by requests in flight (`batch-table`).
-2. The modes of all variants alternate level by level, so the machine's drift over the run falls
-   on every mode alike: for each concurrency N (default 1, 4, 16, 32), N streaming clients each
-   send R chat requests (greedy, up to max_tokens tokens: a
-   request may end early at EOS; distinct prompts, the same for every mode, each mode its own
-   tenant: see prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
+2. The modes of all variants alternate level by level (`--repeats`: several times per level, each
+   time on new prompts), so the machine's drift over the run falls on every mode alike: for each
+   concurrency N (default 1, 4, 16, 32), N streaming clients each send their chat requests
+   (`--requests-per-client`, more for `--min-requests`; greedy, up to max_tokens tokens: a request
+   may end early at EOS; distinct prompts, the same for every mode, each mode its own tenant: see
+   prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
    fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
    requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
    from the SSE chunks), errors (any non-200 or broken stream; target 0), and what speculation did
@@ -66,6 +67,9 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=0,
                    help="before each level, the learning modes' clients first send this many requests each, "
                         "not measured (other prompts): the policy measured after learning at that load")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="at each level, the modes alternate this many times, each time on new prompts; a row "
+                        "pools them and lists each repetition's tokens/s (the spread is the run's noise)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
@@ -107,7 +111,8 @@ def run(args) -> int:
     if not levels or min(levels) < 1:
         raise ValueError(f"--concurrency needs numbers >= 1, got {args.concurrency!r}")
     for name, value, least in (("--requests-per-client", args.requests_per_client, 1), ("--max-tokens", args.max_tokens, 1),
-                               ("--warmup", args.warmup, 0), ("--min-requests", args.min_requests, 0)):
+                               ("--warmup", args.warmup, 0), ("--min-requests", args.min_requests, 0),
+                               ("--repeats", args.repeats, 1)):
         if value < least:
             raise ValueError(f"{name} needs a number >= {least}, got {value}")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -130,9 +135,9 @@ def run(args) -> int:
     port = free_port()
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
     pool = prompt_pool()
-    if len(pool) - 1 < sum(n * (_per_client(args, n) + args.warmup) for n in levels):
-        raise ValueError(f"--concurrency, --requests-per-client and --warmup ask for more distinct prompts than "
-                         f"the {len(pool) - 1} there are")
+    if len(pool) - 1 < sum(n * (_per_client(args, n) * args.repeats + args.warmup) for n in levels):
+        raise ValueError("--concurrency, --requests-per-client, --repeats and --warmup ask for more distinct prompts "
+                         f"than the {len(pool) - 1} there are")
     configs = {v: _variant_config(cfg, v, len(variants)) for v in variants}
     with tempfile.TemporaryDirectory() as home:
         os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis servers start empty, in here
@@ -161,7 +166,7 @@ def _how(args, cfg, levels, variants) -> dict:
     return {"machine": machine(), "target": cfg.target.name, "policy": cfg.policy.name, "levels": levels,
             "variants": variants, "fixed": args.fixed, "requests_per_client": args.requests_per_client,
             "min_requests": args.min_requests,
-            "warmup": args.warmup,
+            "warmup": args.warmup, "repeats": args.repeats,
             "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
 
 
@@ -178,8 +183,8 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
         for variant in dict.fromkeys(v for v, _, _ in modes):  # warm-up (models, caches, routes), unmeasured
             await _stream(client, f"{url}/{variant}", model, pool[-1], args.max_tokens, None)
         for li, n in enumerate(levels):
-            first = sum(m * _per_client(args, m) for m in levels[:li])
-            prompts = pool[first: first + n * _per_client(args, n)]
+            first = sum(m * _per_client(args, m) * args.repeats for m in levels[:li])
+            prompts = pool[first: first + n * _per_client(args, n) * args.repeats]
             if args.warmup:  # the learning modes learn at this load first, on prompts from the pool's end
                 end = len(pool) - 1 - sum(levels[:li]) * args.warmup
                 warm = pool[end - n * args.warmup: end]
@@ -187,12 +192,25 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
                     if pin is None:
                         await asyncio.gather(*(_client(client, f"{url}/{variant}", model, warm[i::n], args, pin,
                                                        mode + " warm-up") for i in range(n)))
-            for variant, mode, pin in modes:
-                t0 = time.perf_counter()
-                runs = await asyncio.gather(*(_client(client, f"{url}/{variant}", model, prompts[i::n], args, pin,
-                                                      mode) for i in range(n)))
-                wall = time.perf_counter() - t0
-                rows.append(_row(n, mode, [r for c in runs for r in c], wall))
+            done: dict[str, tuple[list, float, list]] = {mode: ([], 0.0, []) for _, mode, _ in modes}
+            per = n * _per_client(args, n)
+            for rep in range(args.repeats):  # every mode once per repetition, each time on new prompts
+                for variant, mode, pin in modes:
+                    t0 = time.perf_counter()
+                    runs = await asyncio.gather(*(_client(client, f"{url}/{variant}", model,
+                                                          prompts[rep * per: (rep + 1) * per][i::n], args, pin, mode)
+                                                  for i in range(n)))
+                    wall = time.perf_counter() - t0
+                    results, walls, rates = done[mode]
+                    results += [r for c in runs for r in c]
+                    rates.append(_row(n, mode, [r for c in runs for r in c], wall)["output_tokens_per_s"])
+                    done[mode] = (results, walls + wall, rates)
+                    if args.repeats > 1:
+                        print(f"bench load: {n} clients, repetition {rep + 1}, {mode}: {rates[-1]:.1f} tokens/s",
+                              flush=True)
+            for _, mode, _ in modes:
+                results, wall, rates = done[mode]
+                rows.append({**_row(n, mode, results, wall), "repetitions_tokens_per_s": rates})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -320,7 +338,7 @@ def _markdown(report: dict) -> str:
              "(one Serve application each), all their modes alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"
                 if how.get("warmup") else "") + ".", "",
-             "| clients | mode | requests/s | output tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors "
+             "| clients | mode | requests/s | output tokens/s (each repetition) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors "
              "| drafted / round | acceptance | first rounds' arms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["load"]:
@@ -328,8 +346,10 @@ def _markdown(report: dict) -> str:
         ttft = "/".join("-" if v is None else f"{v:.2f}" for v in (r["ttft_p50_s"], r["ttft_p99_s"]))
         spec = " | ".join("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("drafted_per_round", "acceptance"))
         arms = ", ".join(f"{a} ×{c}" for a, c in list(r.get("first_arms", {}).items())[:3]) or "-"
+        reps = r.get("repetitions_tokens_per_s") or []
+        rate = f"{r['output_tokens_per_s']:.1f}" + (f" ({', '.join(f'{x:.1f}' for x in reps)})" if len(reps) > 1 else "")
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.2f} | "
-                     f"{r['output_tokens_per_s']:.1f} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} |")
+                     f"{rate} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} |")
     lines += _ratios(report["load"])
     o = report["overhead"]
     if o is None:

@@ -110,6 +110,10 @@ def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
     assert "more distinct prompts" in capsys.readouterr().err
     assert main(["bench", "load", "--concurrency", "1,2", "--min-requests", "300"]) == 2  # 300 + 2 x 150 prompts
     assert "more distinct prompts" in capsys.readouterr().err
+    assert main(["bench", "load", "--repeats", "0"]) == 2
+    assert "--repeats needs a number >= 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "load", "--concurrency", "32", "--repeats", "8"]) == 2  # 8 x 64 new prompts
+    assert "more distinct prompts" in capsys.readouterr().err
 
 
 def test_bench_load_rows_say_what_speculation_did():
@@ -133,6 +137,9 @@ def test_bench_load_rows_say_what_speculation_did():
            "max_tokens": 8}
     md = _markdown({"how": how, "load": [row, plain], "overhead": None})
     assert "| 0.67 | 0.60 | ngram:2 ×2, chat:3 ×1 |" in md and "| 0 | 0.00 | - | - |" in md
+    # with --repeats, a row pools its repetitions and shows each one's tokens/s
+    md = _markdown({"how": how, "load": [{**row, "repetitions_tokens_per_s": [14.0, 16.5]}], "overhead": None})
+    assert "| 15.0 (14.0, 16.5) |" in md
 
 
 def test_bench_load_deploys_its_variants_side_by_side_each_its_own_service():
