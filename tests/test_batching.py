@@ -345,3 +345,34 @@ def test_worker_serves_concurrent_streams_exactly_batched_or_interleaved(worker_
     else:
         assert {r["batch"] for r in records} == {1} and worker.steps >= rounds
     assert len(closed) == 3 and not worker.running and not worker.joining and worker.in_flight == 0
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_worker_admits_joining_requests_by_the_rows_the_engine_will_run(worker_cfg, tok, chunk, monkeypatch):
+    """Whole prompts each count their tokens against worker.max_batch_tokens (one joins each step
+    however long); with chunked prefill the prefilling requests share one budget of `chunk` rows,
+    as step_batch runs them, so they all join and the step's forward stays within the bound."""
+    from draftpick.workers.actor import EngineWorker, _Slot
+
+    bound = 20  # one 16-token prompt fits, two do not; with chunks of 8 the old count let only two join
+    cfg = worker_cfg.model_copy(update={"worker": worker_cfg.worker.model_copy(
+        update={"prefill_chunk": chunk, "max_batch_tokens": bound})})
+    worker = EngineWorker(cfg)
+    prompt = tok(PROMPTS[0]).input_ids[:16]
+    assert bound // 2 < len(prompt) <= bound  # one whole prompt fits, two do not
+    worker.joining = [_Slot(worker.engine.start(prompt, SamplingParams(max_tokens=8), Arm("ngram", 3))) for _ in range(3)]
+    assert worker._admit(chunk) == (3 if chunk else 1)
+    from draftpick.workers import engine as module
+
+    rows, forward = [], module.batched_forward
+
+    def counted(model, caches, tokens, *a, **kw):  # the rows of every batched forward
+        rows.append(sum(len(t) for t in tokens))
+        return forward(model, caches, tokens, *a, **kw)
+
+    monkeypatch.setattr(module, "batched_forward", counted)
+    while worker.running:
+        worker.engine.step_batch([s.g for s in worker.running], bound, chunk or None)
+        worker.running = [s for s in worker.running if not s.g.done]
+        worker._admit(chunk)
+    assert rows and max(rows) <= bound and not worker.joining

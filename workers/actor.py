@@ -154,23 +154,16 @@ class EngineWorker:
 
     async def _loop(self) -> None:
         """Step the requests in flight until none is left. Between steps (in the event loop, the
-        models idle): cancel the requests whose stream closed, let joining requests in while their
-        prompts (or first chunks, worker.prefill_chunk) fit worker.max_batch_tokens. A step runs in a thread; if this task is cancelled the
-        step still ends before it does (the models never run two steps at once)."""
+        models idle): cancel the requests whose stream closed, let joining requests in while the
+        step's rows fit worker.max_batch_tokens (`_admit`). A step runs in a thread; if this task is
+        cancelled the step still ends before it does (the models never run two steps at once)."""
         w = self.cfg.worker
         while self.running or self.joining:
             for s in [s for s in self.running + self.joining if s.cancelled]:
                 s.g.cancel()  # its rounds go to the sinks
                 (self.running if s in self.running else self.joining).remove(s)
             chunk = w.prefill_chunk if w.batching else 0
-            rows = sum(s.g.prefill_rows(chunk) if s.g.prefill_left else 1 for s in self.running)
-            joined = 0
-            while self.joining and (rows + self.joining[0].g.prefill_rows(chunk) <= w.max_batch_tokens
-                                    or not joined):  # one prompt joins each step, however long
-                s = self.joining.pop(0)
-                rows += s.g.prefill_rows(chunk)
-                joined += 1
-                self.running.append(s)
+            self._admit(chunk)
             if not self.running:
                 continue
             batch = self.running if w.batching else [self.running[0]]
@@ -195,11 +188,31 @@ class EngineWorker:
                     s.out.put_nowait(None)
                     self.running.remove(s)
 
+    def _admit(self, chunk: int) -> int:
+        """Let joining requests into the batch while the next step's rows fit worker.max_batch_tokens
+        (at least one joins each step, however long its prompt); returns how many joined. A decoding
+        request counts one row (the engine cuts drafts to fit); prefills count their prompts, or with
+        chunked prefill one budget of `chunk` rows that all prefilling requests share, as the engine
+        runs them."""
+        joined, bound = 0, self.cfg.worker.max_batch_tokens
+        while self.joining and (not joined or _rows(self.running + self.joining[:1], chunk) <= bound):
+            self.running.append(self.joining.pop(0))
+            joined += 1
+        return joined
+
     async def generate(self, req: GenerateRequest) -> dict:
         last = None
         async for chunk in self.generate_stream(req):
             last = chunk
         return last
+
+
+def _rows(slots: list[_Slot], chunk: int) -> int:
+    """The rows a step of these requests runs before drafts: one per decoding request, plus the
+    prompt tokens of those prefilling (at most `chunk` together with chunked prefill)."""
+    prefill = sum(s.g.prefill_left for s in slots)
+    decoding = sum(1 for s in slots if not s.g.prefill_left and not s.g.done)
+    return decoding + (min(prefill, chunk) if chunk else prefill)
 
 
 def worker_actor(cfg: DraftpickConfig, redis_url: str | None = None):
