@@ -291,7 +291,7 @@ def cmd_stats(args) -> int:
     from draftpick.workers.factory import build_engine
 
     cfg = load_config(args.config)
-    engine = build_engine(cfg)  # the namespace is the target's and drafters' fingerprints
+    engine = build_engine(cfg)  # the namespace is the service's name and the target's and drafters' fingerprints
     client, server = connect(data_dir=default_data_dir(cfg.serve.name))
     try:
         controller = from_config(cfg, engine, client)

@@ -197,4 +197,5 @@ def _bounded(fn, seconds: float) -> None:
     t.start()
     t.join(seconds)
     if t.is_alive():
-        print(f"draftpick: {getattr(getattr(fn, 'func', fn), '__name__', fn)} did not finish in {seconds:.0f} s; going on", file=sys.stderr)
+        name = getattr(getattr(fn, "func", fn), "__name__", fn)  # a partial names its function
+        print(f"draftpick: {name} did not finish in {seconds:.0f} s; going on", file=sys.stderr)
