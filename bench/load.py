@@ -192,25 +192,24 @@ async def _levels(url: str, model: str, levels: list[int], args, modes, pool: li
                     if pin is None:
                         await asyncio.gather(*(_client(client, f"{url}/{variant}", model, warm[i::n], args, pin,
                                                        mode + " warm-up") for i in range(n)))
-            done: dict[str, tuple[list, float, list]] = {mode: ([], 0.0, []) for _, mode, _ in modes}
+            results: dict[str, list[dict]] = {mode: [] for _, mode, _ in modes}
+            walls: dict[str, list[float]] = {mode: [] for _, mode, _ in modes}
             per = n * _per_client(args, n)
             for rep in range(args.repeats):  # every mode once per repetition, each time on new prompts
+                mine = prompts[rep * per: (rep + 1) * per]
                 for variant, mode, pin in modes:
                     t0 = time.perf_counter()
-                    runs = await asyncio.gather(*(_client(client, f"{url}/{variant}", model,
-                                                          prompts[rep * per: (rep + 1) * per][i::n], args, pin, mode)
-                                                  for i in range(n)))
-                    wall = time.perf_counter() - t0
-                    results, walls, rates = done[mode]
-                    results += [r for c in runs for r in c]
-                    rates.append(_row(n, mode, [r for c in runs for r in c], wall)["output_tokens_per_s"])
-                    done[mode] = (results, walls + wall, rates)
+                    runs = await asyncio.gather(*(_client(client, f"{url}/{variant}", model, mine[i::n], args, pin,
+                                                          mode) for i in range(n)))
+                    walls[mode].append(time.perf_counter() - t0)
+                    results[mode].append([r for c in runs for r in c])
                     if args.repeats > 1:
-                        print(f"bench load: {n} clients, repetition {rep + 1}, {mode}: {rates[-1]:.1f} tokens/s",
-                              flush=True)
+                        rate = _row(n, mode, results[mode][-1], walls[mode][-1])["output_tokens_per_s"]
+                        print(f"bench load: {n} clients, repetition {rep + 1}, {mode}: {rate:.1f} tokens/s", flush=True)
             for _, mode, _ in modes:
-                results, wall, rates = done[mode]
-                rows.append({**_row(n, mode, results, wall), "repetitions_tokens_per_s": rates})
+                rates = [_row(n, mode, rs, w)["output_tokens_per_s"] for rs, w in zip(results[mode], walls[mode])]
+                rows.append({**_row(n, mode, [r for rs in results[mode] for r in rs], sum(walls[mode])),
+                             "repetitions_tokens_per_s": rates})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -24,12 +24,15 @@ from draftpick.controller.controller import Controller, Plan
 from draftpick.policies.types import Context
 
 log = logging.getLogger(__name__)
-NAME, NAMESPACE = "draftpick_controller", "draftpick"  # the default service's actor
+NAMESPACE = "draftpick"
 
 
 def actor_name(service: str = "draftpick") -> str:
     """The controller actor of the service named `service` (serve.name)."""
     return f"{service}_controller"
+
+
+NAME = actor_name()  # the default service's actor
 
 
 def _controller(cfg, description: dict, redis_url: str, consumer: str | None = None) -> Controller:
