@@ -27,6 +27,11 @@
    the median difference is what the ingress, HTTP and Serve's proxy add, as a share of the request
    (target <= 5 %).
 Everything binds loopback; the run is bounded by the request counts.
+
+With `--in-process`, the same clients (the pinned modes: plain decoding and the fixed arm) call
+the worker in this process (workers.actor.EngineWorker.generate_stream, its configuration switched
+to each variant's), without Ray, Serve or HTTP: what the worker alone serves to this traffic. Set
+beside the endpoint's figures, it shows what the service around the worker costs.
 """
 from __future__ import annotations
 
@@ -70,6 +75,10 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="at each level, the modes alternate this many times, each time on new prompts; a row "
                         "pools them and lists each repetition's tokens/s (the spread is the run's noise)")
+    p.add_argument("--in-process", action="store_true",
+                   help="the same clients against the worker in this process (workers.actor.EngineWorker: no Ray, "
+                        "Serve or HTTP; the pinned modes only): what the worker alone serves, to set beside the "
+                        "endpoint's figures")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
@@ -120,6 +129,8 @@ def run(args) -> int:
     if not variants or unknown:
         raise ValueError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}")
     fixed = Arm.parse(args.fixed)
+    if args.in_process:
+        return _run_in_process(args, levels, variants, fixed)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
@@ -149,7 +160,7 @@ def run(args) -> int:
                 print(f"bench load: deploying variant {variant} at /{variant}", flush=True)
                 serve.run(build_app(vcfg), name=vcfg.serve.name, route_prefix=f"/{variant}")
             modes = [m for v in variants for m in _modes(v, fixed)]
-            report["load"] = asyncio.run(_levels(url, cfg.target.name, levels, args, modes, pool))
+            report["load"] = asyncio.run(_http_levels(url, cfg.target.name, levels, args, modes, pool))
             batched = [v for v in variants if configs[v].worker.batching]
             if batched:
                 report["overhead"] = asyncio.run(_overhead(f"{url}/{batched[0]}", configs[batched[0]], args, pool[-1]))
@@ -175,47 +186,104 @@ def _per_client(args, clients: int) -> int:
     return max(args.requests_per_client, -(-args.min_requests // clients))
 
 
-async def _levels(url: str, model: str, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
+def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
+    """--in-process: the pinned modes of the variants against one EngineWorker in this process (its
+    configuration switched to the variant's between modes, which never overlap)."""
+    from draftpick.workers.actor import EngineWorker
+    from draftpick.workers.config import load_config
+
+    cfg = load_config(args.config)
+    modes = [m for v in variants for m in _modes(v, fixed) if m[2] is not None]
+    if not modes:
+        raise ValueError(f"--in-process measures the pinned modes (plain decoding, --fixed); --variants "
+                         f"{args.variants} has none")
+    configs = {v: _variant_config(cfg, v) for v in variants}
+    worker = EngineWorker(configs[modes[0][0]])
+    report = {"how": {**_how(args, cfg, levels, variants), "in_process": True}, "load": [], "overhead": None}
+
+    async def send(variant, item, pin, user):
+        worker.cfg = configs[variant]
+        return await _local_stream(worker, item, args.max_tokens, pin, user)
+
+    report["load"] = asyncio.run(_levels(send, levels, args, modes, prompt_pool()))
+    write_results(args.out, "load", report, _markdown(report))
+    return 0
+
+
+async def _local_stream(worker, item: dict, max_tokens: int, pin: dict, user: str) -> dict:
+    """What _stream measures, from the worker's own stream (its steps' token chunks)."""
+    from draftpick.policies.types import Arm
+    from draftpick.workers.actor import GenerateRequest
+    from draftpick.workers.sampling import SamplingParams
+
+    req = GenerateRequest(worker.tokenize(item), SamplingParams(max_tokens=max_tokens),
+                          Arm(pin["drafter"], pin.get("num_speculative_tokens", 0)), tenant=user)
+    t0, stamps, last = time.perf_counter(), [], None
+    try:
+        async for event in worker.generate_stream(req):
+            if event.get("token_ids"):
+                stamps.append(time.perf_counter())
+            last = event
+    except Exception as e:  # counted as an error, the run goes on
+        return {"ok": False, "status": type(e).__name__}
+    records = last["records"]
+    return {"ok": True, "tokens": len(last["result"]["token_ids"]), "ttft": stamps[0] - t0 if stamps else None,
+            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0,
+            "rounds": len(records), "drafted": sum(r["num_drafted"] for r in records),
+            "accepted": sum(r["accepted"] for r in records), "first_arm": None}
+
+
+async def _http_levels(url: str, model: str, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
     import httpx2 as httpx
 
-    rows = []
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
-        for variant in dict.fromkeys(v for v, _, _ in modes):  # warm-up (models, caches, routes), unmeasured
-            await _stream(client, f"{url}/{variant}", model, pool[-1], args.max_tokens, None)
-        for li, n in enumerate(levels):
-            first = sum(m * _per_client(args, m) * args.repeats for m in levels[:li])
-            prompts = pool[first: first + n * _per_client(args, n) * args.repeats]
-            if args.warmup:  # the learning modes learn at this load first, on prompts from the pool's end
-                end = len(pool) - 1 - sum(levels[:li]) * args.warmup
-                warm = pool[end - n * args.warmup: end]
-                for variant, mode, pin in modes:
-                    if pin is None:
-                        await asyncio.gather(*(_client(client, f"{url}/{variant}", model, warm[i::n], args, pin,
-                                                       mode + " warm-up") for i in range(n)))
-            results: dict[str, list[dict]] = {mode: [] for _, mode, _ in modes}
-            walls: dict[str, list[float]] = {mode: [] for _, mode, _ in modes}
-            per = n * _per_client(args, n)
-            for rep in range(args.repeats):  # every mode once per repetition, each time on new prompts
-                mine = prompts[rep * per: (rep + 1) * per]
-                for variant, mode, pin in modes:
-                    t0 = time.perf_counter()
-                    runs = await asyncio.gather(*(_client(client, f"{url}/{variant}", model, mine[i::n], args, pin,
-                                                          mode) for i in range(n)))
-                    walls[mode].append(time.perf_counter() - t0)
-                    results[mode].append([r for c in runs for r in c])
-                    if args.repeats > 1:
-                        rate = _row(n, mode, results[mode][-1], walls[mode][-1])["output_tokens_per_s"]
-                        print(f"bench load: {n} clients, repetition {rep + 1}, {mode}: {rate:.1f} tokens/s", flush=True)
-            for _, mode, _ in modes:
-                rates = [_row(n, mode, rs, w)["output_tokens_per_s"] for rs, w in zip(results[mode], walls[mode])]
-                rows.append({**_row(n, mode, [r for rs in results[mode] for r in rs], sum(walls[mode])),
-                             "repetitions_tokens_per_s": rates})
-                print(json.dumps(rows[-1]), flush=True)
+        async def send(variant, item, pin, user):
+            return await _stream(client, f"{url}/{variant}", model, item, args.max_tokens, pin, user)
+
+        return await _levels(send, levels, args, modes, pool)
+
+
+async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
+    """Every level, its modes alternating; send(variant, chat item, pin, user) -> one request's measures."""
+    rows = []
+    warmed = set()
+    for variant, _, pin in modes:  # warm-up (models, caches, routes), unmeasured: each variant's first mode
+        if variant not in warmed:
+            warmed.add(variant)
+            await send(variant, pool[-1], pin, "bench")
+    for li, n in enumerate(levels):
+        first = sum(m * _per_client(args, m) * args.repeats for m in levels[:li])
+        prompts = pool[first: first + n * _per_client(args, n) * args.repeats]
+        if args.warmup:  # the learning modes learn at this load first, on prompts from the pool's end
+            end = len(pool) - 1 - sum(levels[:li]) * args.warmup
+            warm = pool[end - n * args.warmup: end]
+            for variant, mode, pin in modes:
+                if pin is None:
+                    await asyncio.gather(*(_client(send, variant, warm[i::n], pin, mode + " warm-up")
+                                           for i in range(n)))
+        results: dict[str, list[dict]] = {mode: [] for _, mode, _ in modes}
+        walls: dict[str, list[float]] = {mode: [] for _, mode, _ in modes}
+        per = n * _per_client(args, n)
+        for rep in range(args.repeats):  # every mode once per repetition, each time on new prompts
+            mine = prompts[rep * per: (rep + 1) * per]
+            for variant, mode, pin in modes:
+                t0 = time.perf_counter()
+                runs = await asyncio.gather(*(_client(send, variant, mine[i::n], pin, mode) for i in range(n)))
+                walls[mode].append(time.perf_counter() - t0)
+                results[mode].append([r for c in runs for r in c])
+                if args.repeats > 1:
+                    rate = _row(n, mode, results[mode][-1], walls[mode][-1])["output_tokens_per_s"]
+                    print(f"bench load: {n} clients, repetition {rep + 1}, {mode}: {rate:.1f} tokens/s", flush=True)
+        for _, mode, _ in modes:
+            rates = [_row(n, mode, rs, w)["output_tokens_per_s"] for rs, w in zip(results[mode], walls[mode])]
+            rows.append({**_row(n, mode, [r for rs in results[mode] for r in rs], sum(walls[mode])),
+                         "repetitions_tokens_per_s": rates})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-async def _client(client, url, model, items: list[dict], args, pin, user: str) -> list[dict]:
-    return [await _stream(client, url, model, item, args.max_tokens, pin, user) for item in items]
+async def _client(send, variant: str, items: list[dict], pin, user: str) -> list[dict]:
+    return [await send(variant, item, pin, user) for item in items]
 
 
 async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: str = "bench") -> dict:
@@ -333,8 +401,10 @@ def _markdown(report: dict) -> str:
              f"{how['requests_per_client']} chat requests per client"
              + (f" (at least {how['min_requests']} per mode and level)" if how.get("min_requests") else "")
              + f", max_tokens {how['max_tokens']}, greedy, "
-             "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. Variants side by side "
-             "(one Serve application each), all their modes alternating level by level"
+             "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. "
+             + ("The worker in this process (no Ray, Serve or HTTP), its variants' pinned modes"
+                if how.get("in_process") else "Variants side by side (one Serve application each), all their modes")
+             + " alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"
                 if how.get("warmup") else "") + ".", "",
              "| clients | mode | requests/s | output tokens/s (each repetition) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors "

@@ -376,3 +376,42 @@ def test_worker_admits_joining_requests_by_the_rows_the_engine_will_run(worker_c
         worker.running = [s for s in worker.running if not s.g.done]
         worker._admit(chunk)
     assert rows and max(rows) <= bound and not worker.joining
+
+
+def test_the_worker_runs_its_models_on_the_one_thread_that_loaded_them(worker_cfg, tok, redis_server, monkeypatch):
+    """Loading, fingerprinting (the learned state's namespace reads every weight) and every step run
+    on the worker's engine thread: torch's OpenMP keeps a team of threads per calling thread, and
+    two teams on two cores made a batched step twice as slow (workers.actor). Before, the loop's
+    asyncio.to_thread ran steps on the event loop's pool threads and the constructor fingerprinted
+    on its own."""
+    import threading
+
+    from draftpick.controller import controller
+    from draftpick.workers import factory
+    from draftpick.workers.actor import EngineWorker, GenerateRequest
+
+    threads = {"build": set(), "fingerprint": set(), "step": set()}
+
+    def on(kind, fn):
+        def wrapped(*a, **kw):
+            threads[kind].add(threading.get_ident())
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(factory, "build_engine", on("build", factory.build_engine))
+    monkeypatch.setattr(controller, "fingerprint", on("fingerprint", controller.fingerprint))
+    redis_server.flushall()
+    worker = EngineWorker(worker_cfg, f"redis://127.0.0.1:{redis_server.connection_pool.connection_kwargs['port']}/0")
+    worker.engine.step_batch = on("step", worker.engine.step_batch)
+    reqs = [GenerateRequest(tok(p).input_ids, SamplingParams(max_tokens=12), Arm("ngram", 2)) for p in PROMPTS[:4]]
+
+    async def main():
+        return await asyncio.gather(*[_stream(worker, r) for r in reqs])
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        worker.close()
+    assert all(o[-1]["result"]["token_ids"] for o in outs)
+    assert len(threads["build"]) == 1 and threads["fingerprint"] == threads["step"] == threads["build"]
+    assert threads["build"] != {threading.get_ident()}

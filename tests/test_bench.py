@@ -102,6 +102,29 @@ def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp
     assert by["batched close:2"]["draft_share"] > 0 and by["batched close:2, drafts alone"]["draft_share"] > 0
 
 
+def test_bench_load_in_process_runs_the_pinned_modes_against_the_worker(tmp_path, target, tok):
+    """--in-process: the same clients against EngineWorker in this process, no Ray or HTTP; the
+    pinned modes of both workers, each losslessly the same tokens for the same prompts."""
+    _tiny_config(tmp_path, target, tok)
+    code = main(["bench", "load", "--in-process", "--config", str(tmp_path / "cfg.yaml"), "--concurrency", "1,3",
+                 "--variants", "interleaved,batched,table", "--fixed", "close:2", "--max-tokens", "8",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads(next((tmp_path / "out").glob("load-*.json")).read_text())
+    rows = report["load"]
+    modes = ["interleaved, no speculation", "batched, no speculation", "batched, fixed close:2"]
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [(n, m) for n in (1, 3) for m in modes]  # no policy modes
+    assert report["how"]["in_process"] and report["overhead"] is None
+    for n in (1, 3):
+        level = [r for r in rows if r["concurrency"] == n]
+        assert all(r["requests"] == 2 * n for r in level)
+        # the same greedy tokens in every mode, and the same refusals (a prompt past the tiny target's window)
+        assert len({(r["errors"], round(r["output_tokens_per_s"] * r["wall_s"])) for r in level}) == 1
+    assert rows[0]["errors"] == 0 and rows[0]["output_tokens_per_s"] > 0
+    fixed = next(r for r in rows if r["mode"] == "batched, fixed close:2")
+    assert fixed["drafted_per_round"] > 0 and not rows[0]["drafted_per_round"]
+
+
 def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
     assert main(["bench", "load", "--warmup", "-1"]) == 2
     assert "--warmup needs a number >= 0, got -1" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import torch
 
 from draftpick.policies.types import Arm
 from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, tiny_model, tiny_sliding_model
+from draftpick.workers.batched import batched_forward
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
@@ -395,6 +396,49 @@ def test_padded_verify_forward_gives_the_same_logits_and_cache(target, tok):
         assert b.get_seq_length() == len(ids) + (-n) % 4  # the padding went into the cache...
         rollback(b, len(ids))  # ...and is cropped like rejected drafts
         torch.testing.assert_close(forward(target, b, [1])[-1], forward(target, a, [1])[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_the_growing_cache_gives_transformers_own_logits_and_writes_in_place(target, tok):
+    """new_cache's full-attention layers write into spare room (no copy of the cache per step):
+    through prefills, single and multi-token steps, rollbacks of rejected drafts and growth past its
+    room, every forward's logits are bit for bit those of transformers' own DynamicCache, one request
+    alone and several in one batched forward."""
+    from transformers import DynamicCache
+
+    from draftpick.workers.models import GrowingLayer, rollback
+
+    def stock():
+        cache = DynamicCache(config=target.config)
+        cache.activate_past_recording()
+        return cache
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [tok(p).input_ids for p in PROMPTS[:3]]
+    ours, theirs = [new_cache(target) for _ in prompts], [stock() for _ in prompts]
+    assert all(isinstance(layer, GrowingLayer) for c in ours for layer in c.layers)
+    lengths = [len(p) for p in prompts]
+    for caches in (ours, theirs):
+        for c, p in zip(caches, prompts):
+            forward(target, c, p)
+    moved = 0
+    for step in range(300):  # far past the first buffer's room (prompt + 128): it grows several times
+        news = [torch.randint(1, VOCAB, (1 + (step + i) % 4,), generator=gen).tolist() for i in range(len(prompts))]
+        before = [c.layers[0].keys.data_ptr() for c in ours]
+        if step % 2:  # alone
+            got = [forward(target, c, t) for c, t in zip(ours, news)]
+            want = [forward(target, c, t) for c, t in zip(theirs, news)]
+        else:  # batched
+            got = [lg for lg, _ in batched_forward(target, ours, news)]
+            want = [lg for lg, _ in batched_forward(target, theirs, news)]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        moved += sum(c.layers[0].keys.data_ptr() != p for c, p in zip(ours, before))
+        for i, (a, b) in enumerate(zip(ours, theirs)):  # keep the first row, as a round that rejected its drafts
+            lengths[i] += 1
+            rollback(a, lengths[i])
+            rollback(b, lengths[i])
+            assert torch.equal(a.layers[-1].keys, b.layers[-1].keys) and a.get_seq_length() == lengths[i]
+    assert 0 < moved < 20  # written in place, a new buffer only now and then
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -2,15 +2,21 @@
 
 One loop per worker steps every request in flight together: each step is one target forward
 for all of them (`SpeculativeEngine.step_batch`: each request's pending token and drafts, or a
-joining request's prompt), run in a thread, after which each request streams the tokens its round
-emitted. Requests join at the next step and leave as soon as they finish; a request whose client
+joining request's prompt), run on the worker's engine thread, after which each request streams the
+tokens its round emitted. Requests join at the next step and leave as soon as they finish; a request whose client
 went away is cancelled between steps. With `worker.batching` false the loop steps one request at a
 time, round-robin (the interleaved worker, kept for comparison). The engine itself knows nothing of
 Ray (see workers.engine).
+
+All the models' work runs on that one thread, which also loads them: torch's OpenMP runtime keeps
+a team of threads per thread that ever ran a parallel region, and with two teams on two cores it
+stops spinning between regions and wakes its threads through the kernel each time, which doubled
+the time of a batched step here (docs/results.md, "The engine thread").
 """
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
@@ -50,12 +56,12 @@ class EngineWorker:
         by this worker over its own snapshot when the actor is down (controller.actor.DecisionClient).
         start_controller: start (or find) the controller actor first; without a redis_url it then
         learns in $REDIS_URL, else in the controller's embedded Redis (controller.actor.service_redis_url)."""
-        from draftpick.workers.factory import build_engine
-        from draftpick.workers.models import set_threads
-
-        set_threads(cfg.worker.torch_threads)  # Ray would leave torch at 1 thread
         self.cfg = cfg
-        self.engine = build_engine(cfg)
+        # the one thread that runs the models: it loads (and fingerprints) them here and runs every
+        # step (see above)
+        self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftpick-engine")
+        self.engine, self.description = self.engine_thread.submit(
+            _build_engine, cfg, bool(redis_url or start_controller)).result()
         self.joining: list[_Slot] = []  # admitted, joining at the next step
         self.running: list[_Slot] = []  # in the batch
         self._loop_task = None
@@ -64,9 +70,7 @@ class EngineWorker:
         self.decisions = self.sink = None
         if redis_url or start_controller:
             from draftpick.controller.actor import DecisionClient, service_redis_url
-            from draftpick.controller.controller import describe
 
-            self.description = describe(cfg, self.engine)
             if start_controller:
                 redis_url = service_redis_url(cfg, self.description, redis_url)
             self.decisions = DecisionClient(cfg, self.description, redis_url)
@@ -155,8 +159,8 @@ class EngineWorker:
     async def _loop(self) -> None:
         """Step the requests in flight until none is left. Between steps (in the event loop, the
         models idle): cancel the requests whose stream closed, let joining requests in while the
-        step's rows fit worker.max_batch_tokens (`_admit`). A step runs in a thread; if this task is
-        cancelled the step still ends before it does (the models never run two steps at once)."""
+        step's rows fit worker.max_batch_tokens (`_admit`). A step runs on the engine thread; if this
+        task is cancelled the step still ends before it does (the models never run two steps at once)."""
         w = self.cfg.worker
         while self.running or self.joining:
             for s in [s for s in self.running + self.joining if s.cancelled]:
@@ -169,8 +173,8 @@ class EngineWorker:
             batch = self.running if w.batching else [self.running[0]]
             if not w.batching:  # round-robin
                 self.running.append(self.running.pop(0))
-            task = asyncio.ensure_future(asyncio.to_thread(
-                self.engine.step_batch, [s.g for s in batch], w.max_batch_tokens, chunk or None))
+            task = asyncio.get_running_loop().run_in_executor(
+                self.engine_thread, self.engine.step_batch, [s.g for s in batch], w.max_batch_tokens, chunk or None)
             try:
                 results = await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -205,6 +209,18 @@ class EngineWorker:
         async for chunk in self.generate_stream(req):
             last = chunk
         return last
+
+
+def _build_engine(cfg: DraftpickConfig, learns: bool):
+    """(engine, its description for the controller's namespace when the worker learns, else None):
+    on the engine thread, as the description reads every weight (controller.controller.fingerprint)."""
+    from draftpick.controller.controller import describe
+    from draftpick.workers.factory import build_engine
+    from draftpick.workers.models import set_threads
+
+    set_threads(cfg.worker.torch_threads)  # Ray would leave torch at 1 thread
+    engine = build_engine(cfg)
+    return engine, describe(cfg, engine) if learns else None
 
 
 def _rows(slots: list[_Slot], chunk: int) -> int:
