@@ -8,10 +8,10 @@ went away is cancelled between steps. With `worker.batching` false the loop step
 time, round-robin (the interleaved worker, kept for comparison). The engine itself knows nothing of
 Ray (see workers.engine).
 
-All the models' work runs on that one thread, which also loads them: torch's OpenMP runtime keeps
+All the models' work runs on that one thread, which also loads and fingerprints them: torch's OpenMP keeps
 a team of threads per thread that ever ran a parallel region, and with two teams on two cores it
 stops spinning between regions and wakes its threads through the kernel each time, which doubled
-the time of a batched step here (docs/results.md, "The engine thread").
+the time of a batched step here (docs/results.md, "The worker's engine thread and growing cache").
 """
 from __future__ import annotations
 
