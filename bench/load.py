@@ -145,10 +145,7 @@ def run(args) -> int:
         raise ValueError(f"--fixed {args.fixed}: not a drafter:k of the configuration")
     port = free_port()
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
-    pool = prompt_pool()
-    if len(pool) - 1 < sum(n * (_per_client(args, n) * args.repeats + args.warmup) for n in levels):
-        raise ValueError("--concurrency, --requests-per-client, --repeats and --warmup ask for more distinct prompts "
-                         f"than the {len(pool) - 1} there are")
+    pool = _pool(args, levels)
     configs = {v: _variant_config(cfg, v, len(variants)) for v in variants}
     with tempfile.TemporaryDirectory() as home:
         os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis servers start empty, in here
@@ -186,6 +183,15 @@ def _per_client(args, clients: int) -> int:
     return max(args.requests_per_client, -(-args.min_requests // clients))
 
 
+def _pool(args, levels: list[int]) -> list[dict]:
+    """The prompts (prompt_pool), refused when the run asks for more distinct ones than there are."""
+    pool = prompt_pool()
+    if len(pool) - 1 < sum(n * (_per_client(args, n) * args.repeats + args.warmup) for n in levels):
+        raise ValueError("--concurrency, --requests-per-client, --repeats and --warmup ask for more distinct prompts "
+                         f"than the {len(pool) - 1} there are")
+    return pool
+
+
 def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
     """--in-process: the pinned modes of the variants against one EngineWorker in this process (its
     configuration switched to the variant's between modes, which never overlap)."""
@@ -193,6 +199,7 @@ def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
     from draftpick.workers.config import load_config
 
     cfg = load_config(args.config)
+    pool = _pool(args, levels)
     modes = [m for v in variants for m in _modes(v, fixed) if m[2] is not None]
     if not modes:
         raise ValueError(f"--in-process measures the pinned modes (plain decoding, --fixed); --variants "
@@ -205,7 +212,7 @@ def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
         worker.cfg = configs[variant]
         return await _local_stream(worker, item, args.max_tokens, pin, user)
 
-    report["load"] = asyncio.run(_levels(send, levels, args, modes, prompt_pool()))
+    report["load"] = asyncio.run(_levels(send, levels, args, modes, pool))
     write_results(args.out, "load", report, _markdown(report))
     return 0
 

@@ -137,6 +137,8 @@ def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
     assert "--repeats needs a number >= 1, got 0" in capsys.readouterr().err
     assert main(["bench", "load", "--concurrency", "32", "--repeats", "8"]) == 2  # 8 x 64 new prompts
     assert "more distinct prompts" in capsys.readouterr().err
+    assert main(["bench", "load", "--in-process", "--concurrency", "32", "--repeats", "8"]) == 2  # in-process too
+    assert "more distinct prompts" in capsys.readouterr().err
 
 
 def test_bench_load_rows_say_what_speculation_did():
