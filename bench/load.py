@@ -234,10 +234,8 @@ async def _local_stream(worker, item: dict, max_tokens: int, pin: dict, user: st
     except Exception as e:  # counted as an error, the run goes on
         return {"ok": False, "status": type(e).__name__}
     records = last["records"]
-    return {"ok": True, "tokens": len(last["result"]["token_ids"]), "ttft": stamps[0] - t0 if stamps else None,
-            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0,
-            "rounds": len(records), "drafted": sum(r["num_drafted"] for r in records),
-            "accepted": sum(r["accepted"] for r in records), "first_arm": None}
+    return _measures(True, t0, stamps, len(last["result"]["token_ids"]), len(records),
+                     sum(r["num_drafted"] for r in records), sum(r["accepted"] for r in records), None)
 
 
 async def _http_levels(url: str, model: str, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
@@ -319,10 +317,16 @@ async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: st
                     arm = chunk.get("draftpick", {}).get("arm")
     except Exception as e:  # counted as an error, the run goes on
         return {"ok": False, "status": type(e).__name__}
+    return _measures(ok, t0, stamps, tokens, spec.get("num_spec_steps", 0), spec.get("num_draft_tokens", 0),
+                     spec.get("num_accepted_draft_tokens", 0), arm)
+
+
+def _measures(ok: bool, t0: float, stamps: list[float], tokens: int, rounds: int, drafted: int, accepted: int,
+              first_arm: str | None) -> dict:
+    """One request's measures (what _row pools), given when it was sent and when each of its token chunks came."""
     return {"ok": ok, "tokens": tokens, "ttft": stamps[0] - t0 if stamps else None,
             "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0,
-            "rounds": spec.get("num_spec_steps", 0), "drafted": spec.get("num_draft_tokens", 0),
-            "accepted": spec.get("num_accepted_draft_tokens", 0), "first_arm": arm}
+            "rounds": rounds, "drafted": drafted, "accepted": accepted, "first_arm": first_arm}
 
 
 def _row(n: int, mode: str, results: list[dict], wall: float) -> dict:

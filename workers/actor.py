@@ -2,16 +2,16 @@
 
 One loop per worker steps every request in flight together: each step is one target forward
 for all of them (`SpeculativeEngine.step_batch`: each request's pending token and drafts, or a
-joining request's prompt), run on the worker's engine thread, after which each request streams the
-tokens its round emitted. Requests join at the next step and leave as soon as they finish; a request whose client
-went away is cancelled between steps. With `worker.batching` false the loop steps one request at a
+joining request's prompt), run on the worker's engine thread, after which each request streams
+the tokens its round emitted. Requests join at the next step and leave as soon as they finish; a
+request whose client went away is cancelled between steps. With `worker.batching` false the loop steps one request at a
 time, round-robin (the interleaved worker, kept for comparison). The engine itself knows nothing of
 Ray (see workers.engine).
 
-All the models' work runs on that one thread, which also loads and fingerprints them: torch's OpenMP keeps
-a team of threads per thread that ever ran a parallel region, and with two teams on two cores it
-stops spinning between regions and wakes its threads through the kernel each time, which doubled
-the time of a batched step here (docs/results.md, "The worker's engine thread and growing cache").
+All the models' work runs on that one thread, which also loads and fingerprints them: torch's
+OpenMP keeps a team of threads per thread that ever ran a parallel region, and with two teams on
+two cores it stops spinning between regions and wakes its threads through the kernel each time,
+which doubled the time of a batched step here (docs/results.md, "The worker's engine thread and growing cache").
 """
 from __future__ import annotations
 

@@ -153,7 +153,7 @@ class GrowingLayer(DynamicLayer):
         bufs = self._buffers
         if bufs is None or have + new > bufs[0].shape[-2] or not _prefix_of(self.keys, bufs[0]) \
                 or not _prefix_of(self.values, bufs[1]):
-            room = have + new + max(128, (have + new) // 2)  # amortised: a copy every third or so of the length
+            room = have + new + max(128, (have + new) // 2)  # amortised: room for half as many again
             bufs = tuple(x.new_empty(*x.shape[:-2], room, x.shape[-1]) for x in (key_states, value_states))
             if have:
                 bufs[0][..., :have, :] = self.keys
