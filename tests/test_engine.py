@@ -1,4 +1,6 @@
 """The engine on tiny real models: greedy equality, sampling distribution, KV rollback, sync, stops."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,7 @@ def test_greedy_output_equals_transformers_generate(engine, target, tok, drafter
             assert res.token_ids == ref, (drafter, k, prompt)
 
 
-def test_small_batch_linears_compute_what_linear_computes_on_few_rows_only(monkeypatch):
+def test_small_batch_linears_compute_what_linear_computes_on_the_kernel_each_layer_chose(monkeypatch):
     from draftpick.workers import models
 
     torch.manual_seed(0)
@@ -66,11 +68,14 @@ def test_small_batch_linears_compute_what_linear_computes_on_few_rows_only(monke
     model = torch.nn.Sequential(wide, narrow, other)
     ref = {m: (m.weight.detach().clone(), m.bias.detach().clone()) for m in (wide, narrow)}
     assert models.small_batch_linears(model) == 2 and "forward" not in vars(other)  # bf16 is left alone
+    assert set(wide.kernels[1:]) <= {"linear", "w_xt", "x_wt"} and set(narrow.kernels[1:]) <= {"linear", "w_xt"}
     calls = []
     stock = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or stock(*a))
-    for layer, fast_rows in ((wide, models.WIDE_ROWS), (narrow, models.NARROW_ROWS)):
-        for rows in range(1, models.WIDE_ROWS + 3):
+    for layer in (wide, narrow):
+        layer.kernels = tuple(("linear", "w_xt", "x_wt" if layer is wide else "w_xt")[r % 3]
+                              for r in range(models.FEW_ROWS + 1))  # every path, whatever this machine chose
+        for rows in range(1, models.FEW_ROWS + 3):
             for shape in ((rows, 64), (1, rows, 64)):
                 x = torch.randn(*shape)
                 calls.clear()
@@ -78,17 +83,40 @@ def test_small_batch_linears_compute_what_linear_computes_on_few_rows_only(monke
                     y = layer(x)
                 assert y.shape == (*shape[:-1], layer.out_features)
                 torch.testing.assert_close(y, stock(x, *ref[layer]), rtol=1e-5, atol=1e-5)
-                assert bool(calls) == (rows > fast_rows), (layer.out_features, rows)  # the other paths ran
+                stock_path = rows > models.FEW_ROWS or layer.kernels[rows] == "linear"
+                assert bool(calls) == stock_path, (layer.out_features, rows)  # the other paths ran
         calls.clear()
         layer(torch.randn(2, 64))  # gradients on (training): `linear`, which autograd knows
         assert calls
 
 
+def test_calibration_keeps_the_fastest_product_per_row_count(monkeypatch):
+    """Each row count takes the kernel the clock found fastest over the layers of a shape; counts
+    between the timed ones take the choice of the count below."""
+    from draftpick.workers import models
+
+    now = [0.0]
+    cost = {"linear": lambda r: 10.0, "w_xt": lambda r: 5.0 if r <= 3 else 20.0, "x_wt": lambda r: 8.0 if r >= 8 else 30.0}
+    ran = []
+
+    def kernel(name):
+        def run(x, w, wt):
+            ran.append((name, x.shape[0]))
+            now[0] += cost[name](x.shape[0]) + (3.0 if len(ran) == 1 else 0.0)  # a slow first call: the warm-up
+        return run
+    monkeypatch.setattr(models, "KERNELS", {k: kernel(k) for k in cost})
+    layers = [torch.nn.Linear(8, 4) for _ in range(3)]
+    chosen = models.calibrate(layers, ["linear", "w_xt", "x_wt"], repeats=2, timer=lambda: now[0])
+    assert len(chosen) == models.FEW_ROWS + 1
+    assert chosen[1:4] == ("w_xt",) * 3 and chosen[4:8] == ("linear",) * 4 and chosen[8:] == ("x_wt",) * 9
+    assert {r for _, r in ran} == set(models.CALIBRATED_ROWS)  # only those counts are timed, each over every layer
+    assert len(ran) == 3 * len(models.CALIBRATED_ROWS) * 3 * len(layers)  # warm-up + 2 repeats, 3 kernels
+    assert models.calibrate(layers, ["linear", "w_xt"], repeats=1, timer=lambda: now[0])[8:] == ("linear",) * 9
+
+
 def test_greedy_output_with_small_batch_linears_equals_transformers_generate(target, tok, monkeypatch):
     """The engine's CPU fp32 default changes how the target's linear layers multiply a few rows: greedy
     output, speculative or not, still equals transformers' greedy generate on the stock model."""
-    import copy
-
     from draftpick.workers import models
 
     monkeypatch.setattr(models, "WIDE_LAYER", target.config.vocab_size)  # the tiny output layer takes the wide path
@@ -230,6 +258,26 @@ def exact_law(target, ids, params) -> dict:
     return law
 
 
+def gate_between(target, drafter, ids, first: dict[int, float]) -> float:
+    """A min_confidence that lets the drafter draft after first tokens of at least 0.3 of the mass
+    (`first`: token -> probability) and skips after at least 0.04: the sampling test then sees both.
+    Chosen from the drafter's own top-1 probabilities there, since a distilled head's confidence
+    depends on the machine that trained it."""
+    conf = {}
+    for a in first:
+        if isinstance(drafter, FeatureDrafter):
+            _, hidden = forward(target, new_cache(target), ids + [a], hidden=True)
+            conf[a] = drafter.trace(ids, [a, a], 1, hidden=hidden)[0]["draft_confidence"][0][0]
+        else:
+            conf[a] = float(forward(drafter.model, new_cache(drafter.model), ids + [a])[-1].softmax(-1).max())
+    for gate in sorted(set(conf.values()), reverse=True):
+        above = sum(p for a, p in first.items() if conf[a] >= gate)
+        if above >= 0.3:
+            assert 1 - above >= 0.04, f"the drafter's confidences {conf} cannot split {first}"
+            return gate
+    raise AssertionError("unreachable: the lowest confidence keeps all the mass")
+
+
 @pytest.mark.parametrize("drafter", ["ngram", "close", "feat", "featgate", "closegate"])
 def test_sampled_output_follows_target_distribution(engine, target, tok, drafter):
     """Unseeded requests (the standard rule, min(1, p / q)): three sampled tokens, the last two from
@@ -241,7 +289,12 @@ def test_sampled_output_follows_target_distribution(engine, target, tok, drafter
     counts = np.zeros(len(keys))
     n = 2000
     drafted = accepted = skipped = 0
-    alone = SpeculativeEngine(target, tok, {drafter: engine.drafters[drafter]})  # no other drafter to sync
+    d = engine.drafters[drafter]
+    if drafter.endswith("gate"):  # a gate between the drafter's confidences after the possible first tokens
+        d = copy.copy(d)
+        d.min_confidence = gate_between(target, d, ids, {a: sum(p for k, p in law.items() if k[0] == a)
+                                                         for a in {k[0] for k in keys}})
+    alone = SpeculativeEngine(target, tok, {drafter: d})  # no other drafter to sync
     for i in range(n):
         res = alone.generate(ids, params, Arm(drafter, 2), rng_seed=i)
         counts[keys.index(tuple(res.token_ids))] += 1
@@ -445,8 +498,6 @@ def test_the_growing_cache_gives_transformers_own_logits_and_writes_in_place(tar
 def test_engine_on_cuda_is_exact_and_samples_with_the_requests_seed(engine, target, tok):
     """The engine with the target and its drafters on a GPU: greedy output equals the GPU target's
     own generate for every drafter; sampling draws from the request's (CPU) generator."""
-    import copy
-
     gpu = copy.deepcopy(target).to("cuda")
     drafters = {"ngram": NgramDrafter(), "close": ModelDrafter("close", copy.deepcopy(engine.drafters["close"].model).to("cuda")),
                 "feat": FeatureDrafter(

@@ -7,6 +7,7 @@ setup` converts once and caches (see `workers.builtin`).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,43 +63,80 @@ def load_model(path: str, placement: Placement, gguf_file: str | None = None, sm
     return model
 
 
-WIDE_ROWS = 16  # up to this many rows (tokens) the output layer takes the paths below,
-NARROW_ROWS = 4  # the other layers up to this many (beyond it `linear` is as fast for them)
-WIDE_LAYER = 8192  # output features from which one-row products read a transposed copy of the weights
+FEW_ROWS = 16  # forwards of up to this many rows (tokens) may take another path than `linear`
+WIDE_LAYER = 8192  # output features from which a layer keeps a transposed copy of its weights (the output layer)
+CALIBRATED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # row counts timed; the others take the choice of the count below
+# the products a linear layer of few rows may take: x [rows, in], W [out, in], W.T stored contiguously (wide layers)
+KERNELS = {
+    "linear": lambda x, w, wt: torch.nn.functional.linear(x, w),
+    "w_xt": lambda x, w, wt: (w @ x.t()).t(),
+    "x_wt": lambda x, w, wt: x @ wt,
+}
 
 
-def small_batch_linears(model) -> int:
+def small_batch_linears(model, repeats: int = 2, timer=None) -> int:
     """Faster linear layers for decoding and verification on the CPU in fp32 (the same dot
-    products, summed in another order). PyTorch's CPU `linear` is slow for a few rows, slower than
-    reading the weights once takes. `W @ x.T` is fast for 2-16 rows, and for one row `x @ W.T`
-    with W.T stored contiguously (a copy, kept for layers at least WIDE_LAYER wide: the output
-    layer); the narrow layers gain from `W @ x.T` up to NARROW_ROWS rows. A target forward of 2-4
-    tokens then costs about what one token does (`draftpick bench forward` measures it;
-    docs/results.md has the figures). Larger inputs (prefill, training) keep `linear`. Models on
-    other devices or in other precisions are left alone. The copy is taken once: the model must be
-    used for inference (its weights not changed afterwards). Returns the number of layers changed."""
-    n = 0
+    products, summed in another order). PyTorch's CPU `linear` can be slow for a few rows, and
+    which product is fastest for 1-16 rows depends on the CPU: `W @ x.T` halved a 2-3-token forward
+    on one machine and doubled it on another (docs/results.md). So the choice is measured here,
+    once, on this machine (`calibrate`): for each shape of linear layer and each row count,
+    `linear`, `W @ x.T` and, for layers at least WIDE_LAYER wide (the output layer, which keeps a
+    transposed copy of its weights), `x @ W.T`; each layer keeps the fastest per row count
+    (`kernels`, indexed by rows). It takes 2-4 s for the embedded default's target. Larger inputs
+    (prefill, training) keep `linear`; `draftpick bench forward` compares the result with the
+    stock layers. Models on other devices or in other precisions are left alone. The copy is taken
+    once: the model must be used for inference (its weights not changed afterwards). `timer`: the
+    clock (a test's). Returns the number of layers changed."""
+    groups: dict[tuple[int, int], list] = {}
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if type(mod) is not torch.nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32:
             continue
-        if mod.out_features >= WIDE_LAYER:
-            mod.register_buffer("weight_t", w.detach().t().contiguous(), persistent=False)
-        mod.forward = _small_batch_forward.__get__(mod)
-        n += 1
-    return n
+        groups.setdefault(tuple(w.shape), []).append(mod)
+    for (out, _), layers in groups.items():
+        names = ["linear", "w_xt"]
+        if out >= WIDE_LAYER:
+            names.append("x_wt")
+            for mod in layers:
+                mod.register_buffer("weight_t", mod.weight.detach().t().contiguous(), persistent=False)
+        kernels = calibrate(layers, names, repeats, timer or time.perf_counter)
+        for mod in layers:
+            mod.kernels = kernels
+            mod.forward = _small_batch_forward.__get__(mod)
+    return sum(len(layers) for layers in groups.values())
+
+
+@torch.inference_mode()
+def calibrate(layers, names: list[str], repeats: int, timer) -> tuple[str, ...]:
+    """The fastest of the `names`d KERNELS for each row count 0..FEW_ROWS over `layers` (one shape),
+    timed at CALIBRATED_ROWS over all the layers (their weights streamed from memory as a forward
+    streams them: timing a few layers, which the CPU's caches hold, chose worse), kernels
+    interleaved, the fastest of `repeats` passes after a warm-up. A count between two timed ones
+    takes the choice of the one below; index 0 is unused."""
+    d = layers[0].in_features
+    gen = torch.Generator().manual_seed(0)
+    xs = {r: torch.randn(r, d, generator=gen) for r in CALIBRATED_ROWS}
+    best = {(r, k): float("inf") for r in CALIBRATED_ROWS for k in names}
+    for rep in range(repeats + 1):
+        for r in CALIBRATED_ROWS:
+            for k in names:
+                t0 = timer()
+                for mod in layers:
+                    KERNELS[k](xs[r], mod.weight, getattr(mod, "weight_t", None))
+                if rep:
+                    best[r, k] = min(best[r, k], timer() - t0)
+    chosen = {r: min(names, key=lambda k: best[r, k]) for r in CALIBRATED_ROWS}
+    return tuple(chosen[max(c for c in CALIBRATED_ROWS if c <= max(r, 1))] for r in range(FEW_ROWS + 1))
 
 
 def _small_batch_forward(self, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    wt = getattr(self, "weight_t", None)
-    few = 1 <= rows <= (WIDE_ROWS if wt is not None else NARROW_ROWS)
     training = torch.is_grad_enabled() and w.requires_grad  # autograd gets the op it knows
-    if not few or training or x.device != w.device or x.dtype != w.dtype:
+    if not 1 <= rows <= FEW_ROWS or training or x.device != w.device or x.dtype != w.dtype \
+            or self.kernels[rows] == "linear":
         return torch.nn.functional.linear(x, w, self.bias)
-    x2 = x.reshape(rows, x.shape[-1])
-    y = x2 @ wt if rows == 1 and wt is not None and wt.device == w.device else (w @ x2.t()).t()
+    y = KERNELS[self.kernels[rows]](x.reshape(rows, x.shape[-1]), w, getattr(self, "weight_t", None))
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
