@@ -65,11 +65,12 @@ def load_model(path: str, placement: Placement, gguf_file: str | None = None, sm
 
 FEW_ROWS = 16  # forwards of up to this many rows (tokens) may take another path than `linear`
 WIDE_LAYER = 8192  # output features from which a layer keeps a transposed copy of its weights (the output layer)
+MARGIN = 0.1  # another product replaces `linear` only if it timed this much faster (the timings are noisy)
 CALIBRATED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # row counts timed; the others take the choice of the count below
 # the products a linear layer of few rows may take: x [rows, in], W [out, in], W.T stored contiguously (wide layers)
 KERNELS = {
     "linear": lambda x, w, wt: torch.nn.functional.linear(x, w),
-    "w_xt": lambda x, w, wt: (w @ x.t()).t(),
+    "w_xt": lambda x, w, wt: (w @ x.t()).t().contiguous(),  # what reads it next reads rows: timed with the copy
     "x_wt": lambda x, w, wt: x @ wt,
 }
 
@@ -111,8 +112,8 @@ def calibrate(layers, names: list[str], repeats: int, timer) -> tuple[str, ...]:
     """The fastest of the `names`d KERNELS for each row count 0..FEW_ROWS over `layers` (one shape),
     timed at CALIBRATED_ROWS over all the layers (their weights streamed from memory as a forward
     streams them: timing a few layers, which the CPU's caches hold, chose worse), kernels
-    interleaved, the fastest of `repeats` passes after a warm-up. A count between two timed ones
-    takes the choice of the one below; index 0 is unused."""
+    interleaved, the fastest of `repeats` passes after a warm-up; `linear` unless another is MARGIN
+    faster. A count between two timed ones takes the choice of the one below; index 0 is unused."""
     d = layers[0].in_features
     gen = torch.Generator().manual_seed(0)
     xs = {r: torch.randn(r, d, generator=gen) for r in CALIBRATED_ROWS}
@@ -126,6 +127,7 @@ def calibrate(layers, names: list[str], repeats: int, timer) -> tuple[str, ...]:
                 if rep:
                     best[r, k] = min(best[r, k], timer() - t0)
     chosen = {r: min(names, key=lambda k: best[r, k]) for r in CALIBRATED_ROWS}
+    chosen = {r: k if best[r, "linear"] > (1 + MARGIN) * best[r, k] else "linear" for r, k in chosen.items()}
     return tuple(chosen[max(c for c in CALIBRATED_ROWS if c <= max(r, 1))] for r in range(FEW_ROWS + 1))
 
 
