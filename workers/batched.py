@@ -2,9 +2,11 @@
 
 The rows of all requests are flattened into one sequence through the linear layers (embedding,
 projections, MLP, output layer: the weights are read once per step for every request in flight);
-attention runs per request against its own cache (`DynamicCache`, as the single-request path
-uses), as varlen attention does on a GPU. This is what makes concurrent requests cheap: on the
-2-core CPU a forward over 16 rows costs a few single-row forwards (docs/results.md).
+each request attends to its own cache, as varlen attention does on a GPU: the requests of few rows
+whose caches are in the model's KVPool (workers.models) in one masked product over the pool
+(`_PooledRows`), the others (a prefill, a cache of its own) one by one. This is what makes
+concurrent requests cheap: on the 2-core CPU a forward over 16 rows costs a few single-row
+forwards (docs/results.md).
 
 Supported: decoder stacks of the Llama kind (full attention, pre-norm, rotary positions: Llama,
 SmolLM2, and Mistral / Qwen2 without a sliding window). `batchable(model)` says whether a model is;
@@ -52,11 +54,13 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
     device = model.device
     ids = torch.tensor([[t for ts in tokens for t in ts]], device=device)  # [1, R]
     pos = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, n)]).to(device)[None]  # [1, R]
-    # [m, s + m] causal masks of the requests with more than one row (True: may attend)
-    masks = [None if m == 1 else torch.ones(m, s + m, dtype=torch.bool, device=device).tril(s)
-             for s, m in zip(starts, n)]
+    pooled = _PooledRows(caches, starts, n, device)  # the requests whose few rows attend together in the pool
+    # [m, s + m] causal masks of the others with more than one row (True: may attend)
+    masks = [None if m == 1 or i in pooled.members else torch.ones(m, s + m, dtype=torch.bool, device=device).tril(s)
+             for i, (s, m) in enumerate(zip(starts, n))]
     h = inner.embed_tokens(ids)  # [1, R, d]
     cos, sin = inner.rotary_emb(h, position_ids=pos)  # [1, R, head_dim]
+    bounds = torch.tensor([0] + n).cumsum(0).tolist()
     for layer in inner.layers[: model.config.num_hidden_layers]:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -65,16 +69,20 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
         k = attn.k_proj(x).view(shape).transpose(1, 2)  # [1, Hkv, R, hd]
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = rope(q, k, cos, sin)
-        outs, off = [], 0
-        for cache, m, mask in zip(caches, n, masks):
-            rows = slice(off, off + m)
+        o = q.new_empty(q.shape)  # [1, H, R, hd]
+        if pooled.members:
+            o[0, :, pooled.rows] = pooled.attend(attn, q, k, v)
+        for i, (cache, mask) in enumerate(zip(caches, masks)):
+            if i in pooled.members:
+                continue
+            rows = slice(bounds[i], bounds[i + 1])
             keys, values = cache.update(k[:, :, rows], v[:, :, rows], attn.layer_idx)  # [1, Hkv, s + m, hd]
-            outs.append(F.scaled_dot_product_attention(q[:, :, rows], keys, values, attn_mask=mask,
-                                                       scale=attn.scaling, enable_gqa=True))  # [1, H, m, hd]
-            off += m
-        o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, R, -1)  # [1, R, H * hd]
+            o[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], keys, values, attn_mask=mask,
+                                                           scale=attn.scaling, enable_gqa=True)  # [1, H, m, hd]
+        o = o.transpose(1, 2).reshape(1, R, -1)  # [1, R, H * hd]
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
+    pooled.done()
     h = inner.norm(h)[0]  # [R, d]
     last_only = last_only or [False] * len(tokens)
     ends = torch.tensor(n).cumsum(0).tolist()
@@ -87,3 +95,71 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
         off += len(idx)
         out.append((lg, h[e - m: e]) if hidden else (lg, None))
     return out
+
+
+POOLED_ROWS = 16  # a request with at most this many rows attends with the others in the pool; more (a prefill) alone
+
+
+class _PooledRows:
+    """The requests of a batched forward whose caches are in one KVPool and whose rows are few
+    (decoding, verification): each layer writes their new keys and values into the pool and runs
+    their attention as one masked product over the pool's first slots (a request's row sees its
+    slot's positions up to its own), instead of a small product per request. The same attention
+    summed in another order: logits within float rounding of the per-request path."""
+
+    def __init__(self, caches, starts: list[int], n: list[int], device):
+        from draftpick.workers.models import PooledLayer
+
+        self.members: dict[int, int] = {}  # request index -> slot
+        firsts = [c.layers[0] if c.layers else None for c in caches]
+        pool = next((f.pool for f in firsts if isinstance(f, PooledLayer) and f.slot is not None), None)
+        for i, (c, f, s, m) in enumerate(zip(caches, firsts, starts, n)):
+            if not (isinstance(f, PooledLayer) and f.pool is pool and m <= POOLED_ROWS):
+                continue
+            if f.slot is not None and not pool.fits(s + m):
+                for layer in c.layers:
+                    layer.leave_pool()
+            if f.slot is not None:
+                self.members[i] = f.slot.index
+        if not self.members:
+            return
+        self.pool, self.caches = pool, caches
+        self.ends = {i: starts[i] + n[i] for i in self.members}
+        pool.reserve(max(self.ends.values()))
+        bounds = torch.tensor([0] + n).cumsum(0).tolist()
+        slot, row, posn, flat = [], [], [], []  # per member row: its slot, its row in the request, its position, its row in R
+        for i, sl in self.members.items():
+            for j in range(n[i]):
+                slot.append(sl), row.append(j), posn.append(starts[i] + j), flat.append(bounds[i] + j)
+        as_t = lambda xs: torch.tensor(xs, device=device)  # noqa: E731
+        self.slot, self.row, self.pos, self.rows = as_t(slot), as_t(row), as_t(posn), as_t(flat)
+        self.width = max(slot) + 1  # the pool's first slots the product reads
+        self.m = max(n[i] for i in self.members)
+        self.length = max(self.ends.values())
+        # [width, 1, 1, m, length]: True where a member's row may attend; unused rows see position 0
+        seen = torch.zeros(self.width, self.m, dtype=torch.long, device=device)
+        seen[self.slot, self.row] = self.pos + 1
+        seen[seen == 0] = 1
+        self.mask = (torch.arange(self.length, device=device) < seen[..., None])[:, None, None]
+
+    def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The members' attention outputs [H, rows, hd] for this layer, after writing their keys and values."""
+        K, V = self.pool.k[attn.layer_idx], self.pool.v[attn.layer_idx]  # [slots, Hkv, positions, hd]
+        K[self.slot, :, self.pos] = k[0, :, self.rows].transpose(0, 1)  # [rows, Hkv, hd]
+        V[self.slot, :, self.pos] = v[0, :, self.rows].transpose(0, 1)
+        heads, kv_heads, hd = q.shape[1], K.shape[1], q.shape[-1]
+        Q = q.new_zeros(self.width, heads, self.m, hd)
+        Q[self.slot, :, self.row] = q[0, :, self.rows].transpose(0, 1)  # [rows, H, hd]
+        K, V = K[: self.width, :, : self.length], V[: self.width, :, : self.length]
+        g = heads // kv_heads  # query heads per key head (grouped-query attention)
+        scores = torch.matmul(Q.view(self.width, kv_heads, g * self.m, hd), K.transpose(-1, -2)) * attn.scaling
+        scores = scores.view(self.width, kv_heads, g, self.m, self.length).masked_fill_(~self.mask, float("-inf"))
+        p = torch.softmax(scores, dim=-1).view(self.width, kv_heads, g * self.m, self.length)
+        out = torch.matmul(p, V).view(self.width, heads, self.m, hd)
+        return out[self.slot, :, self.row].transpose(0, 1)  # [H, rows, hd]
+
+    def done(self) -> None:
+        """The members' layers now hold their new positions (views of the pool)."""
+        for i in self.members:
+            for layer in self.caches[i].layers:
+                layer.refresh(self.ends[i])

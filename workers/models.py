@@ -6,8 +6,10 @@ setup` converts once and caches (see `workers.builtin`).
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,11 +173,82 @@ def check_same_vocabulary(target_tok, target_model, drafter_name: str, drafter_m
 def new_cache(model) -> DynamicCache:
     """A cache that can be rolled back: sliding-window (and convolution-state) layers keep their
     past until `rollback` crops them, instead of refusing to crop once their window is full. Its
-    full-attention layers grow in place (`GrowingLayer`)."""
+    full-attention layers grow in place: in the model's `KVPool` (`PooledLayer`) where
+    `workers.batched` can batch the model, else in their own buffers (`GrowingLayer`)."""
+    from draftpick.workers.batched import batchable
+
     cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    pool = KVPool.of(model) if batchable(model) else None
+    slot = pool.acquire() if pool is not None else None
+    cache.layers = [(PooledLayer(pool, slot, i) if pool is not None else GrowingLayer())
+                    if type(layer) is DynamicLayer else layer for i, layer in enumerate(cache.layers)]
     cache.activate_past_recording()
     return cache
+
+
+POOL_POSITIONS = 1024  # a request longer than this leaves the pool for buffers of its own
+
+
+class KVPool:
+    """The keys and values of all of one model's requests, layer by layer, in one tensor per layer
+    [slots, kv heads, positions, head dim]: request r's cache is its slot's first positions. The
+    attention of many requests' few rows (decoding, verification) then reads one strided view of
+    it in one product (`workers.batched`) instead of one small product per request. A slot is
+    taken by `new_cache` and given back when its cache is collected; the pool grows (slots, or
+    positions up to POOL_POSITIONS, copying what it holds) as needed. Zero-filled, so positions
+    beyond a request's length hold finite values that its mask drops."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device):
+        self.shape, self.dtype, self.device = (layers, kv_heads, head_dim), dtype, device
+        self.slots, self.positions, self.free = 0, 0, []
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    @classmethod
+    def of(cls, model) -> "KVPool":
+        pool = getattr(model, "_draftpick_kv_pool", None)
+        if pool is None:
+            cfg = model.config
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            pool = cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, model.dtype, model.device)
+            model._draftpick_kv_pool = pool
+        return pool
+
+    def acquire(self) -> "Slot":
+        if not self.free:
+            self._grow(max(4, 2 * self.slots), self.positions)
+        return Slot(self, self.free.pop())
+
+    def fits(self, length: int) -> bool:
+        return length <= POOL_POSITIONS
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` positions in every slot (length <= POOL_POSITIONS)."""
+        if length > self.positions:
+            self._grow(self.slots, min(POOL_POSITIONS, max(length + 64, self.positions * 3 // 2)))
+
+    @torch.inference_mode()  # its tensors are written under inference mode (forwards), so made there too
+    def _grow(self, slots: int, positions: int) -> None:
+        layers, heads, dim = self.shape
+        old = (self.k, self.v)
+        self.k, self.v = ([torch.zeros(slots, heads, positions, dim, dtype=self.dtype, device=self.device)
+                           for _ in range(layers)] for _ in range(2))
+        if self.slots and self.positions:
+            for new_l, old_l in zip(self.k + self.v, old[0] + old[1]):
+                new_l[: self.slots, :, : self.positions] = old_l
+        self.free = sorted(set(self.free) | set(range(self.slots, slots)), reverse=True)  # lowest slots first
+        self.slots, self.positions = slots, positions
+
+    def release(self, index: int) -> None:
+        self.free = sorted(set(self.free) | {index}, reverse=True)
+
+
+class Slot:
+    """One cache's place in a KVPool, shared by its layers; given back when the last one lets go."""
+
+    def __init__(self, pool: KVPool, index: int):
+        self.pool, self.index = pool, index
+        weakref.finalize(self, pool.release, index)
 
 
 class GrowingLayer(DynamicLayer):
@@ -209,6 +282,68 @@ def _prefix_of(view: torch.Tensor, buffer: torch.Tensor) -> bool:
     """Whether `view` is the first positions of `buffer` (not a tensor put in its place by a caller)."""
     return (view.numel() == 0 or view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
             and view.shape[:-2] == buffer.shape[:-2])
+
+
+class PooledLayer(GrowingLayer):
+    """A full-attention cache layer kept in its model's KVPool: `keys` / `values` are views of its
+    slot's first positions there, written in place (as GrowingLayer's buffer). A request that would
+    grow past POOL_POSITIONS leaves the pool (`leave_pool`): its positions move to buffers of its
+    own and it goes on as a GrowingLayer."""
+
+    def __init__(self, pool: KVPool, slot: Slot, layer_idx: int):
+        super().__init__()
+        self.pool, self.slot, self.idx = pool, slot, layer_idx
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._buffers = None
+        have, new = self.get_seq_length(), key_states.shape[-2]
+        if self.slot is not None and not self.pool.fits(have + new):
+            self.leave_pool()
+        if self.slot is None:
+            return super().update(key_states, value_states)
+        self.pool.reserve(have + new)
+        i = self.slot.index
+        with torch.inference_mode():
+            self.pool.k[self.idx][i, :, have: have + new] = key_states[0]
+            self.pool.v[self.idx][i, :, have: have + new] = value_states[0]
+        self.refresh(have + new)
+        return self.keys, self.values
+
+    def refresh(self, length: int) -> None:
+        """keys / values: the slot's first `length` positions (after a write, or the pool's growth)."""
+        if not self.is_initialized:  # its first positions came through the batched forward
+            self.is_initialized, self.device, self._buffers = True, self.pool.device, None
+        i = self.slot.index
+        self.keys = self.pool.k[self.idx][i: i + 1, :, :length]
+        self.values = self.pool.v[self.idx][i: i + 1, :, :length]
+
+    def leave_pool(self) -> None:
+        if self.slot is not None:
+            have = self.get_seq_length()
+            if self.is_initialized:
+                self.refresh(have)
+                self.keys, self.values = self.keys.clone(), self.values.clone()  # GrowingLayer re-buffers them
+            self.slot, self._buffers = None, None
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        if self.slot is None:
+            new.keys, new.values = (None, None) if self.keys is None else (self.keys.clone(), self.values.clone())
+            new._buffers = None
+            return new
+        if id(self.slot) not in memo:
+            memo[id(self.slot)] = self.pool.acquire()
+        new.slot = memo[id(self.slot)]
+        if self.is_initialized:
+            have = self.get_seq_length()
+            self.pool.reserve(have)
+            with torch.inference_mode():
+                for t in (self.pool.k[self.idx], self.pool.v[self.idx]):
+                    t[new.slot.index, :, :have] = t[self.slot.index, :, :have]
+            new.refresh(have)
+        return new
 
 
 @torch.inference_mode()
