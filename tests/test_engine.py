@@ -511,8 +511,8 @@ def test_the_cache_gives_transformers_own_logits_and_writes_in_place(target, tok
 
 
 def test_the_pool_gives_slots_back_copies_and_lets_long_requests_go(target, tok, monkeypatch):
-    """A collected cache's slot is taken by the next; a deep copy gets a slot and positions of its
-    own; a request growing past POOL_POSITIONS leaves the pool for buffers of its own; through all
+    """A cache takes a slot at its first use; a collected cache's slot is taken by the next; a deep
+    copy gets a slot and positions of its own; a request growing past POOL_POSITIONS leaves the pool for buffers of its own; through all
     of it a batched forward gives each request what it gets alone."""
     import gc
 
@@ -523,6 +523,8 @@ def test_the_pool_gives_slots_back_copies_and_lets_long_requests_go(target, tok,
     pool = KVPool.of(target)
     ids = tok(PROMPTS[0]).input_ids[:20]
     a = new_cache(target)
+    free = len(pool.free)
+    assert a.layers[0].slot._index is None and len(pool.free) == free  # nothing taken before its first use
     slot = a.layers[0].slot.index
     del a
     gc.collect()
@@ -533,6 +535,7 @@ def test_the_pool_gives_slots_back_copies_and_lets_long_requests_go(target, tok,
     assert c.layers[0].slot.index != slot and c.get_seq_length() == b.get_seq_length() == len(ids)
     assert all(torch.equal(x.keys, y.keys) for x, y in zip(b.layers, c.layers))
     fresh = [new_cache(target) for _ in range(pool.slots + 1)]  # more than the pool holds: it grows
+    assert len({f.layers[0].slot.index for f in fresh} | {slot, c.layers[0].slot.index}) == len(fresh) + 2
     assert pool.slots >= len(fresh) + 2
     for f in fresh[:2]:
         forward(target, f, ids[:5])

@@ -7,7 +7,9 @@ setup` converts once and caches (see `workers.builtin`).
 from __future__ import annotations
 
 import copy
+import heapq
 import os
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -187,37 +189,49 @@ def new_cache(model) -> DynamicCache:
 
 
 POOL_POSITIONS = 1024  # a request longer than this leaves the pool for buffers of its own
+_POOLS = weakref.WeakKeyDictionary()  # model -> its KVPool
 
 
 class KVPool:
     """The keys and values of all of one model's requests, layer by layer, in one tensor per layer
     [slots, kv heads, positions, head dim]: request r's cache is its slot's first positions. The
     attention of many requests' few rows (decoding, verification) then reads one strided view of
-    it in one product (`workers.batched`) instead of one small product per request. A slot is
-    taken by `new_cache` and given back when its cache is collected; the pool grows (slots, or
+    it in one product (`workers.batched`) instead of one small product per request. A cache takes
+    a slot at its first forward and gives it back when it is collected; the pool grows (slots, or
     positions up to POOL_POSITIONS, copying what it holds) as needed. Zero-filled, so positions
     beyond a request's length hold finite values that its mask drops."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device):
         self.shape, self.dtype, self.device = (layers, kv_heads, head_dim), dtype, device
-        self.slots, self.positions, self.free = 0, 0, []
+        self.slots, self.positions, self.free = 0, 0, []  # free: a heap of slot indices
+        self.lock = threading.Lock()
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
 
     @classmethod
     def of(cls, model) -> "KVPool":
-        pool = getattr(model, "_draftpick_kv_pool", None)
-        if pool is None:
+        """The model's pool (a copy of the model, or the model moved or cast, gets a new one)."""
+        pool = _POOLS.get(model)
+        if pool is None or (pool.dtype, pool.device) != (model.dtype, model.device):
             cfg = model.config
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            pool = cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, model.dtype, model.device)
-            model._draftpick_kv_pool = pool
+            pool = _POOLS[model] = cls(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, model.dtype,
+                                       model.device)
         return pool
 
     def acquire(self) -> "Slot":
-        if not self.free:
-            self._grow(max(4, 2 * self.slots), self.positions)
-        return Slot(self, self.free.pop())
+        """A place for a new cache; its slot is taken at its first forward (`Slot.index`)."""
+        return Slot(self)
+
+    def take(self) -> int:
+        """A free slot, growing the pool if none is: on the thread that runs the model's forwards
+        (a growth moves every slot's positions, which must not happen under a running forward)."""
+        with self.lock:
+            if self.free:
+                return heapq.heappop(self.free)
+        self._grow(max(4, 2 * self.slots), self.positions)
+        with self.lock:
+            return heapq.heappop(self.free)
 
     def fits(self, length: int) -> bool:
         return length <= POOL_POSITIONS
@@ -236,19 +250,30 @@ class KVPool:
         if self.slots and self.positions:
             for new_l, old_l in zip(self.k + self.v, old[0] + old[1]):
                 new_l[: self.slots, :, : self.positions] = old_l
-        self.free = sorted(set(self.free) | set(range(self.slots, slots)), reverse=True)  # lowest slots first
-        self.slots, self.positions = slots, positions
+        with self.lock:
+            for i in range(self.slots, slots):
+                heapq.heappush(self.free, i)  # lowest slots first: the batched product reads the first ones
+            self.slots, self.positions = slots, positions
 
     def release(self, index: int) -> None:
-        self.free = sorted(set(self.free) | {index}, reverse=True)
+        """A collected cache's slot (on whichever thread collected it)."""
+        with self.lock:
+            heapq.heappush(self.free, index)
 
 
 class Slot:
-    """One cache's place in a KVPool, shared by its layers; given back when the last one lets go."""
+    """One cache's place in a KVPool, shared by its layers: taken at its first forward, given back
+    when the last layer lets go of it."""
 
-    def __init__(self, pool: KVPool, index: int):
-        self.pool, self.index = pool, index
-        weakref.finalize(self, pool.release, index)
+    def __init__(self, pool: KVPool):
+        self.pool, self._index = pool, None
+
+    @property
+    def index(self) -> int:
+        if self._index is None:
+            self._index = self.pool.take()
+            weakref.finalize(self, self.pool.release, self._index)
+        return self._index
 
 
 class GrowingLayer(DynamicLayer):
@@ -337,11 +362,10 @@ class PooledLayer(GrowingLayer):
             memo[id(self.slot)] = self.pool.acquire()
         new.slot = memo[id(self.slot)]
         if self.is_initialized:
-            have = self.get_seq_length()
-            self.pool.reserve(have)
+            have, src, dst = self.get_seq_length(), self.slot.index, new.slot.index  # (taking one may grow the pool)
             with torch.inference_mode():
                 for t in (self.pool.k[self.idx], self.pool.v[self.idx]):
-                    t[new.slot.index, :, :have] = t[self.slot.index, :, :have]
+                    t[dst, :, :have] = t[src, :, :have]
             new.refresh(have)
         return new
 
