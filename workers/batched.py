@@ -136,11 +136,11 @@ class _PooledRows:
         self.width = max(slot) + 1  # the pool's first slots the product reads
         self.m = max(n[i] for i in self.members)
         self.length = max(self.ends.values())
-        # [width, 1, 1, m, length]: True where a member's row may attend; unused rows see position 0
+        # [width, 1, 1, m, length]: True where a member's row may not attend; unused rows see position 0
         seen = torch.zeros(self.width, self.m, dtype=torch.long, device=device)
         seen[self.slot, self.row] = self.pos + 1
         seen[seen == 0] = 1
-        self.mask = (torch.arange(self.length, device=device) < seen[..., None])[:, None, None]
+        self.masked = (torch.arange(self.length, device=device) >= seen[..., None])[:, None, None]
 
     def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The members' attention outputs [H, rows, hd] for this layer, after writing their keys and values."""
@@ -153,7 +153,7 @@ class _PooledRows:
         K, V = K[: self.width, :, : self.length], V[: self.width, :, : self.length]
         g = heads // kv_heads  # query heads per key head (grouped-query attention)
         scores = torch.matmul(Q.view(self.width, kv_heads, g * self.m, hd), K.transpose(-1, -2)) * attn.scaling
-        scores = scores.view(self.width, kv_heads, g, self.m, self.length).masked_fill_(~self.mask, float("-inf"))
+        scores = scores.view(self.width, kv_heads, g, self.m, self.length).masked_fill_(self.masked, float("-inf"))
         p = torch.softmax(scores, dim=-1).view(self.width, kv_heads, g * self.m, self.length)
         out = torch.matmul(p, V).view(self.width, heads, self.m, hd)
         return out[self.slot, :, self.row].transpose(0, 1)  # [H, rows, hd]

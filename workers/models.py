@@ -324,8 +324,8 @@ class PooledLayer(GrowingLayer):
             self.lazy_initialization(key_states, value_states)
             self._buffers = None
         have, new = self.get_seq_length(), key_states.shape[-2]
-        if self.slot is not None and not self.pool.fits(have + new):
-            self.leave_pool()
+        if self.slot is not None and (key_states.shape[0] != 1 or not self.pool.fits(have + new)):
+            self.leave_pool()  # (a batch of sequences in one cache, e.g. transformers' generate: buffers of its own)
         if self.slot is None:
             return super().update(key_states, value_states)
         self.pool.reserve(have + new)
