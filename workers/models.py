@@ -106,6 +106,8 @@ def small_batch_linears(model, repeats: int = 2, timer=None) -> int:
                 mod.register_buffer("weight_t", mod.weight.detach().t().contiguous(), persistent=False)
         kernels = calibrate(layers, names, repeats, timer or time.perf_counter)
         for mod in layers:
+            if "x_wt" not in kernels and hasattr(mod, "weight_t"):
+                delattr(mod, "weight_t")  # the copy is kept only where it is read (113 MB for the default's)
             mod.kernels = kernels
             mod.forward = _small_batch_forward.__get__(mod)
     return sum(len(layers) for layers in groups.values())
