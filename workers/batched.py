@@ -54,13 +54,13 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
     device = model.device
     ids = torch.tensor([[t for ts in tokens for t in ts]], device=device)  # [1, R]
     pos = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, n)]).to(device)[None]  # [1, R]
-    pooled = _PooledRows(caches, starts, n, device)  # the requests whose few rows attend together in the pool
+    bounds = torch.tensor([0] + n).cumsum(0).tolist()  # request i's rows are bounds[i]:bounds[i + 1]
+    pooled = _PooledRows(caches, starts, n, bounds, device)  # the requests whose few rows attend together in the pool
     # [m, s + m] causal masks of the others with more than one row (True: may attend)
     masks = [None if m == 1 or i in pooled.members else torch.ones(m, s + m, dtype=torch.bool, device=device).tril(s)
              for i, (s, m) in enumerate(zip(starts, n))]
     h = inner.embed_tokens(ids)  # [1, R, d]
     cos, sin = inner.rotary_emb(h, position_ids=pos)  # [1, R, head_dim]
-    bounds = torch.tensor([0] + n).cumsum(0).tolist()
     for layer in inner.layers[: model.config.num_hidden_layers]:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -85,7 +85,7 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
     pooled.done()
     h = inner.norm(h)[0]  # [R, d]
     last_only = last_only or [False] * len(tokens)
-    ends = torch.tensor(n).cumsum(0).tolist()
+    ends = bounds[1:]
     keep = [torch.arange(e - 1, e) if lo else torch.arange(e - m, e) for e, m, lo in zip(ends, n, last_only)]
     rows = h[torch.cat(keep)]
     logits = model.lm_head(rows).float() if head is None else head(rows)  # [rows kept, vocab]
@@ -107,7 +107,7 @@ class _PooledRows:
     slot's positions up to its own), instead of a small product per request. The same attention
     summed in another order: logits within float rounding of the per-request path."""
 
-    def __init__(self, caches, starts: list[int], n: list[int], device):
+    def __init__(self, caches, starts: list[int], n: list[int], bounds: list[int], device):
         from draftpick.workers.models import PooledLayer
 
         self.members: dict[int, int] = {}  # request index -> slot
@@ -126,7 +126,6 @@ class _PooledRows:
         self.pool, self.caches = pool, caches
         self.ends = {i: starts[i] + n[i] for i in self.members}
         pool.reserve(max(self.ends.values()))
-        bounds = torch.tensor([0] + n).cumsum(0).tolist()
         slot, row, posn, flat = [], [], [], []  # per member row: its slot, its row in the request, its position, its row in R
         for i, sl in self.members.items():
             for j in range(n[i]):
