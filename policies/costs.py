@@ -8,9 +8,10 @@ v(k) = v(0) * (1 + VERIFY_SLOPE * k) for draft lengths not yet played, plus the 
 seconds per drafted token times k. Statistics: cs|arm, cn|arm (seconds, rounds of a played
 arm), vs|k, vn|k (verify seconds, rounds), ds|drafter, dn|drafter (draft seconds, tokens).
 
-Load: a round batched with other requests (workers.batched) pays its share of the forward by rows,
-so a drafted token costs more of a step the fuller the batch (at 16 requests a k = 4 round costs
-about 2 plain rounds; alone about 1.2). The verify and per-arm seconds are also kept per load
+Load: a round batched with other requests pays its share of the forward, a / n + b rows
+(workers.batched.ForwardCost: the weights' read split among the n requests, each row's own
+compute b), so a drafted token costs more of a step the fuller the batch, and what it costs does
+not depend on what the other requests draft. The verify and per-arm seconds are also kept per load
 level (`load_level` of the round's batch size: L0 alone, L1 2-3, L2 4-7, ...: L|<level>|vs|k, ...),
 and a request's costs come from its level's statistics where there are any: at a batched level the
 verify cost's slope in k is fitted from the draft lengths the level has seen (the prior slope until

@@ -8,7 +8,7 @@ import torch
 from draftpick.policies.types import Arm
 from test_engine import exact_law, hf_greedy, sampling_context
 from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
-from draftpick.workers.batched import batchable, batched_forward
+from draftpick.workers.batched import ForwardCost, batchable, batched_forward
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
@@ -89,6 +89,71 @@ def test_greedy_outputs_in_a_batch_equal_each_request_alone(engine, target, tok)
     assert max(r.batch for r in records) >= 4
     assert all(r.batch_rows >= r.num_drafted + r.batch for r in records)
     assert sum(r.accepted for r in records) > 10  # drafts were accepted along the way
+
+
+def test_forward_cost_charges_a_drafted_row_its_marginal_cost_whatever_the_others_draft():
+    """Forwards cost a + b rows (a = 80 ms, b = 2 ms, with noise): once the rows varied, the fit finds
+    the line, a plain request pays a / n + b in a batch of plain requests and in one where the others
+    draft, a drafted row costs b, and the shares sum to the forward. By rows (before the fit) a plain
+    request's share would fall from 5.5 to 2.9 ms when the others draft."""
+    rng = np.random.default_rng(0)
+    cost = ForwardCost()
+    assert cost.shares([1, 3], 0.04) == pytest.approx([0.01, 0.03])  # no fit yet: by rows
+    for _ in range(200):
+        rows = int(rng.integers(16, 64))
+        cost.observe(rows, 0.080 + 0.002 * rows + rng.normal(0, 0.002))
+    a, b = cost.line()
+    assert a == pytest.approx(0.080, rel=0.1) and b == pytest.approx(0.002, rel=0.1)
+    plain, mixed = [1] * 16, [1] + [4] * 15
+    alone = cost.shares(plain, a + b * sum(plain))
+    among = cost.shares(mixed, a + b * sum(mixed))
+    assert alone[0] == pytest.approx(among[0]) == pytest.approx(a / 16 + b)
+    assert among[1] - among[0] == pytest.approx(3 * b)
+    assert sum(among) == pytest.approx(a + b * sum(mixed))
+    assert sum(cost.shares(mixed, 0.5)) == pytest.approx(0.5)  # a slower forward than the line: scaled
+
+
+def test_forward_cost_falls_back_to_rows_without_a_usable_line():
+    flat, falling = ForwardCost(), ForwardCost()
+    for i in range(100):
+        flat.observe(16, 0.1)  # the rows never varied: no slope to fit
+        falling.observe(16 + i % 8, 0.2 - 0.01 * (i % 8))  # more rows, less time: not a cost line
+    for cost in (flat, falling):
+        assert cost.line() is None
+        assert cost.shares([1, 3], 0.04) == pytest.approx([0.01, 0.03])
+
+
+def test_batched_rounds_share_their_forward_by_the_fitted_line(engine, tok, monkeypatch):
+    """In the engine: each step's shares (the forward seconds each request's round or prefill is
+    charged) sum to the forward and follow the line fitted from the forwards so far, a / n + b r_i."""
+    from draftpick.workers.engine import Generation
+
+    engine.forward_cost = ForwardCost(min_weight=3, min_spread=0.1)
+    calls, steps = [], []
+    complete = Generation.complete
+
+    def spy(self, logits, hidden, forward_s, batch=1, rows=0):
+        own = len(self._round_state[3]) + 1 if self._round_state is not None else self._chunk
+        calls.append((own, forward_s, batch, rows))
+        return complete(self, logits, hidden, forward_s, batch, rows)
+
+    monkeypatch.setattr(Generation, "complete", spy)
+    jobs = [(i, tok(p).input_ids, SamplingParams(max_tokens=30), arm, {}) for i, (p, arm) in enumerate(zip(PROMPTS, ARMS))]
+    run_batched(engine, jobs, on_step=lambda live: (steps.append((list(calls), engine.forward_cost.line())), calls.clear()))
+    fitted = 0
+    for step, line in steps:
+        if len(step) < 2:
+            continue
+        assert sum(r for r, *_ in step) == step[0][3] and all(c[2] == len(step) for c in step)
+        shares = [s for _, s, *_ in step]
+        if line is None:
+            expected = [r / step[0][3] for r, *_ in step]
+        else:
+            a, b = line
+            expected = [(a / len(step) + b * r) / (a + b * step[0][3]) for r, *_ in step]
+            fitted += len({r for r, *_ in step}) > 1
+        assert [s / sum(shares) for s in shares] == pytest.approx(expected)
+    assert fitted >= 3  # steps charged by the line, with requests of different rows in them
 
 
 def test_each_cache_holds_exactly_its_verified_tokens_after_every_batched_step(engine, target, tok):

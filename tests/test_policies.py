@@ -357,7 +357,7 @@ def _batched_rounds(batch: int, k: int, verify_s: float, n: int = 40) -> list[Ro
 @pytest.mark.parametrize("name", ["contextual", "hedge"])
 def test_learned_policies_draft_alone_and_stop_drafting_in_a_full_batch(name):
     """Costs as batched verification makes them (policies.costs): alone a k = 3 round costs 1.2 plain
-    rounds, in a batch of 16 (its share of the forward by rows) about 3; speculation that pays alone
+    rounds, in a batch of 16 (its share of the forward: a / 16 + b rows) about 3; speculation that pays alone
     does not there. The policy learns the costs per load level and picks k accordingly."""
     from draftpick.policies.costs import load_level
     from draftpick.policies.state import add

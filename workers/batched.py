@@ -35,6 +35,58 @@ def batchable(model) -> bool:
     return hasattr(model, "model") and hasattr(model.model, "rotary_emb")
 
 
+class ForwardCost:
+    """How a batched forward's seconds grow with its rows, fitted online, and each request's share of
+    them: the marginal cost of a row, not the average.
+
+    A forward over R rows for n requests costs about a + b R: `a` reads the weights once for all of
+    them, `b` is each row's own compute. Sharing the seconds by rows (the average, (a + b R) / R a
+    row) charges a request's drafted row a / R + b, and what a row costs then depends on how many
+    rows the other requests ran: in a batch where the others draft, every row looks cheap. Here a
+    request pays a / n + b r_i (its rows r_i), scaled so that the shares still sum to the forward's
+    seconds: what its own choice of draft length adds is b a row, whatever the others do, and plain
+    decoding pays the same a / n + b in any mix.
+
+    (a, b) is a least-squares line of seconds on rows over the recent batched forwards without a
+    prefill (exponentially weighted, `decay` a forward), fitted where the rows varied enough; until
+    then, and where the line is not usable (b < 0, or a < 0: more than the average a row), the share
+    is by rows, as before."""
+
+    def __init__(self, decay: float = 0.995, min_weight: float = 20.0, min_spread: float = 1.0):
+        self.decay, self.min_weight, self.min_spread = decay, min_weight, min_spread
+        self.w = self.r = self.t = self.rr = self.rt = 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """One forward without a prefill: `rows` rows, `seconds` long."""
+        d = self.decay
+        self.w, self.r, self.t = d * self.w + 1, d * self.r + rows, d * self.t + seconds
+        self.rr, self.rt = d * self.rr + rows * rows, d * self.rt + rows * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b) seconds of a forward = a + b rows, or None while the fit is not usable."""
+        if self.w < self.min_weight:
+            return None
+        mr, mt = self.r / self.w, self.t / self.w
+        var = self.rr / self.w - mr * mr
+        if var < self.min_spread:
+            return None
+        b = (self.rt / self.w - mr * mt) / var
+        a = mt - b * mr
+        return (a, b) if b >= 0 and a >= 0 else None
+
+    def shares(self, rows: list[int], seconds: float) -> list[float]:
+        """Each request's seconds of a forward that ran rows[i] rows for request i."""
+        total = sum(rows)
+        fit = self.line()
+        if fit is None or not total:
+            return [seconds * r / total if total else seconds / len(rows) for r in rows]
+        a, b = fit
+        n = len(rows)
+        cost = [a / n + b * r for r in rows]
+        scale = seconds / sum(cost)
+        return [c * scale for c in cost]
+
+
 @torch.inference_mode()
 def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], last_only: list[bool] | None = None,
                     hidden: bool = False, head=None):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from draftpick.policies.types import Arm, Choice, RoundRecord
-from draftpick.workers.batched import batchable, batched_forward
+from draftpick.workers.batched import ForwardCost, batchable, batched_forward
 from draftpick.workers.drafters.base import Drafter
 from draftpick.workers.drafters.feature import TargetFeatures
 from draftpick.workers.drafters.none import NoneDrafter
@@ -89,6 +89,7 @@ class SpeculativeEngine:
         # in step_batch, the rounds of one drafter that drafts requests together (`propose_batch`:
         # feature heads, model drafters) draft in one call; False: each request drafts alone
         self.batch_drafts = True
+        self.forward_cost = ForwardCost()  # each request's share of a batched forward's seconds
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
@@ -133,7 +134,7 @@ class SpeculativeEngine:
         for them all (workers.batched); returns the tokens each appended, or the exception that ended
         it (a request's own error, e.g. from its round chooser, fails that request alone: it is
         cancelled, and its rounds still go to the sinks). Each request's share of the
-        forward's seconds, by rows, is its round's verify time. max_rows bounds the forward's rows: the
+        forward's seconds (a / n + b rows, batched.ForwardCost) is its round's verify time. max_rows bounds the forward's rows: the
         prefills take theirs, the rounds share the rest (their drafts are cut to fit, never below 0).
         prefill_chunk: the prompt tokens all prefilling requests together run in this step (chunked
         prefill, first come first served; a prompt beyond it waits; None: whole prompts); a request
@@ -170,9 +171,12 @@ class SpeculativeEngine:
             outs = batched_forward(self.target, [g.cache for g in batch], [tokens[id(g)] for g in batch],
                                    [g.prefilling for g in batch], hidden=keep)
             forward_s = time.perf_counter() - t
-            rows = sum(len(tokens[id(g)]) for g in batch)
-            for g, (logits, hidden) in zip(batch, outs):
-                share = forward_s * len(tokens[id(g)]) / rows
+            lengths = [len(tokens[id(g)]) for g in batch]
+            rows = sum(lengths)
+            if not any(g.prefilling for g in batch):
+                self.forward_cost.observe(rows, forward_s)
+            shares = self.forward_cost.shares(lengths, forward_s)
+            for g, (logits, hidden), share in zip(batch, outs, shares):
                 out[id(g)] = _guarded(g, lambda g=g, lg=logits, h=hidden, s=share: g.complete(lg, h, s, len(batch), rows))
         return [out.get(id(g), []) for g in gens]
 
