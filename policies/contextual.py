@@ -18,13 +18,17 @@ from draftpick.policies.costs.
   acceptance on the features (weights: how often the position was judged), plus a LinUCB bonus
   alpha * sqrt(x^T A^-1 x) where the data are thin; the positions' acceptances give each arm's
   tokens per round. For drafters whose rounds were re-run along the outputs (lookup drafters under
-  greedy or seeded decoding: RoundRecord.counterfactual), a ridge regression of those exact tokens
-  per round on the features replaces the position hazards, which are biased by where the played
-  arm's rounds started.
+  greedy or seeded decoding: RoundRecord.counterfactual), a ridge regression on the features of the
+  share of rounds each arm saves (1 - rounds / tokens, weighted by tokens) replaces the position
+  hazards, which are biased by where the played arm's rounds started. Rounds per token, not tokens
+  per round: averaged over requests weighted by tokens it gives the traffic's own rounds per token
+  (sum of rounds / sum of tokens), where the mean of tokens per round leans to the requests that
+  copy well (two requests of 64 tokens at 1 and 2 tokens per round average 1.5; together they run
+  at 128 / 96 = 1.33).
 Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; ct|<tag>|<arm> (tokens
 emitted when played under the tag); A|<drafter>|j|p|q (upper
 triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); cfw|<drafter>, cfA|<drafter>|p|q,
-cfb|<drafter>|k|p and cfround|<drafter>|k for the re-run rounds; the costs of policies.costs.
+cfsave|<drafter>|k|p and cfround|<drafter>|k for the re-run rounds; the costs of policies.costs.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from draftpick.policies.types import Choice, aggregate, tokens_per_round
 @dataclass(frozen=True)
 class ContextualConfig(PolicyConfig):
     alpha: float = 0.1  # LinUCB exploration weight (acceptance per draft position)
-    cf_alpha: float = 1.0  # LinUCB weight of the re-run (counterfactual) tokens per round (chosen on the dev trace)
+    cf_alpha: float = 0.1  # LinUCB weight of the re-run (counterfactual) share of rounds saved (chosen on the dev trace)
     ridge: float = 1.0  # regularisation of the linear models
     prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
     prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
@@ -140,8 +144,9 @@ class Contextual(BasePolicy):
 
     def _counterfactual_linear(self, x, stats, tpr: np.ndarray) -> np.ndarray:
         """Where a drafter's rounds were re-run along the outputs (lookup drafters, greedy or seeded),
-        its arms' tokens per round come from a ridge regression of those exact values on the
-        features (weighted by tokens), with the same LinUCB bonus, instead of from position hazards."""
+        its arms' tokens per round come from a ridge regression on the features of the share of
+        rounds the arm saved there (1 - rounds / tokens, weighted by tokens), with the same LinUCB
+        bonus, instead of from position hazards: tokens per round = 1 / (1 - saved), at most k + 1."""
         out = tpr.copy()
         d = self.d
         for X in self.drafters:
@@ -154,13 +159,14 @@ class Contextual(BasePolicy):
                    if arm.drafter == X and arm.k and stats.get(key("cfround", X, arm.k), 0.0) > 0]
             if not idx:
                 continue
-            b = np.array([[stats.get(key("cfb", X, self.arms[i].k, p), 0.0) for p in range(d)] for i in idx])
+            b = np.array([[stats.get(key("cfsave", X, self.arms[i].k, p), 0.0) for p in range(d)] for i in idx])
             sol = np.linalg.solve(A, np.concatenate([b.T, x[:, None]], 1))  # one solve: [d, arms + 1]
             theta, ainv_x = sol[:, :-1].T, sol[:, -1]
             bonus = self.cfg.cf_alpha * np.sqrt(max(ainv_x @ x, 0.0))
-            # predicted tokens per round, as an offset from 1 (what plain decoding gets) so that the
-            # ridge pulls an unseen request toward plain decoding, not toward 0
-            out[idx] = 1.0 + np.maximum(theta @ x + bonus, 0.0)
+            # the share of rounds saved is 0 for plain decoding, so the ridge pulls an unseen request
+            # toward it; a k-token draft saves at most k / (k + 1)
+            ks = np.array([self.arms[i].k for i in idx], dtype=float)
+            out[idx] = 1.0 / (1.0 - np.clip(theta @ x + bonus, 0.0, ks / (ks + 1)))
         return out
 
     def increments(self, record):
@@ -190,9 +196,9 @@ class Contextual(BasePolicy):
                     inc[key("cfA", X, p, q)] = w * xs[p] * xs[q]
             for k, n in enumerate(rounds, start=1):
                 inc[key("cfround", X, k)] = n
-                y = w / n - 1.0  # tokens per round above plain decoding's 1
+                y = 1.0 - n / w  # the share of plain decoding's rounds (one a token) the arm saved
                 for p in nz:
-                    inc[key("cfb", X, k, p)] = w * y * xs[p]
+                    inc[key("cfsave", X, k, p)] = w * y * xs[p]
         return inc
 
     def _names(self, drafter, j):

@@ -279,6 +279,29 @@ def test_contextual_learns_lookup_arms_per_feature_region_from_re_run_rounds_alo
     assert policy.select(Context(features=(1.0, 0.0)), stats, rng).arm == Arm("none", 0)
 
 
+def test_contextual_predicts_the_tokens_per_round_the_traffic_runs_at_not_the_mean_over_requests():
+    """Requests alike in their features, half of them copying (ngram:1 takes 32 rounds for 64
+    tokens) and half not (64 rounds): together they run at 128 / 96 = 1.33 tokens a round, which is
+    what the throughput depends on. The mean of each request's tokens per round would say 1.5. A
+    prediction never passes k + 1 tokens a round, however strong the evidence and its bonus."""
+    from dataclasses import replace
+
+    from draftpick.policies.state import add
+
+    arms = [Arm("none", 0), Arm("ngram", 1)]
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0})
+    stats: dict[str, float] = {}
+    base = RoundRecord(drafter="none", k=0, num_drafted=0, accepted=0, emitted=64, draft_s=0.0, verify_s=0.6,
+                       rounds=64, features=[1.0])
+    for _ in range(50):
+        for rounds in (32.0, 64.0):
+            add(stats, policy.increments(replace(base, counterfactual={"ngram": [rounds]}, counterfactual_tokens=64.0)))
+    ngram = policy.arms.index(Arm("ngram", 1))
+    assert policy.linear((1.0,), stats)[ngram] == pytest.approx(128 / 96, rel=0.01)
+    bold = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 100.0})
+    assert bold.linear((1.0,), stats)[ngram] <= 2.0 + 1e-9
+
+
 def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_the_features():
     """Learned: on requests like this one the n-gram drafter gets 1.1 tokens a round and the chat
     head 2 at k = 3, so the request starts on chat:3. Its own first rounds show the n-gram drafter
