@@ -8,13 +8,13 @@ import torch
 from draftpick.policies.types import Arm
 from test_engine import exact_law, hf_greedy, sampling_context
 from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
-from draftpick.workers.batched import ForwardCost, batchable, batched_forward
+from draftpick.workers.batched import ForwardCost, batchable, batched_forward, pooled_rows_cap
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
 from draftpick.workers.drafters.suffix import SuffixDrafter
 from draftpick.workers.engine import SpeculativeEngine
-from draftpick.workers.models import forward, new_cache
+from draftpick.workers.models import forward, new_cache, rollback
 from draftpick.workers.sampling import SamplingParams
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat on the mat. the cat", "x = 1\ny = 2\n",
@@ -71,6 +71,46 @@ def test_batched_forward_equals_each_requests_own_forward(target):
     (lg, _), = batched_forward(target, [new_cache(target)], [prompts[1]], last_only=[True])
     assert torch.allclose(lg, forward(target, new_cache(target), prompts[1], last_only=True), atol=1e-5)
 
+
+
+def test_a_request_with_many_rows_among_many_with_few_attends_alone_and_every_output_is_exact(target, monkeypatch):
+    """The pool's product runs every member at the largest member's rows: of n requests, up to n // 8
+    with the most rows attend alone instead (pooled_rows_cap). Ten requests, one verifying 6 rows:
+    it attends alone, the nine others in the pool at one row, and every logit and cache is what each
+    request's own forward gives."""
+    import draftpick.workers.batched as batched
+
+    assert [pooled_rows_cap(r) for r in ([1] * 31 + [9], [1] * 24 + [2] * 8, [2] * 32, [1] * 3 + [4], [1] * 9 + [20])] \
+        == [1, 2, 2, 4, 1]
+    members = []
+    pooled = batched._PooledRows
+
+    class Spy(pooled):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            members.append(sorted(self.members))
+
+    monkeypatch.setattr(batched, "_PooledRows", Spy)
+    prompts = [[(3 * i + j) % 50 + 1 for j in range(5 + i)] for i in range(10)]
+    new = [[7]] * 9 + [[1, 2, 3, 4, 5, 6]]
+    alone, caches = [], []
+    for p, t in zip(prompts, new):
+        c = new_cache(target)
+        forward(target, c, p)
+        alone.append(forward(target, c, t))
+        caches.append(new_cache(target))
+        forward(target, caches[-1], p)
+    batched_forward(target, caches, [[5]] * 10)  # every cache takes its pool slot at its first batched forward
+    for c, p in zip(caches, prompts):
+        rollback(c, len(p))
+    together = batched_forward(target, caches, new)
+    assert members[-1] == list(range(9))  # the 6-row request attended alone
+    for lg, (lg2, _), c, p, t in zip(alone, together, caches, prompts, new):
+        assert torch.allclose(lg, lg2, atol=1e-5) and torch.equal(lg.argmax(-1), lg2.argmax(-1))
+        fresh = new_cache(target)
+        forward(target, fresh, p + t)
+        for a, b in zip(fresh.layers, c.layers):
+            assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
 
 ARMS = [Arm("close", 4), Arm("ngram", 3), Arm("suffix", 2), Arm("feat", 4), Arm("none", 0), Arm("ngram", 8)]
 

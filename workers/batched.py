@@ -150,6 +150,21 @@ def batched_forward(model, caches: list[DynamicCache], tokens: list[list[int]], 
 
 
 POOLED_ROWS = 16  # a request with at most this many rows attends with the others in the pool; more (a prefill) alone
+ALONE_SHARE = 8  # of n pooled requests, up to n // ALONE_SHARE with the most rows attend alone (see pooled_rows_cap)
+
+
+def pooled_rows_cap(rows: list[int]) -> int:
+    """The most rows a request may have to attend in the pool this step. The pool's product runs
+    every member at the largest member's rows, so one request verifying 8 drafts among 31 decoding
+    ones makes all 32 attend at 9 rows (a 32-request forward 104 -> 137 ms on the 2-core CPU, as
+    dear as every request verifying 2 rows). Up to 1 in ALONE_SHARE of the requests, those with
+    the most rows, attend alone instead (112 ms there), and the others at the rows the rest need:
+    measured over mixes of 1-, 2-, 4- and 9-row requests, this picked the fastest of the caps
+    1, 2, 4 and 16 in each (docs/results.md)."""
+    few = sorted(r for r in rows if r <= POOLED_ROWS)
+    if not few:
+        return 0
+    return few[len(few) - 1 - len(few) // ALONE_SHARE]
 
 
 class _PooledRows:
@@ -165,8 +180,9 @@ class _PooledRows:
         self.members: dict[int, int] = {}  # request index -> slot
         firsts = [c.layers[0] if c.layers else None for c in caches]
         pool = next((f.pool for f in firsts if isinstance(f, PooledLayer) and f.slot is not None), None)
+        cap = pooled_rows_cap([m for f, m in zip(firsts, n) if isinstance(f, PooledLayer) and f.pool is pool])
         for i, (c, f, s, m) in enumerate(zip(caches, firsts, starts, n)):
-            if not (isinstance(f, PooledLayer) and f.pool is pool and m <= POOLED_ROWS):
+            if not (isinstance(f, PooledLayer) and f.pool is pool and m <= cap):
                 continue
             if f.slot is not None and not pool.fits(s + m):
                 for layer in c.layers:
