@@ -163,19 +163,41 @@ class DecisionClient:
         self.timeout_s = timeout_s
         self.fallbacks = 0
         self.controller_error: str | None = None
+        self._actor = None  # the actor's handle, looked up once (again after a failure)
+
+    def _handle(self):
+        if not ray.is_initialized():  # no Ray here, so no actor (and no Ray started by asking)
+            raise RuntimeError("Ray is not initialized")
+        if self._actor is None:
+            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
+        return self._actor
+
+    def _fallback(self, context: Context, e: Exception) -> Plan:
+        """No actor, dead, restarting or slow: decide here."""
+        self._actor = None
+        self.fallbacks += 1
+        self.controller_error = f"{type(e).__name__}: {e}"
+        return self.local.decide(context)
 
     def decide(self, context: Context) -> Plan:
         try:
-            if not ray.is_initialized():  # no Ray here, so no actor (and no Ray started by asking)
-                raise RuntimeError("Ray is not initialized")
-            actor = ray.get_actor(self.name, namespace=NAMESPACE)
-            plan = ray.get(actor.decide.remote(context), timeout=self.timeout_s)
-            self.controller_error = None
-            return plan
-        except Exception as e:  # no actor, dead, restarting or slow: decide here
-            self.fallbacks += 1
-            self.controller_error = f"{type(e).__name__}: {e}"
-            return self.local.decide(context)
+            plan = ray.get(self._handle().decide.remote(context), timeout=self.timeout_s)
+        except Exception as e:  # noqa: BLE001
+            return self._fallback(context, e)
+        self.controller_error = None
+        return plan
+
+    async def decide_async(self, context: Context) -> Plan:
+        """decide() without blocking the caller's event loop while the actor answers (a worker's
+        loop starts every step: a blocking call there stalls every request in flight)."""
+        import asyncio
+
+        try:
+            plan = await asyncio.wait_for(self._handle().decide.remote(context), timeout=self.timeout_s)
+        except Exception as e:  # noqa: BLE001
+            return self._fallback(context, e)
+        self.controller_error = None
+        return plan
 
     def status(self) -> dict:
         return {"controller": "up" if self.controller_error is None else f"down: {self.controller_error}",

@@ -1,5 +1,6 @@
 """The live controller against real redis-server processes: exactly-once folding, claims of a dead
 consumer's entries, persistence, shared state, outages, bad records, the embedded server."""
+import asyncio
 import json
 import os
 import signal
@@ -342,6 +343,7 @@ def test_the_controller_actor_decides_folds_restarts_and_workers_fall_back(ray_l
     assert ray.get(actor.stats.remote())["totals"]["requests"] == len(cfg.arms())  # folded in the background
     plan = worker.decide(Context())
     assert worker.fallbacks == 0 and plan.arm == worker.local.decide(Context()).arm
+    assert asyncio.run(worker.decide_async(Context())).arm == plan.arm and worker.fallbacks == 0  # the worker's path
     ray.kill(actor, no_restart=False)  # a crash: Ray restarts it, and it resumes from Redis
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -355,6 +357,7 @@ def test_the_controller_actor_decides_folds_restarts_and_workers_fall_back(ray_l
     assert stop_controller()
     plan = worker.decide(Context())  # gone: the worker decides itself, with the same policy and state
     assert worker.fallbacks == 1 and plan.arm == worker.local.decide(Context()).arm
+    assert asyncio.run(worker.decide_async(Context())).arm == plan.arm and worker.fallbacks == 2
     assert worker.status()["controller"].startswith("down")
     sink.close()
 

@@ -103,8 +103,9 @@ class EngineWorker:
         """What `draftpick stats --json` prints (None: this worker does not learn)."""
         return None if self.decisions is None else self.decisions.local.stats()
 
-    def _plan(self, req: GenerateRequest):
-        """(arm, round chooser or None, plan or None) of a request: its own arm, or the controller's."""
+    async def _plan(self, req: GenerateRequest):
+        """(arm, round chooser or None, plan or None) of a request: its own arm, or the controller's
+        (awaited: the event loop goes on starting the steps of the requests in flight meanwhile)."""
         if req.arm is not None:
             return req.arm, None, None
         if self.decisions is None:
@@ -112,7 +113,7 @@ class EngineWorker:
         from draftpick.policies.types import Context
 
         ctx = Context(tag=req.context, features=req.features, temperature=req.params.temperature, load=self.in_flight + 1)
-        plan = self.decisions.decide(ctx)
+        plan = await self.decisions.decide_async(ctx)
         return plan.arm, self.decisions.local.chooser(plan, ctx), plan
 
     def tokenize(self, item: dict) -> list[int]:
@@ -125,7 +126,7 @@ class EngineWorker:
         {"result": <generate --json object>, "records": [...], "plan": ... or None}. Closing or
         cancelling the stream (its client went away) ends the generation with finish_reason "abort"
         at the next step; the rounds it ran still feed back."""
-        arm, chooser, plan = self._plan(req)
+        arm, chooser, plan = await self._plan(req)
         if arm.k > self.cfg.engine.max_k:
             raise ValueError(f"k = {arm.k} exceeds engine.max_k = {self.cfg.engine.max_k}")
         g = self.engine.start(req.prompt_ids, req.params, arm, tenant=req.tenant, context=req.context,
