@@ -154,12 +154,14 @@ def test_forward_cost_charges_a_drafted_row_its_marginal_cost_whatever_the_other
 
 
 def test_forward_cost_falls_back_to_rows_without_a_usable_line():
-    flat, falling = ForwardCost(), ForwardCost()
+    flat, falling, instant = ForwardCost(), ForwardCost(), ForwardCost()
     for i in range(100):
         flat.observe(16, 0.1)  # the rows never varied: no slope to fit
         falling.observe(16 + i % 8, 0.2 - 0.01 * (i % 8))  # more rows, less time: not a cost line
+        instant.observe(16 + i % 8, 0.0)  # a clock that never moved: the line a + b rows is 0
     for cost in (flat, falling):
         assert cost.line() is None
+    for cost in (flat, falling, instant):
         assert cost.shares([1, 3], 0.04) == pytest.approx([0.01, 0.03])
 
 

@@ -78,11 +78,9 @@ class ForwardCost:
         """Each request's seconds of a forward that ran rows[i] rows for request i."""
         total = sum(rows)
         fit = self.line()
-        if fit is None or not total:
+        cost = [fit[0] / len(rows) + fit[1] * r for r in rows] if fit else []
+        if not cost or sum(cost) <= 0:  # no usable line (or forwards timed at 0): by rows
             return [seconds * r / total if total else seconds / len(rows) for r in rows]
-        a, b = fit
-        n = len(rows)
-        cost = [a / n + b * r for r in rows]
         scale = seconds / sum(cost)
         return [c * scale for c in cost]
 
