@@ -156,7 +156,7 @@ def pooled_rows_cap(rows: list[int]) -> int:
     every member at the largest member's rows, so one request verifying 8 drafts among 31 decoding
     ones makes all 32 attend at 9 rows (a 32-request forward 104 -> 137 ms on the 2-core CPU, as
     dear as every request verifying 2 rows). Up to 1 in ALONE_SHARE of the requests, those with
-    the most rows, attend alone instead (112 ms there), and the others at the rows the rest need:
+    the most rows, attend alone instead (112-116 ms there), and the others at the rows the rest need:
     measured over mixes of 1-, 2-, 4- and 9-row requests, this picked the fastest of the caps
     1, 2, 4 and 16 in each (docs/results.md)."""
     few = sorted(r for r in rows if r <= POOLED_ROWS)
