@@ -72,7 +72,6 @@ def test_batched_forward_equals_each_requests_own_forward(target):
     assert torch.allclose(lg, forward(target, new_cache(target), prompts[1], last_only=True), atol=1e-5)
 
 
-
 def test_a_request_with_many_rows_among_many_with_few_attends_alone_and_every_output_is_exact(target, monkeypatch):
     """The pool's product runs every member at the largest member's rows: of n requests, up to n // 8
     with the most rows attend alone instead (pooled_rows_cap). Ten requests, one verifying 6 rows:
@@ -111,6 +110,7 @@ def test_a_request_with_many_rows_among_many_with_few_attends_alone_and_every_ou
         forward(target, fresh, p + t)
         for a, b in zip(fresh.layers, c.layers):
             assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+
 
 ARMS = [Arm("close", 4), Arm("ngram", 3), Arm("suffix", 2), Arm("feat", 4), Arm("none", 0), Arm("ngram", 8)]
 

@@ -178,9 +178,10 @@ class _PooledRows:
         self.members: dict[int, int] = {}  # request index -> slot
         firsts = [c.layers[0] if c.layers else None for c in caches]
         pool = next((f.pool for f in firsts if isinstance(f, PooledLayer) and f.slot is not None), None)
-        cap = pooled_rows_cap([m for f, m in zip(firsts, n) if isinstance(f, PooledLayer) and f.pool is pool])
-        for i, (c, f, s, m) in enumerate(zip(caches, firsts, starts, n)):
-            if not (isinstance(f, PooledLayer) and f.pool is pool and m <= cap):
+        inpool = [isinstance(f, PooledLayer) and f.pool is pool for f in firsts]
+        cap = pooled_rows_cap([m for ok, m in zip(inpool, n) if ok])
+        for i, (c, f, s, m, ok) in enumerate(zip(caches, firsts, starts, n, inpool)):
+            if not (ok and m <= cap):
                 continue
             if f.slot is not None and not pool.fits(s + m):
                 for layer in c.layers:
