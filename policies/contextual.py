@@ -46,14 +46,14 @@ from draftpick.policies.types import Choice, aggregate, tokens_per_round
 
 @dataclass(frozen=True)
 class ContextualConfig(PolicyConfig):
-    alpha: float = 0.1  # LinUCB exploration weight (acceptance per draft position)
+    alpha: float = 0.3  # LinUCB exploration weight (acceptance per draft position; chosen on the dev trace)
     cf_alpha: float = 0.1  # LinUCB weight of the re-run (counterfactual) share of rounds saved (chosen on the dev trace)
     ridge: float = 1.0  # regularisation of the linear models
     prior_rounds: float = 5.0  # pseudo-rounds of the cost prior
     prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
     optimism: float = 0.05  # under a tag: bonus of an arm not yet played there
     switch: bool = True  # untagged: revisit the choice at rounds 1, 2, 4, 8, ... (0-based) from the request's own rounds
-    switch_prior: float = 4.0  # the learned estimate weighs as much as this many of the request's rounds
+    switch_prior: float = 16.0  # the learned estimate weighs as much as this many rounds of the request's that judged the arm's last position
 
 
 @register("contextual")
@@ -93,18 +93,23 @@ class Contextual(BasePolicy):
 
     def within_request(self, tpr: np.ndarray, so_far) -> np.ndarray:
         """[K] tokens per round shrunk toward what the request's own rounds so far show: for each
-        drafter measured in them (every full-information drafter; a head where it was played), its
-        per-position acceptance on the verified tokens gives the arm's tokens per round, weighed by
-        the rounds judged against `switch_prior` rounds of the learned estimate. A request that copies
-        from its prompt shows it within a few rounds, whatever its features said."""
+        drafter measured in them (every full-information drafter on the tokens each round verified; a
+        head where it was played), its per-position acceptance gives the arm's tokens per round,
+        weighed by the request's rounds that judged the arm's last position against `switch_prior`
+        of the learned estimate. An arm whose last position the rounds never judged keeps the learned
+        estimate: two accepted drafts say little about the eighth (weighed by the rounds judged at the
+        first position, a head's k = 8 looked as good as its first two positions and the policy
+        switched to it; the dev trace went from 0.925 to 0.955 of the oracle, docs/results.md). A
+        request that copies from its prompt shows it within a few rounds, whatever its features said."""
         out = tpr.copy()
         m = self.cfg.switch_prior
         for i, arm in enumerate(self.arms):
             reach = so_far.reach.get(arm.drafter) if arm.k else None
-            if not reach or reach[0] <= 0:
+            w = reach[arm.k - 1] if reach and len(reach) >= arm.k else 0.0
+            if w <= 0:
                 continue
             own = tokens_per_round(reach, so_far.hits[arm.drafter], arm.k)
-            out[i] = (reach[0] * own + m * tpr[i]) / (reach[0] + m)
+            out[i] = (w * own + m * tpr[i]) / (w + m)
         return out
 
     def tagged(self, tag, stats) -> np.ndarray:

@@ -304,20 +304,23 @@ def test_contextual_predicts_the_tokens_per_round_the_traffic_runs_at_not_the_me
 
 def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_the_features():
     """Learned: on requests like this one the n-gram drafter gets 1.1 tokens a round and the chat
-    head 2 at k = 3, so the request starts on chat:3. Its own first rounds show the n-gram drafter
-    accepting every position (it copies from the prompt): against `switch_prior` = 4 rounds of the
-    learned estimate one round is not evidence enough (round 1), two are (round 2): the policy moves
-    to ngram:8; between switch points (round 3) it keeps its own last choice, and at the next one
-    (round 4) it moves back if the request's rounds agree with the features again. The prediction
-    from the features comes from round 0 (carried in the choice's note), not from the features
-    again; a tagged request keeps its arm; with `switch: false` the policy is request level."""
+    head 2 at k = 3, so the request starts on chat:3. Its own first rounds show the head accepting
+    two of its three drafts and the n-gram drafter all three tokens each round verified (the request
+    copies from its prompt): against `switch_prior` = 2 rounds of the learned estimate one round is
+    not evidence enough (round 1), two are (round 2): the policy moves to ngram:3, not to ngram:8,
+    whose positions past the third the rounds never judged (three accepted drafts say nothing of the
+    eighth; carrying the last acceptance on, the rule before judged ngram:8 at 9 tokens a round).
+    Between switch points (round 3) it keeps its own last choice, and at the next one (round 4) it
+    moves back if the request's rounds agree with the features again. The prediction from the
+    features comes from round 0 (carried in the choice's note), not from the features again; a
+    tagged request keeps its arm; with `switch: false` the policy is request level."""
     from dataclasses import replace
 
     from draftpick.policies.state import add
     from draftpick.policies.types import SoFar
 
     arms = [Arm("none", 0), Arm("chat", 3), Arm("ngram", 3), Arm("ngram", 8)]
-    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "switch_prior": 4.0})
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "switch_prior": 2.0})
     assert policy.level == "round" and create("contextual", arms, {"switch": False}).level == "request"
     features = (1.0, 0.5)
     stats: dict[str, float] = {}
@@ -328,7 +331,7 @@ def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_
     rng = np.random.default_rng(0)
     start = policy.select(Context(features=features), stats, rng)
     assert start.arm == Arm("chat", 3) and start.note is not None
-    copying = replace(learned, accepted=3, emitted=4, per_drafter={"chat": [1.0, 1.0, 1.0, 1.0], "ngram": [1.0] * 4})
+    copying = replace(learned, accepted=2, emitted=3, per_drafter={"chat": [1.0, 1.0, 0.0], "ngram": [1.0] * 3})
     so_far = SoFar()
     seen = [copying]
     ctx = Context(features=features, round=1, last=copying, request=so_far.update(seen), previous=start)
@@ -336,9 +339,13 @@ def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_
     assert one.arm == Arm("chat", 3)  # round 1: one round is too few
     seen.append(copying)
     ctx = replace(ctx, round=2, request=so_far.update(seen), previous=one)
-    assert so_far.record.rounds == 2 and so_far.record.reach["ngram"][0] == 2
+    assert so_far.record.rounds == 2 and so_far.record.reach["ngram"] == [2.0] * 3
     moved = policy.select(ctx, stats, rng)
-    assert moved.arm == Arm("ngram", 8)
+    assert moved.arm == Arm("ngram", 3)
+    # with a learned estimate worth less than a round, ngram:3 would win at round 1 already
+    eager = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "switch_prior": 0.5})
+    assert eager.select(replace(ctx, round=1, request=SoFar().update(seen[:1]), previous=start), stats, rng).arm \
+        == Arm("ngram", 3)
     # the features' prediction comes with the previous choice: other features change nothing now
     assert moved.note == start.note and policy.select(replace(ctx, features=(1.0, 9.0)), stats, rng) == moved
     assert policy.select(replace(ctx, features=(1.0, 9.0), previous=None), stats, rng).note != start.note
@@ -347,11 +354,41 @@ def test_contextual_switches_within_a_request_when_its_own_rounds_disagree_with_
     agree = SoFar().update([learned] * 3)
     assert policy.select(replace(ctx, round=3, request=agree, previous=moved), stats, rng) == moved
     assert policy.select(replace(ctx, round=4, request=agree, previous=moved), stats, rng).arm == Arm("chat", 3)
-    # (the head accepted every position too, but at k = 3 it cannot draft as far)
     tagged = policy.select(replace(ctx, tag="t", previous=None), {**stats, "obs|t": 1.0}, rng)
     assert tagged.arm == Arm("chat", 3)  # tagged: the arm of its last round is kept
     # without the request's rounds (or with rounds that agree with the features) it stays
     assert policy.select(replace(ctx, request=SoFar().update([learned, learned])), stats, rng).arm == Arm("chat", 3)
+
+
+def test_contextual_does_not_extrapolate_a_request_s_rounds_past_the_positions_they_judged():
+    """A request whose rounds (chat:2 played) accepted both of the head's drafts every time says
+    nothing about the head's third to eighth positions: the arms that far keep the learned estimate
+    (here: the head's acceptance falls to 0 after two positions, so chat:8 emits no more than
+    chat:2 and costs more). Weighed by the rounds judged at the first position and carrying the last
+    acceptance on (the rule before), chat:8 looked like 9 tokens a round and the policy moved there."""
+    from draftpick.policies.state import add
+    from draftpick.policies.types import SoFar
+
+    arms = [Arm("none", 0), Arm("chat", 2), Arm("chat", 8)]
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "switch_prior": 3.0})
+    features = (1.0, 0.5)
+    stats: dict[str, float] = {}
+    learned = RoundRecord(drafter="chat", k=8, num_drafted=8, accepted=2, emitted=3, draft_s=0.001, verify_s=0.01,
+                          features=list(features), per_drafter={"chat": [1.0, 1.0, 0.0]})
+    for _ in range(200):
+        add(stats, policy.increments(learned))
+    rng = np.random.default_rng(0)
+    start = policy.select(Context(features=features), stats, rng)
+    assert start.arm == Arm("chat", 2)
+    full = RoundRecord(drafter="chat", k=2, num_drafted=2, accepted=2, emitted=3, draft_s=0.001, verify_s=0.01,
+                       features=list(features), per_drafter={"chat": [1.0, 1.0]})
+    request = SoFar().update([full] * 8)
+    assert request.reach["chat"] == [8.0, 8.0]
+    tpr = policy.within_request(np.asarray(start.note), request)
+    assert tpr[arms.index(Arm("chat", 8))] == pytest.approx(start.note[arms.index(Arm("chat", 8))])
+    assert tpr[arms.index(Arm("chat", 2))] > start.note[arms.index(Arm("chat", 2))] - 1e-9
+    ctx = Context(features=features, round=8, last=full, request=request, previous=start)
+    assert policy.select(ctx, stats, rng).arm == Arm("chat", 2)
 
 
 def test_batch_table_picks_k_by_requests_in_flight_and_checks_its_table():

@@ -352,7 +352,8 @@ def test_a_policy_that_switches_within_the_request_stays_lossless_and_replays_ex
         r.data["tag"] = ""
     keep = ("ngram", "suffix", "close", "feat")
     rp = Replayer(reqs, [a for a in Replayer(reqs).arms if a.drafter in keep + ("none",)])
-    policy = create("contextual", rp.arms, {})
+    # a learned estimate worth one round of the request's (16 by default): these 40-token requests switch
+    policy = create("contextual", rp.arms, {"switch_prior": 1.0})
     assert policy.level == "round"
     stats: dict[str, float] = {}
     for i in range(len(reqs)):  # learned from every request played plain, then from each played on ngram:2
