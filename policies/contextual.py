@@ -24,7 +24,9 @@ from draftpick.policies.costs.
   per round: averaged over requests weighted by tokens it gives the traffic's own rounds per token
   (sum of rounds / sum of tokens), where the mean of tokens per round leans to the requests that
   copy well (two requests of 64 tokens at 1 and 2 tokens per round average 1.5; together they run
-  at 128 / 96 = 1.33).
+  at 128 / 96 = 1.33). At rounds 1, 2, 4, 8, .. of the request (`switch`) the prediction is shrunk
+  toward the request's own rounds, for each arm only as far as they judged its last position
+  (`within_request`).
 Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; ct|<tag>|<arm> (tokens
 emitted when played under the tag); A|<drafter>|j|p|q (upper
 triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); cfw|<drafter>, cfA|<drafter>|p|q,
