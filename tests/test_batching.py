@@ -76,7 +76,7 @@ def test_a_request_with_many_rows_among_many_with_few_attends_alone_and_every_ou
     """The pool's product runs every member at the largest member's rows: of n requests, up to n // 8
     with the most rows attend alone instead (pooled_rows_cap). Ten requests, one verifying 6 rows:
     it attends alone, the nine others in the pool at one row, and every logit and cache is what each
-    request's own forward gives."""
+    request's own forward gives. A request that left the pool is not counted among the n."""
     import draftpick.workers.batched as batched
 
     assert [pooled_rows_cap(r) for r in ([1] * 31 + [9], [1] * 24 + [2] * 8, [2] * 32, [1] * 3 + [4], [1] * 9 + [20])] \
@@ -110,6 +110,17 @@ def test_a_request_with_many_rows_among_many_with_few_attends_alone_and_every_ou
         forward(target, fresh, p + t)
         for a, b in zip(fresh.layers, c.layers):
             assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    # eight requests, of which one has left the pool (as past the pool's length): only the seven with
+    # a slot count, and of seven none attends alone, the 6-row one included
+    sub, subp, subt = caches[2:], prompts[2:], new[2:]
+    for c, p in zip(sub, subp):
+        rollback(c, len(p))
+    for layer in sub[0].layers:
+        layer.leave_pool()
+    again = batched_forward(target, sub, subt)
+    assert members[-1] == list(range(1, 8))
+    for lg, (lg2, _) in zip(alone[2:], again):
+        assert torch.allclose(lg, lg2, atol=1e-5) and torch.equal(lg.argmax(-1), lg2.argmax(-1))
 
 
 ARMS = [Arm("close", 4), Arm("ngram", 3), Arm("suffix", 2), Arm("feat", 4), Arm("none", 0), Arm("ngram", 8)]

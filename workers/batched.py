@@ -178,16 +178,17 @@ class _PooledRows:
         self.members: dict[int, int] = {}  # request index -> slot
         firsts = [c.layers[0] if c.layers else None for c in caches]
         pool = next((f.pool for f in firsts if isinstance(f, PooledLayer) and f.slot is not None), None)
-        inpool = [isinstance(f, PooledLayer) and f.pool is pool for f in firsts]
+        # only a request holding a slot can be a member (one that left the pool or has none yet cannot)
+        inpool = [isinstance(f, PooledLayer) and f.pool is pool and f.slot is not None for f in firsts]
         cap = pooled_rows_cap([m for ok, m in zip(inpool, n) if ok])
         for i, (c, f, s, m, ok) in enumerate(zip(caches, firsts, starts, n, inpool)):
             if not (ok and m <= cap):
                 continue
-            if f.slot is not None and not pool.fits(s + m):
+            if not pool.fits(s + m):
                 for layer in c.layers:
                     layer.leave_pool()
-            if f.slot is not None:
-                self.members[i] = f.slot.index
+                continue
+            self.members[i] = f.slot.index
         if not self.members:
             return
         self.pool, self.caches = pool, caches
