@@ -55,7 +55,8 @@ class ContextualConfig(PolicyConfig):
     prior_seconds: float = 5.0  # under a tag: seconds of play the full-information estimate is worth
     optimism: float = 0.05  # under a tag: bonus of an arm not yet played there
     switch: bool = True  # untagged: revisit the choice at rounds 1, 2, 4, 8, ... (0-based) from the request's own rounds
-    switch_prior: float = 16.0  # the learned estimate weighs as much as this many rounds of the request's that judged the arm's last position
+    # the learned estimate weighs as much as this many of the request's rounds that judged the arm's last position
+    switch_prior: float = 16.0
 
 
 @register("contextual")

@@ -134,8 +134,9 @@ class SpeculativeEngine:
         for them all (workers.batched); returns the tokens each appended, or the exception that ended
         it (a request's own error, e.g. from its round chooser, fails that request alone: it is
         cancelled, and its rounds still go to the sinks). Each request's share of the
-        forward's seconds (a / n + b rows, batched.ForwardCost) is its round's verify time. max_rows bounds the forward's rows: the
-        prefills take theirs, the rounds share the rest (their drafts are cut to fit, never below 0).
+        forward's seconds (a / n + b rows, batched.ForwardCost) is its round's verify time.
+        max_rows bounds the forward's rows: the prefills take theirs, the rounds share the rest
+        (their drafts are cut to fit, never below 0).
         prefill_chunk: the prompt tokens all prefilling requests together run in this step (chunked
         prefill, first come first served; a prompt beyond it waits; None: whole prompts); a request
         still prefilling appends no token.
