@@ -28,15 +28,17 @@
    (target <= 5 %).
 Everything binds loopback; the run is bounded by the request counts.
 
-With `--in-process`, the same clients (the pinned modes: plain decoding and the fixed arm) call
-the worker in this process (workers.actor.EngineWorker.generate_stream, its configuration switched
-to each variant's), without Ray, Serve or HTTP: what the worker alone serves to this traffic. Set
-beside the endpoint's figures, it shows what the service around the worker costs.
+With `--in-process`, the same clients call the worker in this process
+(workers.actor.EngineWorker.generate_stream, its configuration switched to each variant's), without
+Ray, Serve or HTTP: what the worker alone serves to this traffic. A variant whose policy decides
+learns in a private Redis, its feedback folded in this process. Set beside the endpoint's figures,
+it shows what the service around the worker costs.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import nullcontext
 import os
 import statistics
 import tempfile
@@ -77,8 +79,8 @@ def add_arguments(p) -> None:
                         "pools them and lists each repetition's tokens/s (the spread is the run's noise)")
     p.add_argument("--in-process", action="store_true",
                    help="the same clients against the worker in this process (workers.actor.EngineWorker: no Ray, "
-                        "Serve or HTTP; the pinned modes only): what the worker alone serves, to set beside the "
-                        "endpoint's figures")
+                        "Serve or HTTP; the policies learn in a private Redis): what the worker alone serves, to set "
+                        "beside the endpoint's figures")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
@@ -193,38 +195,72 @@ def _pool(args, levels: list[int]) -> list[dict]:
 
 
 def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
-    """--in-process: the pinned modes of the variants against one EngineWorker in this process (its
-    configuration switched to the variant's between modes, which never overlap)."""
+    """--in-process: every mode of the variants against one EngineWorker in this process (its
+    configuration switched to the variant's between modes, which never overlap). A variant whose
+    policy decides (learned, batch-table) learns as at the endpoint, in a private Redis: each its
+    own statistics, fed by all its modes' rounds, folded by a controller in this process
+    (controller.actor.ControllerActor's loop) and decided from by the worker's local controller."""
+    from draftpick.controller.redis_server import EmbeddedRedis
     from draftpick.workers.actor import EngineWorker
     from draftpick.workers.config import load_config
 
     cfg = load_config(args.config)
     pool = _pool(args, levels)
-    modes = [m for v in variants for m in _modes(v, fixed) if m[2] is not None]
-    if not modes:
-        raise ValueError(f"--in-process measures the pinned modes (plain decoding, --fixed); --variants "
-                         f"{args.variants} has none")
+    modes = [m for v in variants for m in _modes(v, fixed)]
     configs = {v: _variant_config(cfg, v) for v in variants}
     worker = EngineWorker(configs[modes[0][0]])
     report = {"how": {**_how(args, cfg, levels, variants), "in_process": True}, "load": [], "overhead": None}
+    deciding = sorted({v for v, _, pin in modes if pin is None})
+    with tempfile.TemporaryDirectory() as home, EmbeddedRedis(data_dir=home) if deciding else nullcontext() as redis:
+        learners = {v: _Learner(worker, configs[v], redis.url) for v in deciding}
+        try:
+            async def send(variant, item, pin, user):
+                _switch(worker, configs[variant], learners.get(variant))
+                return await _local_stream(worker, item, args.max_tokens, pin, user)
 
-    async def send(variant, item, pin, user):
-        worker.cfg = configs[variant]
-        return await _local_stream(worker, item, args.max_tokens, pin, user)
-
-    report["load"] = asyncio.run(_levels(send, levels, args, modes, pool))
+            report["load"] = asyncio.run(_levels(send, levels, args, modes, pool))
+        finally:
+            for learner in learners.values():
+                learner.close()
+        # what each deciding variant learned from: the feedback entries folded into its statistics
+        report["how"]["folded"] = {v: learner.folder.folded for v, learner in learners.items()}
     write_results(args.out, "load", report, _markdown(report))
     return 0
 
 
-async def _local_stream(worker, item: dict, max_tokens: int, pin: dict, user: str) -> dict:
+class _Learner:
+    """A variant that learns, in this process: the worker's decisions and feedback sink for it, and
+    the controller folding its feedback stream (in a thread, as the controller actor does)."""
+
+    def __init__(self, worker, cfg, redis_url: str):
+        from draftpick.controller.actor import ControllerActor, DecisionClient
+        from draftpick.controller.controller import describe
+
+        description = worker.engine_thread.submit(describe, cfg, worker.engine).result()  # reads every weight
+        self.folder = ControllerActor(cfg, description, redis_url, fold_block_ms=100)
+        self.decisions = DecisionClient(cfg, description, redis_url)  # no Ray here: it decides locally
+        self.sink = self.decisions.local.sink()
+
+    def close(self) -> None:
+        self.sink.close(timeout=10)
+        self.folder.stop()
+
+
+def _switch(worker, cfg, learner: "_Learner | None") -> None:
+    """Point the worker at a variant: its configuration, and its learning (or none)."""
+    worker.cfg = cfg
+    worker.decisions, worker.sink = (learner.decisions, learner.sink) if learner else (None, None)
+    worker.engine.sinks[:] = [learner.sink] if learner else []
+
+
+async def _local_stream(worker, item: dict, max_tokens: int, pin: dict | None, user: str) -> dict:
     """What _stream measures, from the worker's own stream (its steps' token chunks)."""
     from draftpick.policies.types import Arm
     from draftpick.workers.actor import GenerateRequest
     from draftpick.workers.sampling import SamplingParams
 
-    req = GenerateRequest(worker.tokenize(item), SamplingParams(max_tokens=max_tokens),
-                          Arm(pin["drafter"], pin.get("num_speculative_tokens", 0)), tenant=user)
+    arm = None if pin is None else Arm(pin["drafter"], pin.get("num_speculative_tokens", 0))
+    req = GenerateRequest(worker.tokenize(item), SamplingParams(max_tokens=max_tokens), arm, tenant=user)
     t0, stamps, last = time.perf_counter(), [], None
     try:
         async for event in worker.generate_stream(req):
@@ -235,7 +271,8 @@ async def _local_stream(worker, item: dict, max_tokens: int, pin: dict, user: st
         return {"ok": False, "status": type(e).__name__}
     records = last["records"]
     return _measures(True, t0, stamps, len(last["result"]["token_ids"]), len(records),
-                     sum(r["num_drafted"] for r in records), sum(r["accepted"] for r in records), None)
+                     sum(r["num_drafted"] for r in records), sum(r["accepted"] for r in records),
+                     last["plan"]["arm"] if last.get("plan") else None)
 
 
 async def _http_levels(url: str, model: str, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
@@ -413,7 +450,7 @@ def _markdown(report: dict) -> str:
              + (f" (at least {how['min_requests']} per mode and level)" if how.get("min_requests") else "")
              + f", max_tokens {how['max_tokens']}, greedy, "
              "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. "
-             + ("The worker in this process (no Ray, Serve or HTTP), its variants' pinned modes"
+             + ("The worker in this process (no Ray, Serve or HTTP), its variants' modes"
                 if how.get("in_process") else "Variants side by side (one Serve application each), all their modes")
              + " alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"

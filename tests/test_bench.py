@@ -103,18 +103,20 @@ def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp
     assert by["batched close:2"]["draft_share"] > 0 and by["batched close:2, drafts alone"]["draft_share"] > 0
 
 
-def test_bench_load_in_process_runs_the_pinned_modes_against_the_worker(tmp_path, target, tok):
-    """--in-process: the same clients against EngineWorker in this process, no Ray or HTTP; the
-    pinned modes of both workers, each losslessly the same tokens for the same prompts."""
+def test_bench_load_in_process_runs_every_mode_against_the_worker(tmp_path, target, tok):
+    """--in-process: the same clients against EngineWorker in this process, no Ray or HTTP; every
+    mode of the three variants, each losslessly the same tokens for the same prompts, the deciding
+    ones (learned, batch-table) from their policy over what the rounds fed back."""
     _tiny_config(tmp_path, target, tok)
     code = main(["bench", "load", "--in-process", "--config", str(tmp_path / "cfg.yaml"), "--concurrency", "1,3",
                  "--variants", "interleaved,batched,table", "--fixed", "close:2", "--max-tokens", "8",
-                 "--out", str(tmp_path / "out")])
+                 "--warmup", "1", "--out", str(tmp_path / "out")])
     assert code == 0
     report = json.loads(next((tmp_path / "out").glob("load-*.json")).read_text())
     rows = report["load"]
-    modes = ["interleaved, no speculation", "batched, no speculation", "batched, fixed close:2"]
-    assert [(r["concurrency"], r["mode"]) for r in rows] == [(n, m) for n in (1, 3) for m in modes]  # no policy modes
+    modes = ["interleaved, no speculation", "batched, no speculation", "batched, fixed close:2", "batched, learned",
+             "table, batch-table"]
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [(n, m) for n in (1, 3) for m in modes]
     assert report["how"]["in_process"] and report["overhead"] is None
     for n in (1, 3):
         level = [r for r in rows if r["concurrency"] == n]
@@ -124,6 +126,15 @@ def test_bench_load_in_process_runs_the_pinned_modes_against_the_worker(tmp_path
     assert rows[0]["errors"] == 0 and rows[0]["output_tokens_per_s"] > 0
     fixed = next(r for r in rows if r["mode"] == "batched, fixed close:2")
     assert fixed["drafted_per_round"] > 0 and not rows[0]["drafted_per_round"]
+    # every request's rounds fed its deciding variant's statistics (those of the variant's pinned modes too)
+    # one entry per answered request, + the variant's first request (unmeasured) + --warmup 1 per client at 1 and 3
+    answered = {v: sum(r["requests"] - r["errors"] for r in rows if r["mode"].startswith(v + ",")) + 1 + (1 + 3)
+                for v in ("batched", "table")}
+    assert report["how"]["folded"] == answered
+    # the deciding modes report the arm their policy chose for each answered request
+    for mode in ("batched, learned", "table, batch-table"):
+        for r in (r for r in rows if r["mode"] == mode):
+            assert sum(r["first_arms"].values()) == r["requests"] - r["errors"], r
 
 
 def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
