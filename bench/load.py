@@ -305,6 +305,7 @@ async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> lis
                                            for i in range(n)))
         results: dict[str, list[dict]] = {mode: [] for _, mode, _ in modes}
         walls: dict[str, list[float]] = {mode: [] for _, mode, _ in modes}
+        steady: dict[str, list[tuple[float, float]]] = {mode: [] for _, mode, _ in modes}
         per = n * _per_client(args, n)
         for rep in range(args.repeats):  # every mode once per repetition, each time on new prompts
             mine = prompts[rep * per: (rep + 1) * per]
@@ -313,15 +314,41 @@ async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> lis
                 runs = await asyncio.gather(*(_client(send, variant, mine[i::n], pin, mode) for i in range(n)))
                 walls[mode].append(time.perf_counter() - t0)
                 results[mode].append([r for c in runs for r in c])
+                steady[mode].append(_steady(runs))
                 if args.repeats > 1:
                     rate = _row(n, mode, results[mode][-1], walls[mode][-1])["output_tokens_per_s"]
                     print(f"bench load: {n} clients, repetition {rep + 1}, {mode}: {rate:.1f} tokens/s", flush=True)
         for _, mode, _ in modes:
             rates = [_row(n, mode, rs, w)["output_tokens_per_s"] for rs, w in zip(results[mode], walls[mode])]
+            windows = [w for w in steady[mode] if w[1] > 0]
             rows.append({**_row(n, mode, [r for rs in results[mode] for r in rs], sum(walls[mode])),
-                         "repetitions_tokens_per_s": rates})
+                         "repetitions_tokens_per_s": rates,
+                         # while every client streamed (see _steady): pooled, and each repetition's
+                         "steady_tokens_per_s": (sum(t for t, _ in windows) / sum(w for _, w in windows)
+                                                 if windows else None),
+                         "steady_window_s": sum(w for _, w in windows),
+                         "repetitions_steady_tokens_per_s": [t / w if w > 0 else None for t, w in steady[mode]]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _steady(runs: list[list[dict]]) -> tuple[float, float]:
+    """(tokens, seconds) of a level's window where all its clients streamed: from the moment the last
+    client got its first token (the opening burst of prefills is over) to the moment the first client
+    got its last (after it, the batch thins while the slowest finish). The overall rate pools
+    that ramp-up and tail, whose length depends on how unevenly the requests end, not on the load.
+    A request counts its tokens in the window by the share of its chunks there (a chunk is one step's
+    tokens; the stream does not say how many). (0, 0) when the window is empty (too few requests a client)."""
+    firsts = [next((r["stamps"][0] for r in c if r.get("stamps")), None) for c in runs]
+    lasts = [max((r["stamps"][-1] for r in c if r.get("stamps")), default=None) for c in runs]
+    if not runs or None in firsts or None in lasts:
+        return 0.0, 0.0
+    start, end = max(firsts), min(lasts)
+    if end <= start:
+        return 0.0, 0.0
+    tokens = sum(r["tokens"] * sum(start <= t <= end for t in r["stamps"]) / len(r["stamps"])
+                 for c in runs for r in c if r.get("ok") and r.get("stamps"))
+    return tokens, end - start
 
 
 async def _client(send, variant: str, items: list[dict], pin, user: str) -> list[dict]:
@@ -361,7 +388,7 @@ async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: st
 def _measures(ok: bool, t0: float, stamps: list[float], tokens: int, rounds: int, drafted: int, accepted: int,
               first_arm: str | None) -> dict:
     """One request's measures (what _row pools), given when it was sent and when each of its token chunks came."""
-    return {"ok": ok, "tokens": tokens, "ttft": stamps[0] - t0 if stamps else None,
+    return {"ok": ok, "tokens": tokens, "ttft": stamps[0] - t0 if stamps else None, "stamps": stamps,
             "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "seconds": time.perf_counter() - t0,
             "rounds": rounds, "drafted": drafted, "accepted": accepted, "first_arm": first_arm}
 
@@ -425,17 +452,17 @@ async def _overhead(url: str, cfg, args, item: dict) -> dict:
             "repeats": args.overhead_repeats}
 
 
-def _ratios(rows: list[dict]) -> list[str]:
-    """Aggregate tokens/s of each mode over the interleaved worker's plain decoding, per level."""
-    base = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["mode"] == "interleaved, no speculation"}
+def _ratios(rows: list[dict], rate: str = "output_tokens_per_s", what: str = "Output tokens/s") -> list[str]:
+    """Aggregate tokens/s (`rate`) of each mode over the interleaved worker's plain decoding, per level."""
+    base = {r["concurrency"]: r[rate] for r in rows if r["mode"] == "interleaved, no speculation" and r.get(rate)}
     if not base:
         return []
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     levels = sorted(base)
-    out = ["", "Output tokens/s over the interleaved worker's plain decoding:", "",
+    out = ["", f"{what} over the interleaved worker's plain decoding:", "",
            "| mode | " + " | ".join(f"{n} clients" for n in levels) + " |", "|---|" + "---|" * len(levels)]
     for m in modes:
-        vals = {r["concurrency"]: r["output_tokens_per_s"] for r in rows if r["mode"] == m}
+        vals = {r["concurrency"]: r[rate] for r in rows if r["mode"] == m and r.get(rate)}
         out.append(f"| {m} | " + " | ".join(f"{vals[n] / base[n]:.2f}x" if n in vals and base[n] else "-"
                                              for n in levels) + " |")
     return out
@@ -455,9 +482,12 @@ def _markdown(report: dict) -> str:
              + " alternating level by level"
              + (f"; the learning modes first sent {how['warmup']} unmeasured requests per client at each level"
                 if how.get("warmup") else "") + ".", "",
-             "| clients | mode | requests/s | output tokens/s (each repetition) | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors "
-             "| drafted / round | acceptance | first rounds' arms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Steady: output tokens/s while every client streamed, from the last client's first token to the "
+             "first client's last (bench.load._steady); the overall rate also pools the ramp-up and the thinning tail.",
+             "",
+             "| clients | mode | requests/s | output tokens/s (each repetition) | steady tokens/s (each repetition) "
+             "| TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors | drafted / round | acceptance | first rounds' arms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["load"]:
         itl = "/".join("-" if v is None else f"{1000 * v:.0f}" for v in (r["itl_p50_s"], r["itl_p99_s"]))
         ttft = "/".join("-" if v is None else f"{v:.2f}" for v in (r["ttft_p50_s"], r["ttft_p99_s"]))
@@ -465,9 +495,14 @@ def _markdown(report: dict) -> str:
         arms = ", ".join(f"{a} ×{c}" for a, c in list(r.get("first_arms", {}).items())[:3]) or "-"
         reps = r.get("repetitions_tokens_per_s") or []
         rate = f"{r['output_tokens_per_s']:.1f}" + (f" ({', '.join(f'{x:.1f}' for x in reps)})" if len(reps) > 1 else "")
+        sreps = r.get("repetitions_steady_tokens_per_s") or []
+        steady = "-" if r.get("steady_tokens_per_s") is None else (
+            f"{r['steady_tokens_per_s']:.1f}"
+            + (f" ({', '.join('-' if x is None else f'{x:.1f}' for x in sreps)})" if len(sreps) > 1 else ""))
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.2f} | "
-                     f"{rate} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} |")
+                     f"{rate} | {steady} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} |")
     lines += _ratios(report["load"])
+    lines += _ratios(report["load"], "steady_tokens_per_s", "Steady tokens/s")
     o = report["overhead"]
     if o is None:
         return "\n".join(lines) + "\n"

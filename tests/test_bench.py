@@ -179,6 +179,30 @@ def test_bench_load_rows_say_what_speculation_did():
     assert "| 15.0 (14.0, 16.5) |" in md
 
 
+def test_bench_load_steady_rate_counts_only_while_every_client_streams():
+    """The steady window runs from the last client's first token to the first client's last; each
+    request counts its tokens there by the share of its chunks inside it."""
+    from draftpick.bench.load import _markdown, _row, _steady
+
+    def req(stamps, tokens):
+        return {"ok": True, "tokens": tokens, "stamps": stamps}
+
+    # client A: two requests, 1..4 and 5..8 (one token a chunk); client B: one request, 3..6 (two a chunk)
+    runs = [[req([1.0, 2.0, 3.0, 4.0], 4), req([5.0, 6.0, 7.0, 8.0], 4)], [req([3.0, 4.0, 5.0, 6.0], 8)]]
+    tokens, seconds = _steady(runs)
+    # window [3, 6]: A's first request 2 of 4 chunks (2 tokens), its second 2 of 4 (2), B all of its 8
+    assert (tokens, seconds) == (2 + 2 + 8, 3.0)
+    # a client whose last token comes before another's first: no window
+    assert _steady([[req([1.0, 2.0], 2)], [req([3.0, 4.0], 2)]]) == (0.0, 0.0)
+    assert _steady([[req([1.0, 2.0], 2)], [{"ok": False, "status": 500}]]) == (0.0, 0.0)  # a client with no token
+    row = {**_row(2, "plain", [dict(r, ttft=0.1, gaps=[], seconds=1.0) for c in runs for r in c], wall=8.0),
+           "steady_tokens_per_s": 4.0, "repetitions_steady_tokens_per_s": [4.0, None],
+           "repetitions_tokens_per_s": [2.0, 2.0]}
+    md = _markdown({"how": {"date": "d", "machine": "m", "target": "t", "policy": "p", "variants": ["batched"],
+                            "requests_per_client": 1, "max_tokens": 8}, "load": [row], "overhead": None})
+    assert "| 2.0 (2.0, 2.0) | 4.0 (4.0, -) |" in md
+
+
 def test_bench_load_deploys_its_variants_side_by_side_each_its_own_service():
     """Each variant is its own service (serve.name: its own Serve application, controller and Redis)
     with a share of the worker CPUs, so all can be deployed at once and their modes alternate."""
