@@ -14,6 +14,30 @@ def test_prompt_lookup_takes_the_latest_longest_match():
     assert prompt_lookup(ids, 1, 1, 3) == [6]
 
 
+def test_prompt_lookup_is_the_latest_longest_earlier_window():
+    """The array search equals its definition (every window of n tokens before the last one, n from
+    max_ngram down) on random sequences of a few token values, where matches of every length abound."""
+    def by_windows(ids, k, min_ngram, max_ngram):
+        L = len(ids)
+        for n in range(min(max_ngram, L - 1), min_ngram - 1, -1) if k > 0 else ():
+            windows = np.lib.stride_tricks.sliding_window_view(ids[: L - 1], n)
+            hits = np.flatnonzero((windows == ids[L - n:]).all(axis=1))
+            if len(hits):
+                return ids[int(hits[-1]) + n: int(hits[-1]) + n + k].tolist()
+        return []
+
+    rng = np.random.default_rng(0)
+    found = 0
+    for _ in range(3000):
+        ids = rng.integers(0, int(rng.integers(1, 6)), int(rng.integers(0, 50))).astype(np.int64)
+        k, lo = int(rng.integers(0, 6)), int(rng.integers(1, 4))
+        hi = lo + int(rng.integers(0, 6))
+        expected = by_windows(ids, k, lo, hi)
+        assert prompt_lookup(ids, k, lo, hi) == expected, (ids.tolist(), k, lo, hi)
+        found += bool(expected)
+    assert found > 1000  # most sequences had a match
+
+
 def test_prompt_lookup_without_match_proposes_nothing():
     assert prompt_lookup(np.array([1, 2, 3, 4]), 3, 1, 3) == []
     assert prompt_lookup(np.array([1, 2, 3, 1]), 0, 1, 3) == []

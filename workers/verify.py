@@ -67,8 +67,8 @@ def _one_hot(token: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def _draw(dist: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # a one-hot (greedy) distribution needs no random draw: keep the generator's stream untouched
-    top = dist.argmax()
-    return top if dist[top] >= 1.0 else sample(dist, generator)
+    best, top = dist.max(-1)  # the first maximum, as argmax (see sampling.first_max)
+    return top if best >= 1.0 else sample(dist, generator)
 
 
 def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

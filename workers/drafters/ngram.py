@@ -12,17 +12,28 @@ from draftpick.workers.drafters.base import LookupDrafter, LookupSession
 
 
 def prompt_lookup(ids: np.ndarray, k: int, min_ngram: int, max_ngram: int) -> list[int]:
-    """ids: [L] int64. Returns up to k tokens that followed the latest earlier match of a suffix."""
+    """ids: [L] int64. Returns up to k tokens that followed the latest earlier match of a suffix.
+
+    The longest suffix of n <= max_ngram tokens (down to min_ngram) that occurs earlier, ending
+    before the last token; its latest occurrence. Found from the earlier positions holding the
+    last token, extended backwards one token at a time (a few array operations whatever max_ngram,
+    where sliding windows of every n cost several times more per round)."""
     L = len(ids)
-    if k <= 0:
+    if k <= 0 or L < 2:
         return []
+    ends = np.flatnonzero(ids[: L - 1] == ids[L - 1])  # where an earlier match of the last token ends
+    matched = np.ones(len(ends), dtype=np.int64)  # how many suffix tokens match there, up to max_ngram
+    alive = ends
+    for j in range(1, min(max_ngram, L - 1)):
+        alive = alive[alive >= j]
+        alive = alive[ids[alive - j] == ids[L - 1 - j]]
+        if not len(alive):
+            break
+        matched[np.searchsorted(ends, alive)] += 1
     for n in range(min(max_ngram, L - 1), min_ngram - 1, -1):
-        suffix = ids[L - n :]
-        # windows over ids[:-1] so that the match is strictly earlier than the suffix itself
-        windows = np.lib.stride_tricks.sliding_window_view(ids[: L - 1], n)  # [L - n, n]
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        hits = ends[matched >= n]
         if len(hits):
-            start = int(hits[-1]) + n
+            start = int(hits[-1]) + 1
             return ids[start : start + k].tolist()
     return []
 
