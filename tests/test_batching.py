@@ -8,13 +8,13 @@ import torch
 from draftpick.policies.types import Arm
 from test_engine import exact_law, hf_greedy, sampling_context
 from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
-from draftpick.workers.batched import ForwardCost, batchable, batched_forward, pooled_rows_cap
+from draftpick.workers.batched import ForwardCost, batchable, batched_forward, pooled_rows_cap, slot_ranges
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
 from draftpick.workers.drafters.suffix import SuffixDrafter
 from draftpick.workers.engine import SpeculativeEngine
-from draftpick.workers.models import forward, new_cache, rollback
+from draftpick.workers.models import KVPool, forward, new_cache, rollback
 from draftpick.workers.sampling import SamplingParams
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat on the mat. the cat", "x = 1\ny = 2\n",
@@ -120,6 +120,75 @@ def test_a_request_with_many_rows_among_many_with_few_attends_alone_and_every_ou
     again = batched_forward(target, sub, subt)
     assert members[-1] == list(range(1, 8))
     for lg, (lg2, _) in zip(alone[2:], again):
+        assert torch.allclose(lg, lg2, atol=1e-5) and torch.equal(lg.argmax(-1), lg2.argmax(-1))
+
+
+def test_slot_ranges_are_the_cheapest_cut_of_the_members_into_consecutive_ranges():
+    """Every way to cut a few members (slot, end) into consecutive ranges, priced as the product
+    reads them (slots spanned x the longest end, + RANGE_COST a range): slot_ranges finds the cheapest."""
+    import itertools
+
+    import draftpick.workers.batched as batched
+
+    def price(members, cuts):
+        bounds = [0, *cuts, len(members)]
+        return sum((members[j - 1][0] - members[i][0] + 1) * max(e for _, e in members[i:j]) + batched.RANGE_COST
+                   for i, j in zip(bounds, bounds[1:]))
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        slots = sorted(rng.choice(24, size=int(rng.integers(1, 8)), replace=False).tolist())
+        members = [(s, int(rng.choice([rng.integers(20, 200), rng.integers(900, 1024)]))) for s in slots]
+        got = slot_ranges(members)
+        # ranges cover the members in order, each from its first member's slot to its last's, as long as its longest
+        assert got[0][0] == members[0][0] and got[-1][1] == members[-1][0] + 1
+        assert all(max(e for s, e in members if a <= s < b) == length for a, b, length in got)
+        cuts = [i for i in range(1, len(members)) if any(members[i][0] == a for a, _, _ in got)]
+        best = min(price(members, c) for r in range(len(members)) for c in itertools.combinations(range(1, len(members)), r))
+        assert price(members, cuts) == best
+    # long caches at the top slots, short ones at the bottom: two ranges
+    assert slot_ranges([(0, 100), (1, 120), (2, 90), (13, 1000), (14, 900), (15, 950)]) == [(0, 3, 120), (13, 16, 1000)]
+    assert slot_ranges([(0, 100), (1, 120)]) == [(0, 2, 120)]  # not worth a second range
+
+
+def test_long_caches_take_high_slots_and_the_product_reads_each_range_exactly(target, monkeypatch):
+    """KVPool.take: a cache that starts at least as long as the median of the recent ones takes the
+    highest free slot, the others the lowest; the pooled product then reads the two ends as
+    separate ranges, and every logit is what each request's own forward gives."""
+    import copy
+
+    import draftpick.workers.batched as batched
+
+    model, own = copy.deepcopy(target), copy.deepcopy(target)  # models of their own: pools of their own, empty
+    ranges = []
+    pooled = batched._PooledRows
+
+    class Spy(pooled):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            ranges.append(self.ranges)
+
+    monkeypatch.setattr(batched, "_PooledRows", Spy)
+    monkeypatch.setattr(batched, "RANGE_COST", 64)  # two ranges pay here: 8 x 222 against 4 x 32 + 4 x 222
+    pool = KVPool.of(model)
+    for i in [pool.take() for _ in range(8)]:  # room for eight (a pool growing as they come adds slots above)
+        pool.release(i)
+    lengths = [20, 200, 25, 210, 30, 220, 22, 205]  # short and long prompts, arriving in turn
+    prompts = [[(7 * i + j) % 20 + 1 for j in range(n)] for i, n in enumerate(lengths)]
+    alone, caches = [], []
+    for p in prompts:
+        c = new_cache(model)
+        forward(model, c, p)  # each takes its slot at its prefill
+        caches.append(c)
+        c = new_cache(own)
+        forward(own, c, p)
+        alone.append(forward(own, c, [5, 6]))  # what this request alone gives
+    slots = [c.layers[0].slot.index for c in caches]
+    # the first takes slot 0; after it, the long ones (at least the median so far) the top free slot
+    assert slots == [0, 7, 1, 6, 2, 5, 3, 4]
+    together = batched_forward(model, caches, [[5, 6]] * 8)
+    assert ranges[-1] == [(0, 4, 32), (4, 8, 222)]  # each range as far as its longest: 30 + 2 and 220 + 2
+    for lg, (lg2, _) in zip(alone, together):
         assert torch.allclose(lg, lg2, atol=1e-5) and torch.equal(lg.argmax(-1), lg2.argmax(-1))
 
 

@@ -165,6 +165,32 @@ def pooled_rows_cap(rows: list[int]) -> int:
     return few[len(few) - 1 - len(few) // ALONE_SHARE]
 
 
+RANGE_COST = 1024  # slot-positions: what reading one more slot range costs (its products' own overhead)
+
+
+def slot_ranges(members: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The pooled product's slot ranges [(first slot, end slot, positions)], members (slot, end)
+    sorted by slot. The product reads every slot of a range (members or not) as far as the range's
+    longest member, so one range over all of them reads width x the longest end, while the ends
+    vary several-fold (the prompts do). The cut minimises the slot-positions read plus RANGE_COST a
+    range (a dynamic program over the cuts between consecutive members; KVPool.take puts long
+    caches at the top slots and short ones at the bottom, so that a cut separates them)."""
+    best, cut = [0.0] + [float("inf")] * len(members), [0] * (len(members) + 1)
+    for j in range(1, len(members) + 1):  # best[j]: the cheapest reading of the first j members
+        longest = 0
+        for i in range(j - 1, -1, -1):  # the last range: members i .. j - 1
+            longest = max(longest, members[i][1])
+            c = best[i] + (members[j - 1][0] - members[i][0] + 1) * longest + RANGE_COST
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], len(members)
+    while j:
+        i = cut[j]
+        out.append((members[i][0], members[j - 1][0] + 1, max(e for _, e in members[i:j])))
+        j = i
+    return out[::-1]
+
+
 class _PooledRows:
     """The requests of a batched forward whose caches are in one KVPool and whose rows are few
     (decoding, verification): each layer writes their new keys and values into the pool and runs
@@ -188,7 +214,7 @@ class _PooledRows:
                 for layer in c.layers:
                     layer.leave_pool()
                 continue
-            self.members[i] = f.slot.index
+            self.members[i] = f.slot.take(s + m)
         if not self.members:
             return
         self.pool, self.caches = pool, caches
@@ -200,9 +226,11 @@ class _PooledRows:
                 slot.append(sl), row.append(j), posn.append(starts[i] + j), flat.append(bounds[i] + j)
         as_t = lambda xs: torch.tensor(xs, device=device)  # noqa: E731
         self.slot, self.row, self.pos, self.rows = as_t(slot), as_t(row), as_t(posn), as_t(flat)
-        self.width = max(slot) + 1  # the pool's first slots the product reads
+        self.width = max(slot) + 1  # the pool's first slots: the product's queries and outputs
         self.m = max(n[i] for i in self.members)
         self.length = max(self.ends.values())
+        # the slot ranges the product reads, each as far as its longest member
+        self.ranges = slot_ranges(sorted((sl, self.ends[i]) for i, sl in self.members.items()))
         # [width, 1, 1, m, length]: True where a member's row may not attend; unused rows see position 0
         seen = torch.zeros(self.width, self.m, dtype=torch.long, device=device)
         seen[self.slot, self.row] = self.pos + 1
@@ -217,12 +245,15 @@ class _PooledRows:
         heads, kv_heads, hd = q.shape[1], K.shape[1], q.shape[-1]
         Q = q.new_zeros(self.width, heads, self.m, hd)
         Q[self.slot, :, self.row] = q[0, :, self.rows].transpose(0, 1)  # [rows, H, hd]
-        K, V = K[: self.width, :, : self.length], V[: self.width, :, : self.length]
         g = heads // kv_heads  # query heads per key head (grouped-query attention)
-        scores = torch.matmul(Q.view(self.width, kv_heads, g * self.m, hd), K.transpose(-1, -2)) * attn.scaling
-        scores = scores.view(self.width, kv_heads, g, self.m, self.length).masked_fill_(self.masked, float("-inf"))
-        p = torch.softmax(scores, dim=-1).view(self.width, kv_heads, g * self.m, self.length)
-        out = torch.matmul(p, V).view(self.width, heads, self.m, hd)
+        out = Q.new_empty(Q.shape)  # slots between the ranges are never read
+        for a, b, length in self.ranges:
+            w = b - a
+            scores = torch.matmul(Q[a:b].view(w, kv_heads, g * self.m, hd), K[a:b, :, :length].transpose(-1, -2))
+            scores = (scores * attn.scaling).view(w, kv_heads, g, self.m, length)
+            scores.masked_fill_(self.masked[a:b, ..., :length], float("-inf"))
+            p = torch.softmax(scores, dim=-1).view(w, kv_heads, g * self.m, length)
+            out[a:b] = torch.matmul(p, V[a:b, :, :length]).view(w, heads, self.m, hd)
         return out[self.slot, :, self.row].transpose(0, 1)  # [H, rows, hd]
 
     def done(self) -> None:

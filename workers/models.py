@@ -6,9 +6,11 @@ setup` converts once and caches (see `workers.builtin`).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import heapq
 import os
+import statistics
 import threading
 import time
 import weakref
@@ -191,6 +193,7 @@ def new_cache(model) -> DynamicCache:
 
 
 POOL_POSITIONS = 1024  # a request longer than this leaves the pool for buffers of its own
+RECENT_STARTS = 64  # a cache starting at least as long as the median of this many last ones takes a high slot
 _POOLS = weakref.WeakKeyDictionary()  # model -> its KVPool
 
 
@@ -206,6 +209,7 @@ class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device):
         self.shape, self.dtype, self.device = (layers, kv_heads, head_dim), dtype, device
         self.slots, self.positions, self.free = 0, 0, []  # free: a heap of slot indices
+        self.recent = collections.deque(maxlen=RECENT_STARTS)  # the positions the last caches started with
         self.lock = threading.Lock()
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -225,15 +229,31 @@ class KVPool:
         """A place for a new cache; its slot is taken at its first forward (`Slot.index`)."""
         return Slot(self)
 
-    def take(self) -> int:
+    def take(self, length: int | None = None) -> int:
         """A free slot, growing the pool if none is: on the thread that runs the model's forwards
-        (a growth moves every slot's positions, which must not happen under a running forward)."""
+        (a growth moves every slot's positions, which must not happen under a running forward).
+        length: the positions the cache starts with. One at least as long as the median of the last
+        RECENT_STARTS takes the highest free slot, the others the lowest: long and short caches
+        gather at the two ends, and the batched product reads each end only as far as its longest
+        cache (workers.batched.slot_ranges), where one product over every slot reads all of them
+        as far as the longest."""
         with self.lock:
             if self.free:
-                return heapq.heappop(self.free)
+                return self._pop(length)
         self._grow(max(4, 2 * self.slots), self.positions)
         with self.lock:
+            return self._pop(length)
+
+    def _pop(self, length: int | None) -> int:
+        long = length is not None and bool(self.recent) and length >= statistics.median(self.recent)
+        if length is not None:
+            self.recent.append(length)
+        if not long or len(self.free) == 1:
             return heapq.heappop(self.free)
+        i = max(self.free)
+        self.free.remove(i)
+        heapq.heapify(self.free)
+        return i
 
     def fits(self, length: int) -> bool:
         return length <= POOL_POSITIONS
@@ -270,12 +290,17 @@ class Slot:
     def __init__(self, pool: KVPool):
         self.pool, self._index = pool, None
 
-    @property
-    def index(self) -> int:
+    def take(self, length: int | None = None) -> int:
+        """Its index, taken now if it has none yet (length: the positions its cache starts with, see
+        KVPool.take)."""
         if self._index is None:
-            self._index = self.pool.take()
+            self._index = self.pool.take(length)
             weakref.finalize(self, self.pool.release, self._index)
         return self._index
+
+    @property
+    def index(self) -> int:
+        return self.take()
 
 
 class GrowingLayer(DynamicLayer):
@@ -331,7 +356,7 @@ class PooledLayer(GrowingLayer):
         if self.slot is None:
             return super().update(key_states, value_states)
         self.pool.reserve(have + new)
-        i = self.slot.index
+        i = self.slot.take(have + new)
         with torch.inference_mode():
             self.pool.k[self.idx][i, :, have: have + new] = key_states[0]
             self.pool.v[self.idx][i, :, have: have + new] = value_states[0]
@@ -364,7 +389,8 @@ class PooledLayer(GrowingLayer):
             memo[id(self.slot)] = self.pool.acquire()
         new.slot = memo[id(self.slot)]
         if self.is_initialized:
-            have, src, dst = self.get_seq_length(), self.slot.index, new.slot.index  # (taking one may grow the pool)
+            have = self.get_seq_length()
+            src, dst = self.slot.index, new.slot.take(have)  # (taking one may grow the pool)
             with torch.inference_mode():
                 for t in (self.pool.k[self.idx], self.pool.v[self.idx]):
                     t[dst, :, :have] = t[src, :, :have]
