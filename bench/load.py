@@ -13,13 +13,15 @@
    time on new prompts), so the machine's drift over the run falls on every mode alike: for each
    concurrency N (default 1, 4, 16, 32), N streaming clients each send their chat requests
    (`--requests-per-client`, more for `--min-requests`; greedy, up to max_tokens tokens: a request
-   may end early at EOS; distinct prompts, the same for every mode, each mode its own tenant: see
-   prompt_pool) with speculation off (`draftpick.drafter: none`), pinned to a
-   fixed arm (`--fixed`, batched only), or decided by the variant's policy. Per mode and level:
-   requests/s, output tokens/s, p50 / p99 time to first token and inter-token latency (client side,
-   from the SSE chunks), errors (any non-200 or broken stream; target 0), and what speculation did
-   (from each response's speculative stats: drafted tokens per round, their acceptance, and the arms
-   of the requests' first rounds where the policy decided). With `--warmup W`, before
+   may end early at EOS; client i of N cuts its first to (i + 1) / N of max_tokens, so that the
+   clients' requests end spread out, not in waves (`--no-stagger`: not cut); distinct prompts, the
+   same for every mode, each mode its own tenant: see prompt_pool) with speculation off
+   (`draftpick.drafter: none`), pinned to a fixed arm (`--fixed`, batched only), or decided by the
+   variant's policy. Per mode and level: requests/s, output tokens/s (overall, and steady: while
+   every client streamed, `_steady`), p50 / p99 time to first token and inter-token latency (client
+   side, from the SSE chunks), errors (any non-200 or broken stream; target 0), and what speculation
+   did (from each response's speculative stats: drafted tokens per round, their acceptance, and the
+   arms of the requests' first rounds where the policy decided). With `--warmup W`, before
    each level the modes that learn (their policy decides) first send W requests per client at that
    concurrency, unmeasured, on other prompts: the policy is then measured after learning there.
 3. Overhead (the first batched variant): the same pinned request (plain decoding, max_tokens tokens)
@@ -82,6 +84,9 @@ def add_arguments(p) -> None:
                         "Serve or HTTP; the policies learn in a private Redis): what the worker alone serves, to set "
                         "beside the endpoint's figures")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-stagger", action="store_true",
+                   help="every client's first request runs max_tokens too (by default client i of n cuts its first "
+                        "to (i + 1) / n of them, so that the clients' requests do not end, and start, in waves)")
     p.add_argument("--overhead-repeats", type=int, default=6, help="requests timed each way for the overhead")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
 
@@ -177,7 +182,8 @@ def _how(args, cfg, levels, variants) -> dict:
             "variants": variants, "fixed": args.fixed, "requests_per_client": args.requests_per_client,
             "min_requests": args.min_requests,
             "warmup": args.warmup, "repeats": args.repeats,
-            "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
+            "max_tokens": args.max_tokens, "stagger": not args.no_stagger,
+            "date": time.strftime("%Y-%m-%d"), "workers": cfg.worker.model_dump()}
 
 
 def _per_client(args, clients: int) -> int:
@@ -214,9 +220,9 @@ def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
     with tempfile.TemporaryDirectory() as home, EmbeddedRedis(data_dir=home) if deciding else nullcontext() as redis:
         learners = {v: _Learner(worker, configs[v], redis.url) for v in deciding}
         try:
-            async def send(variant, item, pin, user):
+            async def send(variant, item, pin, user, max_tokens=None):
                 _switch(worker, configs[variant], learners.get(variant))
-                return await _local_stream(worker, item, args.max_tokens, pin, user)
+                return await _local_stream(worker, item, max_tokens or args.max_tokens, pin, user)
 
             report["load"] = asyncio.run(_levels(send, levels, args, modes, pool))
         finally:
@@ -279,8 +285,8 @@ async def _http_levels(url: str, model: str, levels: list[int], args, modes, poo
     import httpx2 as httpx
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
-        async def send(variant, item, pin, user):
-            return await _stream(client, f"{url}/{variant}", model, item, args.max_tokens, pin, user)
+        async def send(variant, item, pin, user, max_tokens=None):
+            return await _stream(client, f"{url}/{variant}", model, item, max_tokens or args.max_tokens, pin, user)
 
         return await _levels(send, levels, args, modes, pool)
 
@@ -311,7 +317,8 @@ async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> lis
             mine = prompts[rep * per: (rep + 1) * per]
             for variant, mode, pin in modes:
                 t0 = time.perf_counter()
-                runs = await asyncio.gather(*(_client(send, variant, mine[i::n], pin, mode) for i in range(n)))
+                runs = await asyncio.gather(*(_client(send, variant, mine[i::n], pin, mode,
+                                                      _first_tokens(args, i, n)) for i in range(n)))
                 walls[mode].append(time.perf_counter() - t0)
                 results[mode].append([r for c in runs for r in c])
                 steady[mode].append(_steady(runs))
@@ -351,8 +358,20 @@ def _steady(runs: list[list[dict]]) -> tuple[float, float]:
     return tokens, end - start
 
 
-async def _client(send, variant: str, items: list[dict], pin, user: str) -> list[dict]:
-    return [await send(variant, item, pin, user) for item in items]
+async def _client(send, variant: str, items: list[dict], pin, user: str, first_tokens: int | None = None) -> list[dict]:
+    """One client's requests, one after another (the first cut to first_tokens tokens if given)."""
+    return [await send(variant, item, pin, user, first_tokens if j == 0 else None) for j, item in enumerate(items)]
+
+
+def _first_tokens(args, i: int, n: int) -> int | None:
+    """Client i of n cuts its first request to (i + 1) / n of max_tokens (not with --no-stagger):
+    started together, clients whose requests all run max_tokens would finish together and send
+    their next requests together, every request in step (plain decoding's emit one token each a
+    step), and each wave's prompts would stall the batch at once. Cut so, their requests end
+    spread out from the first on, as a stream of clients' requests does; every mode gets the same cuts."""
+    if args.no_stagger or n == 1:
+        return None
+    return max(1, round(args.max_tokens * (i + 1) / n))
 
 
 async def _stream(client, url, model, item: dict, max_tokens: int, pin, user: str = "bench") -> dict:
@@ -475,7 +494,9 @@ def _markdown(report: dict) -> str:
              f"{' (the table variant: batch-table)' if 'table' in how['variants'] else ''}, "
              f"{how['requests_per_client']} chat requests per client"
              + (f" (at least {how['min_requests']} per mode and level)" if how.get("min_requests") else "")
-             + f", max_tokens {how['max_tokens']}, greedy, "
+             + f", max_tokens {how['max_tokens']}"
+             + (" (client i of n cutting its first request to (i + 1) / n of them)" if how.get("stagger") else "")
+             + ", greedy, "
              "streaming, distinct prompts (MT-Bench, HumanEval, ShareGPT); client-side timings. "
              + ("The worker in this process (no Ray, Serve or HTTP), its variants' modes"
                 if how.get("in_process") else "Variants side by side (one Serve application each), all their modes")

@@ -1,4 +1,5 @@
 """`draftpick bench engine` and `bench forward` end to end on tiny models (fast): every row present, outputs lossless."""
+import asyncio
 import json
 
 import yaml
@@ -201,6 +202,27 @@ def test_bench_load_steady_rate_counts_only_while_every_client_streams():
     md = _markdown({"how": {"date": "d", "machine": "m", "target": "t", "policy": "p", "variants": ["batched"],
                             "requests_per_client": 1, "max_tokens": 8}, "load": [row], "overhead": None})
     assert "| 2.0 (2.0, 2.0) | 4.0 (4.0, -) |" in md
+
+
+def test_bench_load_clients_cut_their_first_requests_so_that_requests_end_spread_out():
+    """Client i of n cuts its first request to (i + 1) / n of max_tokens (the last runs them all),
+    its later ones not; --no-stagger cuts none, nor does a lone client."""
+    import argparse
+
+    from draftpick.bench.load import _client, _first_tokens
+
+    args = argparse.Namespace(max_tokens=64, no_stagger=False)
+    assert [_first_tokens(args, i, 4) for i in range(4)] == [16, 32, 48, 64]
+    assert _first_tokens(args, 0, 1) is None and _first_tokens(args, 0, 200) == 1
+    assert _first_tokens(argparse.Namespace(max_tokens=64, no_stagger=True), 0, 4) is None
+    sent = []
+
+    async def send(variant, item, pin, user, max_tokens=None):
+        sent.append((item, max_tokens))
+        return {}
+
+    asyncio.run(_client(send, "batched", ["a", "b", "c"], None, "plain", 16))
+    assert sent == [("a", 16), ("b", None), ("c", None)]
 
 
 def test_bench_load_deploys_its_variants_side_by_side_each_its_own_service():
