@@ -42,13 +42,16 @@ class Plan:
     context: str
     decided_s: float  # seconds the decision took
     stats: dict | None = None  # round-level policies: the snapshot the worker decides rounds from
+    note: object = None  # round-level policies: what the decision carries to the request's later rounds (Choice.note)
 
 
-def round_chooser(policy, context: Context, stats, rng):
+def round_chooser(policy, context: Context, stats, rng, first: Choice | None = None):
     """choose(generation) -> Choice: a round-level policy asked before each round of one request, with
     the round's index, the last round, the request's rounds so far, the load now and its own last
-    choice (the generation: its `records` and `load()`, as workers.engine.Generation has them)."""
-    so_far, previous = SoFar(), [None]
+    choice (the generation: its `records` and `load()`, as workers.engine.Generation has them).
+    first: the request's decision, as its first round's previous choice: the policy then reuses
+    what it computed there (its note) instead of computing it again on the worker's engine thread."""
+    so_far, previous = SoFar(), [first]
 
     def choose(g):
         ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None,
@@ -104,7 +107,8 @@ class Controller:
         stats = self.snapshot()
         choice: Choice = self.policy.select(context, stats, self.rng)
         return Plan(choice.arm, choice.propensity, choice.threshold, self.policy.name, self.level, context.tag,
-                    time.perf_counter() - t0, dict(stats) if self.level == "round" and with_stats else None)
+                    time.perf_counter() - t0, dict(stats) if self.level == "round" and with_stats else None,
+                    choice.note if self.level == "round" else None)
 
     def chooser(self, plan: Plan, context: Context):
         """The engine's round chooser for a plan: the plan's arm (request level), or the policy
@@ -113,7 +117,8 @@ class Controller:
         if plan.level != "round":
             return lambda g: Choice(plan.arm, plan.propensity, plan.threshold)
         stats = plan.stats if plan.stats is not None else dict(self.snapshot())
-        return round_chooser(self.policy, context, stats, self.rng)
+        first = Choice(plan.arm, plan.propensity, plan.threshold, note=plan.note) if plan.note is not None else None
+        return round_chooser(self.policy, context, stats, self.rng, first)
 
     # -- feedback --
     def sink(self, max_buffer: int = 10_000) -> FeedbackSink:

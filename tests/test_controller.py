@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -422,6 +423,29 @@ def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(c
                                    previous=want), stats_of(c), None)
     assert want.note is not None and choose(SimpleNamespace(records=played, load=lambda: 3)) == then
     assert then.arm == want.arm and want.arm.k > 1
+
+
+def test_a_round_level_plan_carries_its_prediction_to_the_workers_first_round(client, monkeypatch):
+    """The decision's prediction from the features (its note) comes with the plan, so the worker's
+    chooser does not run the regressions again before the request's first round (on the engine
+    thread, every step waits for it), and chooses there as the decision did."""
+    c = controller(client, "contextual")
+    sink = c.sink()
+    sink(request(6, features=[1.0, 0.5]))
+    assert sink.flush(10) and c.fold_pending() == 1
+    sink.close()
+    ctx = Context(features=(1.0, 0.5))
+    plan = c.decide(ctx, with_stats=False)  # as from the controller actor: no snapshot
+    assert plan.note is not None
+    calls = []
+    linear = c.policy.linear
+    monkeypatch.setattr(c.policy, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    choose = c.chooser(plan, ctx)
+    first = choose(SimpleNamespace(records=[], load=lambda: 1))
+    assert calls == [] and first.arm == plan.arm and first.note == plan.note
+    # a plan without a note (as an older controller sends) still chooses, running the regressions
+    bare = c.chooser(replace(plan, note=None), ctx)(SimpleNamespace(records=[], load=lambda: 1))
+    assert calls == [1] and bare == first
 
 
 def test_done_marks_are_bounded(client, monkeypatch):
