@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import nullcontext
 import os
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 
 from draftpick.bench import machine, write_results
 
