@@ -42,7 +42,7 @@ class Plan:
     context: str
     decided_s: float  # seconds the decision took
     stats: dict | None = None  # round-level policies: the snapshot the worker decides rounds from
-    note: object = None  # round-level policies: what the decision carries to the request's later rounds (Choice.note)
+    note: tuple | None = None  # round-level policies: what the decision carries to the request's later rounds (Choice.note)
 
 
 def round_chooser(policy, context: Context, stats, rng, first: Choice | None = None):

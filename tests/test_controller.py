@@ -395,15 +395,21 @@ def test_a_learning_worker_decides_through_the_controller_and_feeds_back(ray_loo
         ray.kill(worker)
 
 
-def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(client):
-    """`contextual` is round level: the engine's chooser asks it before every round with the
-    request's rounds so far (aggregated) and the load now, over the plan's snapshot, or over the
-    controller's own when the plan came without one (as from the controller actor)."""
+def contextual_after_one_request(client):
+    """A `contextual` controller whose statistics hold one folded request (features 1.0, 0.5)."""
     c = controller(client, "contextual")
     sink = c.sink()
     sink(request(6, features=[1.0, 0.5]))
     assert sink.flush(10) and c.fold_pending() == 1
     sink.close()
+    return c
+
+
+def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(client):
+    """`contextual` is round level: the engine's chooser asks it before every round with the
+    request's rounds so far (aggregated) and the load now, over the plan's snapshot, or over the
+    controller's own when the plan came without one (as from the controller actor)."""
+    c = contextual_after_one_request(client)
     ctx = Context(features=(1.0, 0.5))
     shipped, bare = c.decide(ctx), c.decide(ctx, with_stats=False)
     assert shipped.level == bare.level == "round" and shipped.stats == stats_of(c) and bare.stats is None
@@ -429,11 +435,7 @@ def test_a_round_level_plan_carries_its_prediction_to_the_workers_first_round(cl
     """The decision's prediction from the features (its note) comes with the plan, so the worker's
     chooser does not run the regressions again before the request's first round (on the engine
     thread, every step waits for it), and chooses there as the decision did."""
-    c = controller(client, "contextual")
-    sink = c.sink()
-    sink(request(6, features=[1.0, 0.5]))
-    assert sink.flush(10) and c.fold_pending() == 1
-    sink.close()
+    c = contextual_after_one_request(client)
     ctx = Context(features=(1.0, 0.5))
     plan = c.decide(ctx, with_stats=False)  # as from the controller actor: no snapshot
     assert plan.note is not None
