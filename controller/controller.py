@@ -42,7 +42,8 @@ class Plan:
     context: str
     decided_s: float  # seconds the decision took
     stats: dict | None = None  # round-level policies: the snapshot the worker decides rounds from
-    note: tuple | None = None  # round-level policies: what the decision carries to the request's later rounds (Choice.note)
+    # round-level policies: what the decision carries to the request's later rounds (its Choice.note)
+    note: tuple | None = None
 
 
 def round_chooser(policy, context: Context, stats, rng, first: Choice | None = None):
