@@ -13,7 +13,7 @@ from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
 from draftpick.workers.drafters.suffix import SuffixDrafter
 from draftpick.workers.engine import SpeculativeEngine
-from draftpick.workers.models import forward, new_cache
+from draftpick.workers.models import forward, mkl_packing, new_cache
 from draftpick.workers.sampling import SamplingParams, probs_from_logits
 
 PROMPTS = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "the cat sat on the mat. the cat", "x = 1\ny = 2\n"]
@@ -68,15 +68,18 @@ def test_small_batch_linears_compute_what_linear_computes_on_the_kernel_each_lay
     model = torch.nn.Sequential(wide, narrow, other)
     ref = {m: (m.weight.detach().clone(), m.bias.detach().clone()) for m in (wide, narrow)}
     assert models.small_batch_linears(model) == 2 and "forward" not in vars(other)  # bf16 is left alone
-    assert set(wide.kernels[1:]) <= {"linear", "w_xt", "x_wt"} and set(narrow.kernels[1:]) <= {"linear", "w_xt"}
+    assert set(wide.kernels[1:]) <= {"linear", "w_xt", "x_wt", "packed"}
+    assert set(narrow.kernels[1:]) <= {"linear", "w_xt", "packed"}
     calls = []
     stock = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(1) or stock(*a))
     assert hasattr(wide, "weight_t") == ("x_wt" in wide.kernels) and not hasattr(narrow, "weight_t")
+    assert hasattr(narrow, "weight_packed") == ("packed" in narrow.kernels)
     wide.register_buffer("weight_t", wide.weight.detach().t().contiguous(), persistent=False)
+    packed = models.mkl_packing() and all(models._pack(layer) for layer in (wide, narrow))
     for layer in (wide, narrow):
-        layer.kernels = tuple(("linear", "w_xt", "x_wt" if layer is wide else "w_xt")[r % 3]
-                              for r in range(models.FEW_ROWS + 1))  # every path, whatever this machine chose
+        paths = ("linear", "w_xt", "x_wt" if layer is wide else "w_xt", "packed" if packed else "linear")
+        layer.kernels = tuple(paths[r % 4] for r in range(models.FEW_ROWS + 1))  # every path, whatever was chosen
         for rows in range(1, models.FEW_ROWS + 3):
             for shape in ((rows, 64), (1, rows, 64)):
                 x = torch.randn(*shape)
@@ -102,7 +105,7 @@ def test_calibration_keeps_the_fastest_product_per_row_count(monkeypatch):
     ran = []
 
     def kernel(name):
-        def run(x, w, wt):
+        def run(x, mod):
             ran.append((name, x.shape[0]))
             now[0] += cost[name](x.shape[0]) + (3.0 if len(ran) == 1 else 0.0)  # a slow first call: the warm-up
         return run
@@ -110,10 +113,29 @@ def test_calibration_keeps_the_fastest_product_per_row_count(monkeypatch):
     layers = [torch.nn.Linear(8, 4) for _ in range(3)]
     chosen = models.calibrate(layers, ["linear", "w_xt", "x_wt"], repeats=2, timer=lambda: now[0])
     assert len(chosen) == models.FEW_ROWS + 1
-    assert chosen[1:4] == ("w_xt",) * 3 and chosen[4:8] == ("linear",) * 4 and chosen[8:] == ("x_wt",) * 9
+    rest = models.FEW_ROWS - 7  # row counts 8 .. FEW_ROWS
+    assert chosen[1:4] == ("w_xt",) * 3 and chosen[4:8] == ("linear",) * 4 and chosen[8:] == ("x_wt",) * rest
     assert {r for _, r in ran} == set(models.CALIBRATED_ROWS)  # only those counts are timed, each over every layer
     assert len(ran) == 3 * len(models.CALIBRATED_ROWS) * 3 * len(layers)  # warm-up + 2 repeats, 3 kernels
-    assert models.calibrate(layers, ["linear", "w_xt"], repeats=1, timer=lambda: now[0])[8:] == ("linear",) * 9
+    assert models.calibrate(layers, ["linear", "w_xt"], repeats=1, timer=lambda: now[0])[8:] == ("linear",) * rest
+
+
+@pytest.mark.skipif(not mkl_packing(), reason="this PyTorch has no MKL packing")
+def test_the_packed_product_rounds_each_row_the_same_whatever_the_row_count():
+    """MKL's product on a packed weight (a small_batch_linears path) gives each row the same bits
+    alone as among others, and the bits of `linear` from 16 rows on; `linear` alone does not
+    (it multiplies fewer rows on another path)."""
+    from draftpick.workers import models
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536, bias=False)
+    assert models._pack(layer)
+    x = torch.randn(40, 576)
+    with torch.inference_mode():
+        together = models.KERNELS["packed"](x, layer)
+        assert torch.equal(together, torch.nn.functional.linear(x, layer.weight))
+        for rows in (1, 2, 5, 15, 16, 33):
+            assert torch.equal(models.KERNELS["packed"](x[-rows:], layer), together[-rows:]), rows
 
 
 def test_greedy_output_with_small_batch_linears_equals_transformers_generate(target, tok, monkeypatch):
@@ -128,9 +150,10 @@ def test_greedy_output_with_small_batch_linears_equals_transformers_generate(tar
     assert models.small_batch_linears(fast) == len(linears)
     assert hasattr(fast.lm_head, "weight_t") == ("x_wt" in fast.lm_head.kernels)
     fast.lm_head.register_buffer("weight_t", fast.lm_head.weight.detach().t().contiguous(), persistent=False)
+    packed = models.mkl_packing() and all(models._pack(m) for m in linears)
     for m in linears:
-        m.kernels = tuple(("x_wt" if m is fast.lm_head else "w_xt", "w_xt", "linear")[r % 3]
-                          for r in range(models.FEW_ROWS + 1))
+        paths = ("x_wt" if m is fast.lm_head else "w_xt", "w_xt", "linear", "packed" if packed else "linear")
+        m.kernels = tuple(paths[r % 4] for r in range(models.FEW_ROWS + 1))
     engine = SpeculativeEngine(fast, tok, {"ngram": NgramDrafter(), "close": ModelDrafter("close", noisy_copy(target, 0.05))})
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids

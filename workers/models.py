@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import copy
 import heapq
+import logging
 import os
 import statistics
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,31 +72,59 @@ def load_model(path: str, placement: Placement, gguf_file: str | None = None, sm
     return model
 
 
-FEW_ROWS = 16  # forwards of up to this many rows (tokens) may take another path than `linear`
+FEW_ROWS = 64  # forwards of up to this many rows (tokens) may take another path than `linear`
 WIDE_LAYER = 8192  # output features from which a layer keeps a transposed copy of its weights (the output layer)
 MARGIN = 0.1  # another product replaces `linear` only if it timed this much faster (the timings are noisy)
-CALIBRATED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # row counts timed; the others take the choice of the count below
-# the products a linear layer of few rows may take: x [rows, in], W [out, in], W.T stored contiguously (wide layers)
+CALIBRATED_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # row counts timed; the others take the choice below
+# the products a linear layer of few rows may take, x [rows, in] by the layer's weight W [out, in] or a copy of it
 KERNELS = {
-    "linear": lambda x, w, wt: torch.nn.functional.linear(x, w),
-    "w_xt": lambda x, w, wt: (w @ x.t()).t().contiguous(),  # what reads it next reads rows: timed with the copy
-    "x_wt": lambda x, w, wt: x @ wt,
+    "linear": lambda x, mod: torch.nn.functional.linear(x, mod.weight),
+    "w_xt": lambda x, mod: (mod.weight @ x.t()).t().contiguous(),  # what reads it next reads rows: timed with the copy
+    "x_wt": lambda x, mod: x @ mod.weight_t,  # W.T stored contiguously (wide layers)
+    # MKL's product on W packed once (`linear` packs it again on every call)
+    "packed": lambda x, mod: torch.ops.mkl._mkl_linear(x.contiguous(), mod.weight_packed, mod.weight, None, x.shape[0]),
 }
 
 
+def mkl_packing() -> bool:
+    """Whether this PyTorch offers MKL's pre-packed fp32 product (CPU builds with MKL)."""
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+
+
+@torch.inference_mode()
+def _pack(mod) -> bool:
+    """Keep W packed for MKL (`weight_packed`, as large as W) if the packed product computes what
+    `linear` does here (checked on 3 and FEW_ROWS rows), else nothing."""
+    try:
+        mod.weight_packed = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), FEW_ROWS)
+        x = torch.randn(FEW_ROWS, mod.in_features, generator=torch.Generator().manual_seed(0))
+        for rows in (3, FEW_ROWS):
+            if not torch.allclose(KERNELS["packed"](x[:rows], mod), torch.nn.functional.linear(x[:rows], mod.weight),
+                                  rtol=1e-4, atol=1e-5):
+                raise ValueError("the packed product differs from linear")
+        return True
+    except (RuntimeError, ValueError) as e:  # an MKL that packs otherwise: the other products only
+        log.warning("draftpick: no MKL-packed product for a %s linear layer (%s)", tuple(mod.weight.shape), e)
+        vars(mod).pop("weight_packed", None)
+        return False
+
+
 def small_batch_linears(model, repeats: int = 2, timer=None) -> int:
-    """Faster linear layers for decoding and verification on the CPU in fp32 (the same dot
-    products, summed in another order). PyTorch's CPU `linear` can be slow for a few rows, and
-    which product is fastest for 1-16 rows depends on the CPU: `W @ x.T` halved a 2-3-token forward
-    on one machine and doubled it on another (docs/results.md). So the choice is measured here,
-    once, on this machine (`calibrate`): for each shape of linear layer and each row count,
-    `linear`, `W @ x.T` and, for layers at least WIDE_LAYER wide (the output layer, which keeps a
-    transposed copy of its weights), `x @ W.T`; each layer keeps the fastest per row count
-    (`kernels`, indexed by rows). It takes 2-4 s for the embedded default's target. Larger inputs
-    (prefill, training) keep `linear`; `draftpick bench forward` compares the result with the
-    stock layers. Models on other devices or in other precisions are left alone. The copy is taken
-    once: the model must be used for inference (its weights not changed afterwards). `timer`: the
-    clock (a test's). Returns the number of layers changed."""
+    """Faster linear layers for decoding, verification and batched steps on the CPU in fp32 (the
+    same dot products, summed in another order). PyTorch's CPU `linear` can be slow for a few rows
+    (MKL packs the whole weight matrix again on every call), and which product is fastest for 1-64
+    rows depends on the CPU: `W @ x.T` halved a 2-3-token forward on one machine and doubled it on
+    another (docs/results.md). So the choice is measured here, once, on this machine
+    (`calibrate`): for each shape of linear layer and each row count, `linear`, `W @ x.T`, MKL's
+    product on a copy of W packed once (where MKL offers it; 16 % faster than `linear` at 16 rows
+    on a 2-core AVX-512 machine, and it rounds the same whatever the row count) and, for layers at
+    least WIDE_LAYER wide (the output layer, which keeps a transposed copy of its weights), `x @ W.T`;
+    each layer keeps the fastest per row count (`kernels`, indexed by rows) and only the copies it
+    reads. It takes a few seconds for the embedded default's target. Larger inputs (prefill,
+    training) keep `linear`; `draftpick bench forward` compares the result with the stock layers.
+    Models on other devices or in other precisions are left alone. The copies are taken once: the
+    model must be used for inference (its weights not changed afterwards). `timer`: the clock (a
+    test's). Returns the number of layers changed."""
     groups: dict[tuple[int, int], list] = {}
     for mod in model.modules():
         w = getattr(mod, "weight", None)
@@ -106,10 +137,14 @@ def small_batch_linears(model, repeats: int = 2, timer=None) -> int:
             names.append("x_wt")
             for mod in layers:
                 mod.register_buffer("weight_t", mod.weight.detach().t().contiguous(), persistent=False)
+        if mkl_packing() and all(_pack(mod) for mod in layers):
+            names.append("packed")
         kernels = calibrate(layers, names, repeats, timer or time.perf_counter)
         for mod in layers:
             if "x_wt" not in kernels and hasattr(mod, "weight_t"):
                 delattr(mod, "weight_t")  # the copy is kept only where it is read (113 MB for the default's)
+            if "packed" not in kernels:
+                vars(mod).pop("weight_packed", None)
             mod.kernels = kernels
             mod.forward = _small_batch_forward.__get__(mod)
     return sum(len(layers) for layers in groups.values())
@@ -131,7 +166,7 @@ def calibrate(layers, names: list[str], repeats: int, timer) -> tuple[str, ...]:
             for k in names:
                 t0 = timer()
                 for mod in layers:
-                    KERNELS[k](xs[r], mod.weight, getattr(mod, "weight_t", None))
+                    KERNELS[k](xs[r], mod)
                 if rep:
                     best[r, k] = min(best[r, k], timer() - t0)
     chosen = {r: min(names, key=lambda k: best[r, k]) for r in CALIBRATED_ROWS}
@@ -146,7 +181,7 @@ def _small_batch_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not 1 <= rows <= FEW_ROWS or training or x.device != w.device or x.dtype != w.dtype \
             or self.kernels[rows] == "linear":
         return torch.nn.functional.linear(x, w, self.bias)
-    y = KERNELS[self.kernels[rows]](x.reshape(rows, x.shape[-1]), w, getattr(self, "weight_t", None))
+    y = KERNELS[self.kernels[rows]](x.reshape(rows, x.shape[-1]), self)
     if self.bias is not None:
         y = y + self.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
