@@ -54,6 +54,9 @@ def run(args) -> int:
         raise ValueError(f"--arm {args.arm}: drafter {arm.drafter!r} is not configured")
     set_threads(cfg.worker.torch_threads)
     engine = build_engine(cfg)
+    # the runs send the same prompts, and the interleaved one would find each request's prefix stored by
+    # the one before it: this compares the batching alone (`bench load` measures the prefix cache)
+    engine.prefix = None
     if not engine.batchable:
         print("bench batch: this target does not batch (workers.batched.batchable); each request steps alone")
     domains = DEFAULT_DOMAINS.split(",")

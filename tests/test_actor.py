@@ -54,6 +54,7 @@ def test_concurrent_streamed_requests_match_plain_greedy(ray_local, cfg, target,
         assert final["result"]["metrics"]["speculative_decoding"]["num_spec_steps"] == len(final["records"])
     info = ray.get(worker.info.remote())
     assert info["in_flight"] == 0 and "close" in info["drafters"]
+    assert info["prefix_cache"]["lookups"] == len(prompts)  # on by default: every request looked for its prefix
 
 
 def test_requests_overlap_on_one_worker(ray_local, cfg):

@@ -336,6 +336,90 @@ def test_chunked_prefill_leaves_every_output_and_cache_exact(engine, target, tok
     assert seen["mixed"] > 3 and seen["waited"] > 0  # a later prompt waited for an earlier one's chunks
 
 
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_cache_is_exact(engine, target, tok,
+                                                                                            monkeypatch):
+    """With a prefix cache, a request joining after others prefills only what follows the longest
+    stored prefix of its prompt (whole blocks, its tenant's only, never its last token); every cache
+    then holds exactly what a fresh forward of its tokens gives, a feature head gets the hidden
+    states of the reused tokens too, and every greedy output, batched or alone, is plain greedy."""
+    from draftpick.workers.prefix import BLOCK, PrefixCache
+
+    monkeypatch.setattr(engine, "prefix", PrefixCache(256))
+    system = "system: you are a tiny model. be brief.\nuser: "
+    prompts = [system + p for p in PROMPTS] + [system + PROMPTS[0]]  # the last: a prompt seen before, whole
+    tenants = ["a"] * len(PROMPTS) + ["a"]
+    tenants[2] = "b"  # the same start, another tenant: nothing of a's to reuse
+    arms = ARMS + [Arm("feat", 3)]
+    ids = [tok(p).input_ids for p in prompts]
+    reused = []
+
+    def check(live):
+        for g in live:
+            if g.done:
+                continue
+            fresh = new_cache(target)
+            forward(target, fresh, g.ids[:-1])
+            for a, b in zip(fresh.layers, g.cache.layers):
+                assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
+                assert torch.allclose(a.values, b.values, atol=1e-5)
+            if g.target_features is not None:
+                assert len(g.target_features) == len(g.ids) - 1
+
+    before = {"reused": 0}
+
+    def on_step(live):
+        reused.append(engine.prefix.reused_tokens - before["reused"])
+        before["reused"] = engine.prefix.reused_tokens
+        check(live)
+
+    jobs = [(3 * i, x, SamplingParams(max_tokens=16), arm, {"tenant": t}) for i, (x, arm, t) in enumerate(zip(ids, arms, tenants))]
+    gens = run_batched(engine, jobs, on_step=on_step)
+    for (_, x, params, arm, _), g in zip(jobs, gens):
+        assert g.out == hf_greedy(target, x, params.max_tokens), arm
+    # what each request should have found: the whole blocks it shares with an earlier prompt of its tenant
+    expected = []
+    for i, x in enumerate(ids):
+        shared = max([_lcp(x, ids[j]) for j in range(i) if tenants[j] == tenants[i]], default=0)
+        expected.append(min(shared, len(x) - 1) // BLOCK * BLOCK)
+    assert [reused[3 * i] for i in range(len(ids))] == expected
+    assert expected[1] >= 4 * BLOCK and expected[2] == 0 and expected[-1] == (len(ids[-1]) - 1) // BLOCK * BLOCK
+    # alone (one forward per step), the stored prefix serves too
+    start = engine.prefix.reused_tokens
+    g = engine.start(tok(system + "y = 3").input_ids, SamplingParams(max_tokens=16), Arm("ngram", 3), tenant="a")
+    assert g.run().token_ids == hf_greedy(target, g.prompt_ids, 16)
+    assert engine.prefix.reused_tokens - start == _lcp(g.prompt_ids, ids[0]) // BLOCK * BLOCK
+
+
+def test_a_full_prefix_cache_drops_the_later_blocks_of_its_oldest_prefixes_first(target, tok):
+    from draftpick.workers.prefix import BLOCK, PrefixCache
+
+    first, second = tok("abcdefghijklmnopqrstuvwxyz0123456789abcdefgh").input_ids, tok("0123456789" * 3).input_ids
+    assert len(first) > 5 * BLOCK
+    cache, c = PrefixCache(blocks=4), new_cache(target)
+    forward(target, c, first)
+    cache.store(first, c)
+    assert len(cache) == 4 and cache.seed(first, new_cache(target)) == 4 * BLOCK  # its fifth block went, not its first
+    cache = PrefixCache(blocks=3)
+    for ids in (first, second):
+        c = new_cache(target)
+        forward(target, c, ids)
+        cache.store(ids, c)
+        assert len(cache) <= 3
+    c = new_cache(target)
+    assert cache.seed(second + [1], c) == 3 * BLOCK  # the newest prompt's first three blocks stayed
+    c = new_cache(target)
+    assert cache.seed(first, c) == 0  # the older prompt's went, first block included
+    cache.clear()
+    assert len(cache) == 0 and cache.seed(second + [1], new_cache(target)) == 0
+
+
 def test_sampled_outputs_in_a_batch_follow_the_target_law(engine, target, tok):
     """Unseeded sampling, 16 requests per forward, the accept / reject draws on each request's own
     generator: three sampled tokens (the last two from one speculative round) vs the exact law."""

@@ -96,6 +96,7 @@ def test_generate_none_drafter_counts_plain_rounds(setup_dir, capsys):
     (lambda c: c["drafters"].append({"type": "ngram", "name": "n2", "min_ngram": 4, "max_ngram": 2}), "min_ngram"),
     (lambda c: c["drafters"].append({"type": "lookahead", "name": "x"}), "field `drafters.3`"),
     (lambda c: c["engine"].update(default_k=-1), "field `engine.default_k`"),
+    (lambda c: c["engine"].update(prefix_cache_blocks=-8), "field `engine.prefix_cache_blocks`"),
     (lambda c: c["drafters"].append({"type": "model", "name": "m", "path": "x", "min_confidence": 1.5}),
      "min_confidence`: Input should be less than 1"),
     (lambda c: c.pop("target"), "field `target`: Field required"),

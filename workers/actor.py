@@ -78,7 +78,10 @@ class EngineWorker:
             self.engine.add_sink(self.sink)
 
     def info(self) -> dict:
+        prefix = self.engine.prefix
         return {"drafters": list(self.engine.drafters), "in_flight": self.in_flight,
+                **({"prefix_cache": {"blocks": len(prefix), "lookups": prefix.lookups,
+                                     "reused_tokens": prefix.reused_tokens}} if prefix is not None else {}),
                 **({"feedback": self.sink.status(), "decisions": self.decisions.status()} if self.sink else {})}
 
     def status(self) -> dict:

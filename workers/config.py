@@ -100,10 +100,14 @@ class EngineConfig(_Strict):
     default_k: int = Field(3, ge=0, le=64, description="draft length when a request names a drafter but no k")
     max_k: int = Field(16, ge=0, le=64, description="largest draft length a request or policy may ask for")
     small_batch_linears: bool = Field(
-        True, description="on the CPU in fp32, compute the linear layers of 1-16-token forwards (decoding, "
-        "verification) with whichever product measured fastest on this machine at load "
+        True, description="on the CPU in fp32, compute the linear layers of 1-64-row forwards (decoding, "
+        "verification, batched steps) with whichever product measured fastest on this machine at load "
         "(workers.models.small_batch_linears; the same dot products summed in another order); false keeps "
         "PyTorch's own")
+    prefix_cache_blocks: int = Field(
+        256, ge=0, description="prompt prefix caching: keep the target's keys and values of up to this many "
+        "8-token blocks of earlier prompts, and prefill only what follows the longest stored prefix of a new "
+        "prompt (workers.prefix; about 0.37 MB a block for the embedded default); 0 turns it off")
     verify_pad_multiple: int | None = Field(
         None, ge=1, le=16, description="pad multi-token verify forwards to a multiple of this many tokens "
         "(default: 1 on CUDA and for fp32 on the CPU, which runs few-row products on faster paths, see "

@@ -27,6 +27,7 @@ from draftpick.workers.drafters.feature import TargetFeatures
 from draftpick.workers.drafters.none import NoneDrafter
 from draftpick.workers.metrics import spec_decode_metrics
 from draftpick.workers.models import forward, new_cache, rollback, verify_forward
+from draftpick.workers.prefix import PrefixCache
 from draftpick.workers.sampling import SamplingParams, TokenSampler
 from draftpick.workers.verify import acceptance_probability, verify
 
@@ -73,8 +74,11 @@ class SpeculativeEngine:
     the caller attaches (`add_sink`), e.g. traffic capture or the service's feedback."""
 
     def __init__(self, target, tokenizer, drafters: dict[str, Drafter] | None = None, full_information: bool = True,
-                 verify_pad_multiple: int = 1, played_only: set[str] = frozenset(), counterfactual_k: int = 16):
+                 verify_pad_multiple: int = 1, played_only: set[str] = frozenset(), counterfactual_k: int = 16,
+                 prefix_blocks: int = 0):
         self.target, self.tokenizer = target, tokenizer
+        # prompt prefixes' keys and values, reused by later prompts that start the same (0 blocks: off)
+        self.prefix = PrefixCache(prefix_blocks) if prefix_blocks else None
         self.verify_pad_multiple = verify_pad_multiple  # see workers.models.verify_forward
         self.sinks: list[Sink] = []
         self.sink_errors = 0  # sink calls that raised (logged; the request is answered all the same)
@@ -148,6 +152,8 @@ class SpeculativeEngine:
                 out[id(g)] = _guarded(g, g.step)
             return [out.get(id(g), []) for g in gens]
         chunks, budget = {}, prefill_chunk or None
+        for g in live:
+            g.begin()  # (a stored prompt prefix shortens its prefill)
         for g in live:  # the prompt tokens each prefill runs: all, or first come first served from the budget
             if g.prefill_left:
                 chunks[id(g)] = g.prefill_left if budget is None else min(g.prefill_left, budget)
@@ -323,8 +329,7 @@ class Generation:
         then in `planned` (the round's draft not yet made)."""
         assert not self.done and self._round_state is None and self.planned is None, \
             "prepare() twice without complete()"
-        if self.started is None:
-            self.started = time.perf_counter()
+        self.begin()
         if self.prefill_left:
             self._chunk = self.prefill_rows(chunk)
             return self.prompt_ids[self.prefilled: self.prefilled + self._chunk]
@@ -335,6 +340,16 @@ class Generation:
         k = min(choice.arm.k, self.params.max_tokens - len(self.out) - 1, choice.arm.k if max_k is None else max_k)
         self.planned = (choice, k, choice.arm.drafter if k > 0 else "none")
         return None
+
+    def begin(self) -> None:
+        """At the request's first step: starts its clock, and puts the longest prefix of its prompt
+        that the engine's prefix cache holds for its tenant into its cache (those tokens are not
+        prefilled; prefixes stored while it waited count)."""
+        if self.started is not None:
+            return
+        self.started = time.perf_counter()
+        if self.engine.prefix is not None:
+            self.prefilled = self.engine.prefix.seed(self.prompt_ids, self.cache, self.target_features, self.tenant)
 
     def drafted(self, draft: torch.Tensor, q: torch.Tensor | None, seconds: float) -> list[int]:
         """The planned round's draft [d <= k] (and q [d, vocab], None: deterministic), made in
@@ -418,6 +433,8 @@ class Generation:
         self.prefilled += self._chunk
         if self.prefill_left:
             return []
+        if self.engine.prefix is not None:
+            self.engine.prefix.store(self.prompt_ids, self.cache, self.target_features, self.tenant)
         token = self.sampler.draw(self.sampler.probs(logits[-1:], len(self.prompt_ids))[0])
         self.prefill_s = time.perf_counter() - self.started
         return self._append([token])

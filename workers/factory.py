@@ -21,7 +21,8 @@ def build_engine(cfg: DraftpickConfig) -> SpeculativeEngine:
     pad = cfg.engine.verify_pad_multiple or default_verify_pad(placement, small_batch)
     played_only = {d.name for d in cfg.drafters if not getattr(d, "full_information", True)}
     engine = SpeculativeEngine(target, tokenizer, drafters, full_information=cfg.engine.full_information,
-                               verify_pad_multiple=pad, played_only=played_only, counterfactual_k=cfg.engine.max_k)
+                               verify_pad_multiple=pad, played_only=played_only, counterfactual_k=cfg.engine.max_k,
+                               prefix_blocks=cfg.engine.prefix_cache_blocks)
     capture = capture_sink(cfg)
     if capture is not None:
         engine.add_sink(capture)
