@@ -16,6 +16,10 @@ With `--prefill-chunk C`, two more batched plain runs per level where the reques
 step (as a server's arrivals do) instead of all at once: whole prompts in the step they join, and
 chunked prefill (at most C prompt tokens a step, all joining requests together). Their step-time p50 / p99 is the
 inter-token latency the requests in flight see while others join.
+
+With `--join-every J`, two more batched plain runs per level where request i joins at step i * J: without and
+with the prefix cache (workers.prefix, empty at the start of the run; the other runs have it off, since they
+send the same prompts), and how many prompt tokens it saved.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--arm", default="ngram:3", help="the fixed arm of the batched speculative run")
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="also compare requests joining one per step with whole and with chunked prefill (C tokens)")
+    p.add_argument("--join-every", type=int, default=0,
+                   help="also compare requests joining one every J steps without and with the prefix cache")
     p.add_argument("--out", default="bench-results", help="directory for the JSON and markdown results")
 
 
@@ -43,11 +49,12 @@ def run(args) -> int:
     from draftpick.workers.factory import build_engine
     from draftpick.workers.inputs import encode_input
     from draftpick.workers.models import set_threads
+    from draftpick.workers.prefix import PrefixCache
     from draftpick.workers.sampling import SamplingParams
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not levels or min(levels) < 1 or args.max_tokens < 1 or args.prefill_chunk < 0:
-        raise ValueError("--concurrency needs numbers >= 1; --max-tokens >= 1; --prefill-chunk >= 0")
+    if not levels or min(levels) < 1 or args.max_tokens < 1 or args.prefill_chunk < 0 or args.join_every < 0:
+        raise ValueError("--concurrency needs numbers >= 1; --max-tokens >= 1; --prefill-chunk and --join-every >= 0")
     cfg = load_config(args.config)
     arm = Arm.parse(args.arm)
     if arm.drafter not in cfg.drafter_names():
@@ -55,7 +62,8 @@ def run(args) -> int:
     set_threads(cfg.worker.torch_threads)
     engine = build_engine(cfg)
     # the runs send the same prompts, and the interleaved one would find each request's prefix stored by
-    # the one before it: this compares the batching alone (`bench load` measures the prefix cache)
+    # the one before it: the prefix cache is off but in the "prefix cache" mode, which starts it empty
+    blocks = cfg.engine.prefix_cache_blocks or 256
     engine.prefix = None
     if not engine.batchable:
         print("bench batch: this target does not batch (workers.batched.batchable); each request steps alone")
@@ -67,22 +75,28 @@ def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens)
     plain = Arm("none", 0)
     # the batched modes: (label, arm, a request joins every .. steps (0: all at once), prefill chunk,
-    # the arm's drafter drafts the requests together where it can)
-    modes = [("batched plain", plain, 0, None, True), (f"batched {arm}", arm, 0, None, True)]
+    # the arm's drafter drafts the requests together where it can, prefix cache)
+    modes = [("batched plain", plain, 0, None, True, False), (f"batched {arm}", arm, 0, None, True, False)]
     if hasattr(engine.drafters[arm.drafter], "propose_batch"):
-        modes.append((f"batched {arm}, drafts alone", arm, 0, None, False))
+        modes.append((f"batched {arm}, drafts alone", arm, 0, None, False, False))
     if args.prefill_chunk:
-        modes += [("joining, whole prefill", plain, 1, None, True),
-                  (f"joining, prefill chunk {args.prefill_chunk}", plain, 1, args.prefill_chunk, True)]
+        modes += [("joining, whole prefill", plain, 1, None, True, False),
+                  (f"joining, prefill chunk {args.prefill_chunk}", plain, 1, args.prefill_chunk, True, False)]
+    if args.join_every:
+        modes += [(f"joining every {args.join_every}", plain, args.join_every, None, True, False),
+                  (f"joining every {args.join_every}, prefix cache", plain, args.join_every, None, True, True)]
     rows = []
     for n in levels:
         alone = _run(engine, prompts[:n], params, plain, batched=False)
-        for label, a, join_every, chunk, together in modes:
-            engine.batch_drafts = together
+        for label, a, join_every, chunk, together, prefix in modes:
+            cache = PrefixCache(blocks) if prefix else None
+            engine.batch_drafts, engine.prefix = together, cache
             try:
                 r = _run(engine, prompts[:n], params, a, batched=True, join_every=join_every, chunk=chunk)
             finally:
-                engine.batch_drafts = True
+                engine.batch_drafts, engine.prefix = True, None
+            if cache is not None:
+                r["reused_tokens"] = cache.reused_tokens
             r["mismatches"] = sum(x != y for x, y in zip(r.pop("outputs"), alone["outputs"]))
             r.update(mode=label, ratio=r["tokens_per_s"] / alone["tokens_per_s"])
             rows.append(r)
@@ -142,6 +156,7 @@ def _markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         step = f"{r['step_p50_ms']:.0f} / {r['step_p99_ms']:.0f}" if "step_p50_ms" in r else "-"
-        lines.append(f"| {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f} | "
+        mode = r["mode"] + (f" ({r['reused_tokens']} prompt tokens reused)" if "reused_tokens" in r else "")
+        lines.append(f"| {r['concurrency']} | {mode} | {r['tokens_per_s']:.1f} | {r['ratio']:.2f} | "
                      f"{100 * r['draft_share']:.1f} | {r['steps']} | {step} | {r['mismatches']} |")
     return "\n".join(lines) + "\n"

@@ -86,12 +86,13 @@ def test_bench_controller_measures_decisions_folding_and_ray(tmp_path, target, t
 def test_bench_batch_compares_interleaved_and_batched_and_counts_no_mismatch(tmp_path, target, tok):
     _tiny_config(tmp_path, target, tok)
     code = main(["bench", "batch", "--config", str(tmp_path / "cfg.yaml"), "--concurrency", "1,3", "--max-tokens", "12",
-                 "--arm", "close:2", "--prefill-chunk", "2", "--out", str(tmp_path / "out")])
+                 "--arm", "close:2", "--prefill-chunk", "2", "--join-every", "2", "--out", str(tmp_path / "out")])
     assert code == 0
     rows = json.loads(next((tmp_path / "out").glob("batch-*.json")).read_text())["rows"]
     assert [(r["concurrency"], r["mode"]) for r in rows] == [
         (n, m) for n in (1, 3) for m in ("batched plain", "batched close:2", "batched close:2, drafts alone",
-                                          "joining, whole prefill", "joining, prefill chunk 2", "interleaved plain")]
+                                          "joining, whole prefill", "joining, prefill chunk 2", "joining every 2",
+                                          "joining every 2, prefix cache", "interleaved plain")]
     for r in rows:
         assert r["mismatches"] == 0 and r["tokens"] > 0, r  # batched greedy outputs equal each request alone
     # three requests: batched steps run all of them at once, interleaved ones one each
