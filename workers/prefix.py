@@ -39,7 +39,7 @@ class PrefixCache:
         # states [block, d]
         self._store: OrderedDict[tuple[str, tuple[int, ...]],
                                  tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]] = OrderedDict()
-        self._lock = threading.Lock()  # requests start on the caller's thread, prefills end on the engine's
+        self._lock = threading.Lock()  # (an engine may be stepped from more than one thread)
         self.lookups = 0  # requests that looked
         self.reused_tokens = 0  # prompt tokens they did not prefill
 
