@@ -397,6 +397,42 @@ def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_c
     assert engine.prefix.reused_tokens - start == _lcp(g.prompt_ids, ids[0]) // BLOCK * BLOCK
 
 
+def test_a_stored_prefix_shortens_a_chunked_prefill_and_every_output_and_cache_stays_exact(engine, target, tok,
+                                                                                          monkeypatch):
+    """With chunked prefill (4 prompt tokens a step), a request that finds a stored prefix runs its
+    chunks from there: after its first step it holds the reused blocks plus one chunk, every cache
+    holds exactly the tokens run so far, and every greedy output is plain greedy."""
+    from draftpick.workers.prefix import BLOCK, PrefixCache
+
+    monkeypatch.setattr(engine, "prefix", PrefixCache(256))
+    system = "system: you are a tiny model. be brief.\nuser: "
+    ids = [tok(system + p).input_ids for p in PROMPTS[:4]]
+    arms = [Arm("feat", 3), Arm("ngram", 3), Arm("none", 0), Arm("close", 2)]
+    first: dict[int, int] = {}
+
+    def check(live):
+        for g in live:
+            first.setdefault(id(g), g.prefilled)
+            if g.done:
+                continue
+            held = g.prompt_ids[: g.prefilled] if g.prefill_left else g.ids[:-1]
+            fresh = new_cache(target)
+            forward(target, fresh, held)
+            for a, b in zip(fresh.layers, g.cache.layers):
+                assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
+            if g.target_features is not None:
+                assert len(g.target_features) == len(held)
+
+    # each joins while the ones before it decode (the first, alone, prefills whole), after their prefills
+    jobs = [(16 * i, x, SamplingParams(max_tokens=40), arm, {}) for i, (x, arm) in enumerate(zip(ids, arms))]
+    gens = run_batched(engine, jobs, on_step=check, chunk=4)
+    for (_, x, params, arm, _), g in zip(jobs, gens):
+        assert g.out == hf_greedy(target, x, params.max_tokens), arm
+    for i, (x, g) in enumerate(zip(ids[1:], gens[1:]), 1):
+        reused = min(max(_lcp(x, y) for y in ids[:i]), len(x) - 1) // BLOCK * BLOCK
+        assert reused >= 4 * BLOCK and first[id(g)] == reused + min(4, len(x) - reused), (i, first[id(g)], reused)
+
+
 def test_a_full_prefix_cache_drops_the_later_blocks_of_its_oldest_prefixes_first(target, tok):
     from draftpick.workers.prefix import BLOCK, PrefixCache
 
