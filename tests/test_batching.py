@@ -379,7 +379,8 @@ def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_c
         before["reused"] = engine.prefix.reused_tokens
         check(live)
 
-    jobs = [(3 * i, x, SamplingParams(max_tokens=16), arm, {"tenant": t}) for i, (x, arm, t) in enumerate(zip(ids, arms, tenants))]
+    jobs = [(3 * i, x, SamplingParams(max_tokens=16), arm, {"tenant": t})
+            for i, (x, arm, t) in enumerate(zip(ids, arms, tenants))]
     gens = run_batched(engine, jobs, on_step=on_step)
     for (_, x, params, arm, _), g in zip(jobs, gens):
         assert g.out == hf_greedy(target, x, params.max_tokens), arm
