@@ -13,7 +13,9 @@ Per request, from the worker's final event (its rounds and the policy's plan):
 At scrape time, from a worker's status (gauges; with several worker replicas, the one that answered):
 - `draftpick:feedback_lag_entries`: feedback entries appended but not yet folded;
 - `draftpick:feedback_records{state}`: the worker's sink (`appended`, `buffered`, `dropped`);
-- `draftpick:feedback_rejected_records`, `draftpick:feedback_dropped_records`: the controller's totals.
+- `draftpick:feedback_rejected_records`, `draftpick:feedback_dropped_records`: the controller's totals;
+- `draftpick:prefix_cache_queries`, `draftpick:prefix_cache_hits`: prompt tokens looked up in the
+  worker's prefix cache, and those found there (not prefilled), since it started.
 Each ingress replica counts its own requests (Prometheus sums replicas).
 """
 from __future__ import annotations
@@ -54,6 +56,10 @@ class Metrics:
         self.rejected = Gauge(P + "feedback_rejected_records", "Feedback records the controller refused", registry=r)
         self.dropped = Gauge(P + "feedback_dropped_records", "Feedback records dropped (Redis down too long)",
                              registry=r)
+        self.prefix_queries = Gauge(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                    registry=r)
+        self.prefix_hits = Gauge(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)",
+                                 registry=r)
 
     def observe_result(self, final: dict) -> None:
         """A request's final worker event: {"result", "records", "plan"}."""
@@ -86,6 +92,9 @@ class Metrics:
             self.rejected.set(status["rejected_records"])
         if "dropped_records" in status:
             self.dropped.set(status["dropped_records"])
+        if "prefix_cache" in status:
+            self.prefix_queries.set(status["prefix_cache"]["queried_tokens"])
+            self.prefix_hits.set(status["prefix_cache"]["reused_tokens"])
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

@@ -9,6 +9,7 @@ from draftpick.deploy.ingress import local_app
 from draftpick.policies import Arm
 from draftpick.workers.actor import EngineWorker
 from draftpick.workers.config import ServeSection
+from draftpick.workers.prefix import BLOCK
 from draftpick.workers.sampling import SamplingParams
 from tiny import save_models, service_config
 
@@ -175,6 +176,10 @@ def test_stats_and_metrics_reflect_the_traffic(cfg, learner, worker):
     assert _sample(text, "draftpick:time_to_first_token_seconds_count") == 2
     assert _sample(text, "draftpick:generation_tokens_total") == sum(b["usage"]["completion_tokens"] for b in bodies)
     assert _sample(text, "draftpick:feedback_lag_entries") == 0 and 'state="appended"' in text
+    # the same prompt twice: the second found the first's whole blocks in the prefix cache, all but its last token
+    n = bodies[0]["usage"]["prompt_tokens"]
+    assert _sample(text, "draftpick:prefix_cache_queries") == 2 * n
+    assert _sample(text, "draftpick:prefix_cache_hits") == (n - 1) // BLOCK * BLOCK > 0
     with TestClient(local_app(cfg, worker)) as plain:
         assert plain.get("/v1/draftpick/stats").status_code == 404
 

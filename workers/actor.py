@@ -80,14 +80,15 @@ class EngineWorker:
     def info(self) -> dict:
         prefix = self.engine.prefix
         return {"drafters": list(self.engine.drafters), "in_flight": self.in_flight,
-                **({"prefix_cache": {"blocks": len(prefix), "lookups": prefix.lookups,
-                                     "reused_tokens": prefix.reused_tokens}} if prefix is not None else {}),
+                **({"prefix_cache": prefix.status()} if prefix is not None else {}),
                 **({"feedback": self.sink.status(), "decisions": self.decisions.status()} if self.sink else {})}
 
     def status(self) -> dict:
-        """The components' state for /health: the engine, and when it learns the controller, Redis
-        and the feedback sink."""
+        """The components' state for /health: the engine (and its prefix cache), and when it learns
+        the controller, Redis and the feedback sink."""
         out = {"engine": "up", "in_flight": self.in_flight}
+        if self.engine.prefix is not None:
+            out["prefix_cache"] = self.engine.prefix.status()
         if self.decisions is not None:
             out.update(self.decisions.status(), feedback=self.sink.status())
         return out

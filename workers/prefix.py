@@ -41,7 +41,8 @@ class PrefixCache:
                                  tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]] = OrderedDict()
         self._lock = threading.Lock()  # (an engine may be stepped from more than one thread)
         self.lookups = 0  # requests that looked
-        self.reused_tokens = 0  # prompt tokens they did not prefill
+        self.queried_tokens = 0  # their prompt tokens
+        self.reused_tokens = 0  # those they did not prefill
 
     @staticmethod
     def fits(cache) -> bool:
@@ -57,6 +58,7 @@ class PrefixCache:
         found, end = [], self.block
         with self._lock:
             self.lookups += 1
+            self.queried_tokens += len(ids)
             keys = []
             while end < len(ids):  # the last token is always prefilled
                 key = (tenant, tuple(ids[:end]))
@@ -101,6 +103,10 @@ class PrefixCache:
         the ones before it, so the later blocks of a prefix go first when the cache is full."""
         for key in reversed(keys):
             self._store.move_to_end(key)
+
+    def status(self) -> dict:
+        return {"blocks": len(self), "lookups": self.lookups, "queried_tokens": self.queried_tokens,
+                "reused_tokens": self.reused_tokens}
 
     def clear(self) -> None:
         with self._lock:
