@@ -45,7 +45,7 @@ def run(args) -> int:
     from draftpick.bench.engine import DEFAULT_DOMAINS
     from draftpick.bench.prompts import load_domain
     from draftpick.policies.types import Arm
-    from draftpick.workers.config import load_config
+    from draftpick.workers.config import EngineConfig, load_config
     from draftpick.workers.factory import build_engine
     from draftpick.workers.inputs import encode_input
     from draftpick.workers.models import set_threads
@@ -63,7 +63,7 @@ def run(args) -> int:
     engine = build_engine(cfg)
     # the runs send the same prompts, and the interleaved one would find each request's prefix stored by
     # the one before it: the prefix cache is off but in the "prefix cache" mode, which starts it empty
-    blocks = cfg.engine.prefix_cache_blocks or 256
+    blocks = cfg.engine.prefix_cache_blocks or EngineConfig.model_fields["prefix_cache_blocks"].default
     engine.prefix = None
     if not engine.batchable:
         print("bench batch: this target does not batch (workers.batched.batchable); each request steps alone")

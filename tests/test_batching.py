@@ -9,6 +9,7 @@ from draftpick.policies.types import Arm
 from test_engine import exact_law, hf_greedy, sampling_context
 from tiny import VOCAB, chi2_pvalue, feature_drafter, noisy_copy, save_models, tiny_sliding_model
 from draftpick.workers.batched import ForwardCost, batchable, batched_forward, pooled_rows_cap, slot_ranges
+from draftpick.workers.drafters.base import matching_prefix
 from draftpick.workers.drafters.feature import FeatureDrafter
 from draftpick.workers.drafters.model import ModelDrafter
 from draftpick.workers.drafters.ngram import NgramDrafter
@@ -336,13 +337,6 @@ def test_chunked_prefill_leaves_every_output_and_cache_exact(engine, target, tok
     assert seen["mixed"] > 3 and seen["waited"] > 0  # a later prompt waited for an earlier one's chunks
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_cache_is_exact(engine, target, tok,
                                                                                             monkeypatch):
     """With a prefix cache, a request joining after others prefills only what follows the longest
@@ -387,7 +381,7 @@ def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_c
     # what each request should have found: the whole blocks it shares with an earlier prompt of its tenant
     expected = []
     for i, x in enumerate(ids):
-        shared = max([_lcp(x, ids[j]) for j in range(i) if tenants[j] == tenants[i]], default=0)
+        shared = max([matching_prefix(x, ids[j]) for j in range(i) if tenants[j] == tenants[i]], default=0)
         expected.append(min(shared, len(x) - 1) // BLOCK * BLOCK)
     assert [reused[3 * i] for i in range(len(ids))] == expected
     assert expected[1] >= 4 * BLOCK and expected[2] == 0 and expected[-1] == (len(ids[-1]) - 1) // BLOCK * BLOCK
@@ -395,7 +389,7 @@ def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_c
     start = engine.prefix.reused_tokens
     g = engine.start(tok(system + "y = 3").input_ids, SamplingParams(max_tokens=16), Arm("ngram", 3), tenant="a")
     assert g.run().token_ids == hf_greedy(target, g.prompt_ids, 16)
-    assert engine.prefix.reused_tokens - start == _lcp(g.prompt_ids, ids[0]) // BLOCK * BLOCK
+    assert engine.prefix.reused_tokens - start == matching_prefix(g.prompt_ids, ids[0]) // BLOCK * BLOCK
 
 
 def test_a_stored_prefix_shortens_a_chunked_prefill_and_every_output_and_cache_stays_exact(engine, target, tok,
@@ -430,7 +424,7 @@ def test_a_stored_prefix_shortens_a_chunked_prefill_and_every_output_and_cache_s
     for (_, x, params, arm, _), g in zip(jobs, gens):
         assert g.out == hf_greedy(target, x, params.max_tokens), arm
     for i, (x, g) in enumerate(zip(ids[1:], gens[1:]), 1):
-        reused = min(max(_lcp(x, y) for y in ids[:i]), len(x) - 1) // BLOCK * BLOCK
+        reused = min(max(matching_prefix(x, y) for y in ids[:i]), len(x) - 1) // BLOCK * BLOCK
         assert reused >= 4 * BLOCK and first[id(g)] == reused + min(4, len(x) - reused), (i, first[id(g)], reused)
 
 

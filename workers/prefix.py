@@ -35,10 +35,10 @@ class PrefixCache:
         if blocks < 1 or block < 1:
             raise ValueError(f"a prefix cache needs blocks >= 1 and block >= 1 (got {blocks}, {block})")
         self.blocks, self.block = blocks, block
-        # (tenant, whole prefix) -> per layer (keys, values) [kv heads, block, head dim], and the last hidden
-        # states [block, d]
+        # (tenant, whole prefix) -> the block's keys and values [layers, kv heads, block, head dim], and its
+        # last hidden states [block, d] (None when stored without them)
         self._store: OrderedDict[tuple[str, tuple[int, ...]],
-                                 tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]] = OrderedDict()
+                                 tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._lock = threading.Lock()  # (an engine may be stepped from more than one thread)
         self.lookups = 0  # requests that looked
         self.queried_tokens = 0  # their prompt tokens
@@ -59,26 +59,26 @@ class PrefixCache:
         with self._lock:
             self.lookups += 1
             self.queried_tokens += len(ids)
-            keys = []
+            used = []
             while end < len(ids):  # the last token is always prefilled
                 key = (tenant, tuple(ids[:end]))
                 entry = self._store.get(key)
-                if entry is None or (features is not None and entry[1] is None):
+                if entry is None or (features is not None and entry[2] is None):
                     break
-                keys.append(key)
+                used.append(key)
                 found.append(entry)
                 end += self.block
-            self._touch(keys)
+            self._touch(used)
             self.reused_tokens += len(found) * self.block
         if not found:
             return 0
         with torch.inference_mode():  # as a forward writes the cache
+            keys = torch.cat([k for k, _, _ in found], dim=-2)  # [layers, kv heads, tokens, head dim]
+            values = torch.cat([v for _, v, _ in found], dim=-2)
             for i, layer in enumerate(cache.layers):
-                keys = torch.cat([kv[i][0] for kv, _ in found], dim=-2)  # [kv heads, tokens, head dim]
-                values = torch.cat([kv[i][1] for kv, _ in found], dim=-2)
-                layer.update(keys[None], values[None])
+                layer.update(keys[i][None], values[i][None])
         if features is not None:  # (outside inference mode, as the engine appends the others)
-            features.append(torch.cat([h for _, h in found]))
+            features.append(torch.cat([h for _, _, h in found]))
         return len(found) * self.block
 
     @torch.inference_mode()
@@ -89,11 +89,16 @@ class PrefixCache:
         rows = features.rows if features is not None else None
         with self._lock:
             keys = [(tenant, tuple(ids[:end])) for end in range(self.block, len(ids) + 1, self.block)]
-            for key in keys:
-                if key not in self._store:
-                    span = slice(len(key[1]) - self.block, len(key[1]))
-                    kv = [(layer.keys[0, :, span].clone(), layer.values[0, :, span].clone()) for layer in cache.layers]
-                    self._store[key] = (kv, None if rows is None else rows[span].clone())
+            new = [len(key[1]) for key in keys if key not in self._store]  # the ends of the blocks to store
+            if new:  # every layer's positions from the first new block on, in one tensor each (not a copy a layer)
+                first = new[0] - self.block
+                stacked = [torch.stack([getattr(layer, name)[0, :, first:new[-1]] for layer in cache.layers])
+                           for name in ("keys", "values")]  # [layers, kv heads, positions, head dim]
+                for end in new:
+                    span = slice(end - self.block - first, end - first)
+                    self._store[(tenant, tuple(ids[:end]))] = (
+                        stacked[0][:, :, span].clone(), stacked[1][:, :, span].clone(),
+                        None if rows is None else rows[end - self.block: end].clone())
             self._touch(keys)
             while len(self._store) > self.blocks:
                 self._store.popitem(last=False)
