@@ -102,10 +102,13 @@ def learner(cfg, redis_server):
 
 def _folded(worker, requests: int) -> dict:
     """The learned totals once `requests` requests are folded (the test folds them: no controller actor)."""
-    worker.sink.flush(10)
-    worker.decisions.local.fold_pending()
+    assert worker.sink.flush(10), f"the feedback was not appended within 10 s: {worker.sink.status()}"
+    local = worker.decisions.local
+    folded = local.fold_pending()
     stats = worker.stats()
-    assert stats["totals"]["requests"] == requests
+    assert stats["totals"]["requests"] == requests, (  # what the stream and its group hold, if not
+        f"folded {folded}, totals {stats['totals']}, stream length {local.client.xlen(local.keys.feedback)}, "
+        f"groups {local.client.xinfo_groups(local.keys.feedback)}")
     return stats
 
 
