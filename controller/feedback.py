@@ -124,12 +124,15 @@ def check_record(r: RoundRecord, drafters: set[str], max_k: int) -> None:
     """Refuse a record that could not have come from the engine of this configuration."""
     numbers = {"k": r.k, "num_drafted": r.num_drafted, "accepted": r.accepted, "emitted": r.emitted,
                "draft_s": r.draft_s, "verify_s": r.verify_s, "sync_s": r.sync_s, "propensity": r.propensity,
-               "load": r.load, "batch": r.batch, "batch_rows": r.batch_rows, "temperature": r.temperature, "rounds": r.rounds}
+               "load": r.load, "batch": r.batch, "batch_rows": r.batch_rows, "draft_group": r.draft_group,
+               "temperature": r.temperature, "rounds": r.rounds}
     for name, v in numbers.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise BadRecord(f"{name} must be a finite number >= 0, got {v!r}")
     if r.drafter not in drafters:
         raise BadRecord(f"unknown drafter {r.drafter!r}")
+    if r.draft_group < 1:
+        raise BadRecord(f"draft_group must be >= 1 (the round's own request), got {r.draft_group!r}")
     if (r.drafter == "none") != (r.k == 0) or r.k > max_k:
         raise BadRecord(f"impossible arm {r.drafter}:{r.k} (max_k {max_k})")
     if not r.accepted <= r.num_drafted <= r.k or not 1 <= r.emitted <= r.accepted + 1:

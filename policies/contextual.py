@@ -91,7 +91,7 @@ class Contextual(BasePolicy):
         note = context.previous.note if context.previous is not None else None
         prior = np.asarray(note) if note is not None else self.linear(context.features, stats)
         tpr = self.within_request(prior, context.request) if context.request is not None else prior
-        cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load)
+        cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load, drafting=context.drafting)
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0, note=tuple(prior.tolist()) if self.cfg.switch else None)
 
     def within_request(self, tpr: np.ndarray, so_far) -> np.ndarray:

@@ -16,6 +16,17 @@ level (`load_level` of the round's batch size: L0 alone, L1 2-3, L2 4-7, ...: L|
 and a request's costs come from its level's statistics where there are any: at a batched level the
 verify cost's slope in k is fitted from the draft lengths the level has seen (the prior slope until
 two were seen).
+
+Drafting together: a drafter that drafts the rounds of several requests in one call (a feature head
+runs its layer and its vocabulary projection once per draft step for all of them) shares the call's
+seconds among them by tokens, so what a drafted token costs depends on how many requests draft with
+that drafter in the same step: a / m + b for a group of m (the head's weights read once, each row's
+own compute). Where a drafter's rounds were seen in groups of different sizes (RoundRecord.draft_group),
+its seconds per token are fitted as that line in 1 / m (dx|d, dxx|d, dsx|d with ds|d, dn|d), and an
+arm's cost is its measured seconds less the drafting they measured (cd|arm, cdn|arm: seconds and
+tokens, also per level) plus its drafted tokens at the rate of the group it would join now
+(Context.drafting: the other requests drafting with that drafter). Without it a head played by many
+requests at once looks cheap to the one request that would then draft alone with it.
 """
 from __future__ import annotations
 
@@ -47,15 +58,46 @@ def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
         inc[key("cn", tag, arm)] = rounds
         inc[key("ct", tag, arm)] = float(record.emitted)
     if record.k:
+        n, x = float(record.num_drafted), 1.0 / max(record.draft_group, 1)
         inc[key("ds", record.drafter)] = record.draft_s
-        inc[key("dn", record.drafter)] = float(record.num_drafted)
+        inc[key("dn", record.drafter)] = n
+        inc[key("dx", record.drafter)] = n * x
+        inc[key("dxx", record.drafter)] = n * x * x
+        inc[key("dsx", record.drafter)] = record.draft_s * x
+        for prefix in ("", level):
+            inc[key(prefix, "cd", arm)] = record.draft_s
+            inc[key(prefix, "cdn", arm)] = n
     return inc
 
 
-def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None) -> np.ndarray:
+MIN_SPREAD = 0.1  # the standard deviation of 1 / draft_group a drafter's rounds need before its line is fitted
+
+
+def draft_rate(stats, drafter: str, others: int) -> float | None:
+    """Seconds per token of `drafter` drafting together with `others` other requests: the line
+    a / m + b (m = others + 1) fitted to its rounds' seconds per token weighted by tokens; None where
+    its rounds were not seen in groups of different sizes (MIN_SPREAD)."""
+    w = stats.get(key("dn", drafter), 0.0)
+    if w <= 0:
+        return None
+    mx, my = stats.get(key("dx", drafter), 0.0) / w, stats.get(key("ds", drafter), 0.0) / w
+    var = stats.get(key("dxx", drafter), 0.0) / w - mx * mx
+    if var < MIN_SPREAD ** 2:
+        return None
+    a = max((stats.get(key("dsx", drafter), 0.0) / w - mx * my) / var, 0.0)
+    b = my - a * mx
+    if b < 0:  # a line through the mean with no fixed part
+        a, b = my / mx, 0.0
+    return a / (others + 1) + b
+
+
+def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None,
+                drafting: dict[str, int] | None = None) -> np.ndarray:
     """[K] estimated seconds per round of each arm (all 1.0 before anything was observed).
     With a tag, the arm's seconds measured under that tag come first, shrunk toward the rest.
-    With a load (requests in flight), the statistics of its load level, where it has any."""
+    With a load (requests in flight), the statistics of its load level, where it has any.
+    drafting: the other requests drafting with each drafter now (Context.drafting; none: alone),
+    for the drafters whose cost per token was fitted by group size (draft_rate)."""
     ks = sorted({a.k for a in arms})
     level = key("L", load_level(load)) if load is not None else ""
     if not level or not any(stats.get(key(level, "vn", k), 0.0) for k in ks):
@@ -72,6 +114,10 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
         model = verify + (ds / dn * arm.k if arm.k and dn else 0.0)
         cs, cn = stats.get(key(level, "cs", arm), 0.0), stats.get(key(level, "cn", arm), 0.0)
         est = (cs + prior_rounds * model) / (cn + prior_rounds)
+        rate = draft_rate(stats, arm.drafter, (drafting or {}).get(arm.drafter, 0)) if arm.k else None
+        if rate is not None:  # the measured seconds less their drafting, plus the drafted tokens at today's rate
+            cd, cdn = stats.get(key(level, "cd", arm), 0.0), stats.get(key(level, "cdn", arm), 0.0)
+            est = ((cs - cd + prior_rounds * verify) + (cdn + prior_rounds * arm.k) * rate) / (cn + prior_rounds)
         if tag:
             cs, cn = stats.get(key("cs", tag, arm), 0.0), stats.get(key("cn", tag, arm), 0.0)
             est = (cs + prior_rounds * est) / (cn + prior_rounds)

@@ -33,16 +33,18 @@ class HedgeConfig(PolicyConfig):
 class Hedge(BasePolicy):
     Config = HedgeConfig
 
-    def estimates(self, stats, load: int | None = None) -> np.ndarray:
-        """[K] estimated reward in [0, 1] of every arm (its costs at that load, see policies.costs)."""
+    def estimates(self, stats, load: int | None = None, drafting: dict[str, int] | None = None) -> np.ndarray:
+        """[K] estimated reward in [0, 1] of every arm (its costs at that load and with those other
+        requests drafting, see policies.costs)."""
         tpr = arm_tokens_per_round(stats, self.arms)
-        return np.minimum(tpr / round_costs(stats, self.arms, self.cfg.prior_rounds, load=load) / self.cfg.scale, 1.0)
+        cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=load, drafting=drafting)
+        return np.minimum(tpr / cost / self.cfg.scale, 1.0)
 
     def select(self, context, stats, rng):
         n = stats.get("obs", 0.0)
         if n == 0:
             return self.with_floor(np.ones(len(self.arms)), rng)
-        mu = self.estimates(stats, context.load)
+        mu = self.estimates(stats, context.load, context.drafting)
         eta = np.sqrt(8 * np.log(len(self.arms)) / n)
         w = np.exp(eta * n * (mu - mu.max()))
         return self.with_floor(w, rng)

@@ -56,6 +56,9 @@ class RoundRecord:
     load: int = 1  # requests in flight on the worker during this round
     batch: int = 1  # requests whose rows the round's target forward ran (1: a forward of its own)
     batch_rows: int = 0  # rows (tokens) that forward ran, all its requests together (0: not recorded)
+    # requests whose drafts one call of the drafter made together, this one's included (1: drafted alone);
+    # such a call's seconds are shared by the tokens each drafted, so a drafter's cost depends on it
+    draft_group: int = 1
     tenant: str = ""  # who asked (never used to share data across tenants)
     context: str = ""  # context tag the policy saw
     features: list[float] = field(default_factory=list)  # the prompt features the policy saw
@@ -147,11 +150,20 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
         sync_s=sum(r.sync_s for r in records), propensity=first.propensity, load=first.load,
         batch=round(sum(r.batch * r.rounds for r in records) / sum(r.rounds for r in records)),
         batch_rows=round(sum(r.batch_rows * r.rounds for r in records) / sum(r.rounds for r in records)),
+        draft_group=_draft_group(records),
         tenant=first.tenant, context=first.context, features=first.features, temperature=first.temperature,
         time=records[-1].time, threshold=first.threshold, rounds=sum(r.rounds for r in records),
         reach=reach, hits=hits, counterfactual=counterfactual,
         counterfactual_tokens=sum(r.counterfactual_tokens for r in records),
     )
+
+
+def _draft_group(records: list[RoundRecord]) -> int:
+    """The group size whose 1 / size is the records' mean of 1 / draft_group weighted by drafted tokens
+    (what policies.costs fits a drafter's seconds per token on)."""
+    tokens = sum(r.num_drafted for r in records)
+    inverse = sum(r.num_drafted / max(r.draft_group, 1) for r in records)
+    return max(1, round(tokens / inverse)) if inverse > 0 else 1
 
 
 class SoFar:
@@ -179,6 +191,9 @@ class Context:
     features: tuple[float, ...] = ()  # cheap prompt features (policies.features.prompt_features)
     temperature: float = 0.0
     load: int = 1  # requests in flight on the worker
+    # the other requests in flight whose last round drafted with each drafter (those a drafter that
+    # drafts many requests in one call, e.g. a feature head, would draft this one's round together with)
+    drafting: dict[str, int] = field(default_factory=dict)
     time: float = 0.0  # now (seconds; virtual time in replay), for windowed statistics
     # round-level state, for policies that choose every round (hf-heuristic, draft-length control)
     round: int = 0

@@ -1,5 +1,6 @@
 """Batched verification: many requests, one target forward per step, each request exact alone."""
 import asyncio
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -527,6 +528,10 @@ def test_a_drafters_requests_draft_together_and_as_each_would_alone(engine, targ
         (0, PROMPTS[5], SamplingParams(max_tokens=16), 3, {})]]
     together = run_batched(engine, jobs)
     assert sizes and max(sizes) >= 4
+    # each round drafted in a call of m requests says so (what its draft seconds were shared among)
+    calls = Counter(sizes)
+    assert Counter(r.draft_group for g in together for r in g.records if r.draft_group > 1) == \
+        Counter({m: m * n for m, n in calls.items()})
     engine.batch_drafts = False
     try:
         sizes.clear()
@@ -534,6 +539,7 @@ def test_a_drafters_requests_draft_together_and_as_each_would_alone(engine, targ
     finally:
         engine.batch_drafts = True
     assert not sizes
+    assert {r.draft_group for g in alone for r in g.records} == {1}
     for (_, ids, params, arm, _), a, b in zip(jobs, together, alone):
         assert [(r.num_drafted, r.accepted) for r in a.records] == [(r.num_drafted, r.accepted) for r in b.records], arm
         assert a.out == b.out
@@ -541,6 +547,33 @@ def test_a_drafters_requests_draft_together_and_as_each_would_alone(engine, targ
             assert a.out == hf_greedy(target, ids, params.max_tokens)
     rounds = [r for g in together for r in g.records]
     assert sum(r.num_drafted for r in rounds) > 40 and sum(r.accepted for r in rounds) > 0
+
+
+def test_a_round_is_chosen_knowing_how_many_others_draft_with_each_drafter_that_drafts_together(engine, tok):
+    """Before a round, its chooser sees Generation.co_drafting(): the other requests of the step
+    whose last round drafted with each drafter that drafts requests together (what its draft would
+    share a call with; policies.costs prices a drafted token by it), counted here from the others'
+    records; drafters that draft alone (n-gram) are not counted."""
+    from draftpick.policies.types import Choice
+
+    together = {n for n, d in engine.drafters.items() if hasattr(d, "propose_batch")}
+    assert {"feat", "close"} <= together and "ngram" not in together
+    live, seen = [], []
+
+    def chooser(arm):
+        def choose(g):
+            others = [o.records[-1].drafter for o in live if o is not g and not o.done and o.records]
+            seen.append((g.co_drafting(), dict(Counter(d for d in others if d in together))))
+            return Choice(arm, 1.0)
+        return choose
+
+    arms = [Arm("feat", 3), Arm("feat", 2), Arm("close", 2), Arm("ngram", 2), Arm("feat", 1)]
+    jobs = [(0, tok(p).input_ids, SamplingParams(max_tokens=10 + 2 * i), arm, {"chooser": chooser(arm)})
+            for i, (p, arm) in enumerate(zip(PROMPTS, arms))]
+    run_batched(engine, jobs, on_step=lambda step: live.__setitem__(slice(None), step))
+    assert len(seen) > 20 and all(got == want for got, want in seen)
+    # three on the head: each sees the other two, the rest see all three
+    assert {got.get("feat", 0) for got, _ in seen} >= {2, 3} and any(got.get("close") for got, _ in seen)
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_are_unchanged(engine, target, tok):

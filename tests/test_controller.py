@@ -107,7 +107,7 @@ def test_bad_records_are_rejected_and_counted_never_folded(client):
     sink = c.sink()
     good = request()
     bad = [request(drafter="eagle"), request(seconds=float("nan")), request(accepted=5),
-           request(context="no spaces allowed")]
+           request(context="no spaces allowed"), request(draft_group=0)]
     for r in bad + [good]:
         sink(r)
     sink(SimpleNamespace(records=[], context="", tenant=""))  # nothing to learn: the sink does not append it
@@ -405,21 +405,26 @@ def contextual_after_one_request(client):
     return c
 
 
-def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(client):
+def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(client, monkeypatch):
     """`contextual` is round level: the engine's chooser asks it before every round with the
-    request's rounds so far (aggregated) and the load now, over the plan's snapshot, or over the
-    controller's own when the plan came without one (as from the controller actor)."""
+    request's rounds so far (aggregated), the load now and the other requests drafting with each
+    drafter, over the plan's snapshot, or over the controller's own when the plan came without one
+    (as from the controller actor)."""
     c = contextual_after_one_request(client)
     ctx = Context(features=(1.0, 0.5))
     shipped, bare = c.decide(ctx), c.decide(ctx, with_stats=False)
     assert shipped.level == bare.level == "round" and shipped.stats == stats_of(c) and bare.stats is None
     rounds = [record(drafter="chat", k=3, features=[1.0, 0.5]), record(drafter="chat", k=3, features=[1.0, 0.5])]
-    g = SimpleNamespace(records=rounds, load=lambda: 3)
-    want = c.policy.select(Context(features=(1.0, 0.5), round=2, last=rounds[-1], request=aggregate(rounds), load=3),
-                           stats_of(c), None)
+    g = SimpleNamespace(records=rounds, load=lambda: 3, co_drafting=lambda: {"chat": 2})
+    want = c.policy.select(Context(features=(1.0, 0.5), round=2, last=rounds[-1], request=aggregate(rounds), load=3,
+                                   drafting={"chat": 2}), stats_of(c), None)
+    seen = []
+    select = c.policy.select
+    monkeypatch.setattr(c.policy, "select", lambda context, *a: seen.append(context.drafting) or select(context, *a))
     for plan in (shipped, bare):
         choose = c.chooser(plan, ctx)
         assert choose(g) == want
+    assert seen == [{"chat": 2}] * 2
     # the next round is asked with the chooser's previous choice (its note carries the features'
     # prediction) and the round as played, k cut by the engine (to fit the batch or the tokens left);
     # round 3 is no switch point: the arm chosen at round 2 is kept, its k uncut
@@ -427,7 +432,7 @@ def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(c
     played = rounds + [cut]
     then = c.policy.select(Context(features=(1.0, 0.5), round=3, last=cut, request=aggregate(played), load=3,
                                    previous=want), stats_of(c), None)
-    assert want.note is not None and choose(SimpleNamespace(records=played, load=lambda: 3)) == then
+    assert want.note is not None and choose(SimpleNamespace(records=played, load=lambda: 3, co_drafting=dict)) == then
     assert then.arm == want.arm and want.arm.k > 1
 
 
@@ -443,10 +448,10 @@ def test_a_round_level_plan_carries_its_prediction_to_the_workers_first_round(cl
     linear = c.policy.linear
     monkeypatch.setattr(c.policy, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
     choose = c.chooser(plan, ctx)
-    first = choose(SimpleNamespace(records=[], load=lambda: 1))
+    first = choose(SimpleNamespace(records=[], load=lambda: 1, co_drafting=dict))
     assert calls == [] and first.arm == plan.arm and first.note == plan.note
     # a plan without a note (as an older controller sends) still chooses, running the regressions
-    bare = c.chooser(replace(plan, note=None), ctx)(SimpleNamespace(records=[], load=lambda: 1))
+    bare = c.chooser(replace(plan, note=None), ctx)(SimpleNamespace(records=[], load=lambda: 1, co_drafting=dict))
     assert calls == [1] and bare == first
 
 

@@ -116,7 +116,8 @@ class EngineWorker:
             raise ValueError("a request without an arm needs a worker that learns (started with a redis_url)")
         from draftpick.policies.types import Context
 
-        ctx = Context(tag=req.context, features=req.features, temperature=req.params.temperature, load=self.in_flight + 1)
+        ctx = Context(tag=req.context, features=req.features, temperature=req.params.temperature, load=self.in_flight + 1,
+                      drafting=dict(self.engine.drafting))  # the last step's (a new Counter each step)
         plan = await self.decisions.decide_async(ctx)
         return plan.arm, self.decisions.local.chooser(plan, ctx), plan
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -94,6 +95,9 @@ class SpeculativeEngine:
         # feature heads, model drafters) draft in one call; False: each request drafts alone
         self.batch_drafts = True
         self.forward_cost = ForwardCost()  # each request's share of a batched forward's seconds
+        # the requests of the step in progress whose last round drafted with each drafter that drafts
+        # requests together (what a round's draft will share: Generation.co_drafting)
+        self.drafting: Counter[str] = Counter()
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
@@ -147,10 +151,14 @@ class SpeculativeEngine:
         A target that `batched.batchable` refuses runs one forward per request."""
         live = [g for g in gens if not g.done]
         out: dict[int, list[int] | Exception] = {}
+        self.drafting = Counter()
         if len(live) <= 1 or not self.batchable:
             for g in live:
                 out[id(g)] = _guarded(g, g.step)
             return [out.get(id(g), []) for g in gens]
+        if self.batch_drafts:
+            self.drafting = Counter(d for d in (g.records[-1].drafter for g in live if g.records)
+                                    if hasattr(self.drafters[d], "propose_batch"))
         chunks, budget = {}, prefill_chunk or None
         for g in live:
             g.begin()  # (a stored prompt prefix shortens its prefill)
@@ -214,7 +222,7 @@ class SpeculativeEngine:
             seconds = time.perf_counter() - t
             total = sum(len(d) for d, _ in drafts)
             for g, (draft, q) in zip(gs, drafts):
-                out[id(g)] = g.drafted(draft, q, seconds * (len(draft) / total if total else 1 / len(gs)))
+                out[id(g)] = g.drafted(draft, q, seconds * (len(draft) / total if total else 1 / len(gs)), len(gs))
         return out
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -276,7 +284,7 @@ class Generation:
         self.prefill_s = 0.0
         self.prefilled = 0  # prompt tokens in the target's cache (a chunked prefill takes several steps)
         self._chunk = 0  # prompt tokens the prepared prefill step runs
-        self._round_state = None  # a prepared round: (choice, k, drafter, draft, q, draft seconds)
+        self._round_state = None  # a prepared round: (choice, k, drafter, draft, q, draft seconds, draft group)
         self.planned = None  # a planned round before its draft: (choice, k, drafter)
 
     @property
@@ -317,6 +325,13 @@ class Generation:
         tokens = self.plan(max_k, chunk)
         return tokens if tokens is not None else self.draft_planned()
 
+    def co_drafting(self) -> dict[str, int]:
+        """The other requests of the step in progress whose last round drafted with each drafter
+        that drafts requests together (SpeculativeEngine.drafting): how many this request's round
+        would share a drafting call with, if it drafted with one of them."""
+        mine = self.records[-1].drafter if self.records else None
+        return {d: n - (d == mine) for d, n in self.engine.drafting.items() if n - (d == mine) > 0}
+
     def draft_planned(self) -> list[int]:
         """Drafts the planned round alone; returns the tokens the round's forward runs."""
         choice, k, drafter = self.planned
@@ -351,11 +366,12 @@ class Generation:
         if self.engine.prefix is not None:
             self.prefilled = self.engine.prefix.seed(self.prompt_ids, self.cache, self.target_features, self.tenant)
 
-    def drafted(self, draft: torch.Tensor, q: torch.Tensor | None, seconds: float) -> list[int]:
+    def drafted(self, draft: torch.Tensor, q: torch.Tensor | None, seconds: float, group: int = 1) -> list[int]:
         """The planned round's draft [d <= k] (and q [d, vocab], None: deterministic), made in
-        `seconds`; returns the tokens the round's forward runs: [pending token] + drafts."""
+        `seconds` (its share of a call that drafted `group` requests together); returns the tokens the
+        round's forward runs: [pending token] + drafts."""
         (choice, k, drafter), self.planned = self.planned, None
-        self._round_state = (choice, k, drafter, draft, q, seconds)
+        self._round_state = (choice, k, drafter, draft, q, seconds, group)
         return [self.ids[-1]] + draft.tolist()
 
     @property
@@ -442,7 +458,7 @@ class Generation:
     def _round(self, logits: torch.Tensor, hidden: torch.Tensor | None, forward_s: float, batch: int,
                rows: int) -> list[int]:
         """The rest of a draft -> verify -> accept round; appends and returns the tokens it emitted."""
-        choice, k, drafter, draft, q, draft_s = self._round_state
+        choice, k, drafter, draft, q, draft_s, group = self._round_state
         self._round_state = None
         ids = self.ids
         t1 = time.perf_counter()
@@ -459,7 +475,7 @@ class Generation:
             drafter=drafter, k=k if drafter != "none" else 0, num_drafted=len(draft), accepted=accepted,
             emitted=len(emitted), draft_s=draft_s, verify_s=forward_s + t2 - t1, sync_s=t3 - t2,
             propensity=choice.propensity, threshold=choice.threshold, accepted_per_pos=[1] * accepted + rejected,
-            per_drafter=per_drafter, load=self.load(), batch=batch, batch_rows=rows or len(draft) + 1,
+            per_drafter=per_drafter, load=self.load(), batch=batch, batch_rows=rows or len(draft) + 1, draft_group=group,
             tenant=self.tenant, context=self.context, features=list(self.features),
             temperature=self.params.temperature, time=time.time(),
         ))
