@@ -95,6 +95,38 @@ def test_small_batch_linears_compute_what_linear_computes_on_the_kernel_each_lay
         assert calls
 
 
+def test_a_deep_copy_of_a_model_with_small_batch_linears_is_plain_and_computes_with_its_own_weights():
+    """A deep copy (tests' noisy copies of a target) leaves out the layers' packed and transposed
+    copies of W and their kernels: MKL's packed tensor cannot be copied, and the copy's weights may
+    change, which those copies would not follow."""
+    import copy
+
+    from draftpick.workers import models
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, models.WIDE_LAYER), torch.nn.Linear(models.WIDE_LAYER, 96))
+    assert models.small_batch_linears(model) == 2
+    wide, narrow = model
+    wide.register_buffer("weight_t", wide.weight.detach().t().contiguous(), persistent=False)
+    packed = models.mkl_packing() and models._pack(narrow)
+    wide.kernels = ("x_wt",) * (models.FEW_ROWS + 1)  # every copy of W read, whatever was chosen
+    narrow.kernels = ("packed" if packed else "w_xt",) * (models.FEW_ROWS + 1)
+    twin = copy.deepcopy(model)
+    for layer in twin:
+        assert type(layer) is torch.nn.Linear and not {"kernels", "forward", "weight_packed"} & set(vars(layer))
+        assert "weight_t" not in layer._buffers and set(layer.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        stock = torch.nn.functional.linear
+        want = stock(stock(x, twin[0].weight, twin[0].bias), twin[1].weight, twin[1].bias)
+        torch.testing.assert_close(twin(x), want)
+        assert not torch.allclose(model(x), want)  # the original keeps its own weights and kernels
+    assert wide.kernels[1] == "x_wt" and hasattr(narrow, "weight_packed") == packed
+
+
 def test_calibration_keeps_the_fastest_product_per_row_count(monkeypatch):
     """Each row count takes the kernel the clock found fastest over the layers of a shape; counts
     between the timed ones take the choice of the count below."""

@@ -147,7 +147,25 @@ def small_batch_linears(model, repeats: int = 2, timer=None) -> int:
                 vars(mod).pop("weight_packed", None)
             mod.kernels = kernels
             mod.forward = _small_batch_forward.__get__(mod)
+            mod.__deepcopy__ = _plain_deepcopy.__get__(mod)
     return sum(len(layers) for layers in groups.values())
+
+
+_ADDED = ("weight_packed", "kernels", "forward", "__deepcopy__")  # what small_batch_linears sets on a layer
+
+
+def _plain_deepcopy(self, memo):
+    """A deep copy of a layer small_batch_linears changed is a plain nn.Linear again: its copies of W
+    (packed, transposed) and their kernels are left out, as the copy's weights may then change (a
+    noisy copy of a target), and MKL's packed tensor (opaque) cannot be deep-copied anyway."""
+    new = type(self).__new__(type(self))
+    memo[id(self)] = new
+    for name, value in vars(self).items():
+        if name not in _ADDED:
+            vars(new)[name] = copy.deepcopy(value, memo)
+    new._buffers.pop("weight_t", None)
+    new._non_persistent_buffers_set.discard("weight_t")
+    return new
 
 
 @torch.inference_mode()
