@@ -26,7 +26,9 @@ its seconds per token are fitted as that line in 1 / m (dx|d, dxx|d, dsx|d with 
 arm's cost is its measured seconds less the drafting they measured (cd|arm, cdn|arm: seconds and
 tokens, also per level) plus its drafted tokens at the rate of the group it would join now
 (Context.drafting: the other requests drafting with that drafter). Without it a head played by many
-requests at once looks cheap to the one request that would then draft alone with it.
+requests at once looks cheap to the one request that would then draft alone with it. A drafter
+never seen drafting is priced per token like the dearest drafter seen (alone), until its own rounds
+are measured: priced at 0, an unmeasured head looked free, and was tried in a full batch.
 """
 from __future__ import annotations
 
@@ -91,6 +93,16 @@ def draft_rate(stats, drafter: str, others: int) -> float | None:
     return a / (others + 1) + b
 
 
+def alone_rate(stats, drafter: str) -> float | None:
+    """Seconds per token of `drafter` drafting alone (draft_rate's line where fitted, else its mean;
+    0 if its rounds never drafted a token); None if it never drafted a round."""
+    ds, dn = stats.get(key("ds", drafter), 0.0), stats.get(key("dn", drafter), 0.0)
+    if not ds and not dn:
+        return None
+    rate = draft_rate(stats, drafter, 0)
+    return rate if rate is not None else (ds / dn if dn else 0.0)
+
+
 def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None,
                 drafting: dict[str, int] | None = None) -> np.ndarray:
     """[K] estimated seconds per round of each arm (all 1.0 before anything was observed).
@@ -106,12 +118,15 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
     v0, slope = _verify_model(seen, fit=level not in ("", key("L", 0)))
     if v0 is None:
         return np.ones(len(arms))
+    # a drafter never seen drafting is priced like the dearest seen, per token, until its rounds are measured
+    dearest = max([r for r in (alone_rate(stats, d) for d in {a.drafter for a in arms if a.k}) if r is not None],
+                  default=0.0)
     out = []
     for arm in arms:
         s, n = seen[arm.k]
         verify = (s + prior_rounds * v0 * (1 + slope * arm.k)) / (n + prior_rounds)
         ds, dn = stats.get(key("ds", arm.drafter), 0.0), stats.get(key("dn", arm.drafter), 0.0)
-        model = verify + (ds / dn * arm.k if arm.k and dn else 0.0)
+        model = verify + (ds / dn if dn else 0.0 if ds else dearest) * arm.k
         cs, cn = stats.get(key(level, "cs", arm), 0.0), stats.get(key(level, "cn", arm), 0.0)
         est = (cs + prior_rounds * model) / (cn + prior_rounds)
         rate = draft_rate(stats, arm.drafter, (drafting or {}).get(arm.drafter, 0)) if arm.k else None

@@ -481,3 +481,24 @@ def test_a_drafter_that_drafts_requests_together_costs_what_the_group_it_would_j
         else:
             best = [p.select(Context(features=(1.0,), load=16, drafting=d), stats, None).arm for d in ({}, {"head": 7})]
         assert best == [Arm("ngram", 1), Arm("head", 2)], name
+
+
+def test_a_drafter_never_seen_drafting_is_priced_like_the_dearest_seen():
+    """Before its first round, a drafter's drafting has no measured cost. Priced at 0, an unmeasured
+    head looked free and was tried in a full batch, where it drafts alone at a head's price; it is
+    now priced per token like the dearest drafter seen (here the chat head, 3 ms a token, beside
+    n-gram's 0), until its own rounds are measured."""
+    from draftpick.policies.costs import round_costs
+    from draftpick.policies.state import add
+
+    arms = [Arm("ngram", 2), Arm("chat", 2), Arm("code", 2)]
+    p = create("contextual", arms, {})
+    stats: dict = {}
+    for drafter, draft_s in (("chat", 0.006), ("ngram", 0.0)):
+        for _ in range(40):
+            add(stats, p.increments(RoundRecord(drafter, 2, num_drafted=2, accepted=1, emitted=2, draft_s=draft_s,
+                                                verify_s=0.010, per_drafter={drafter: [1.0, 0.0]}, features=[1.0],
+                                                batch=16)))
+    cost = dict(zip(p.arms, round_costs(stats, p.arms, load=16)))
+    assert cost[Arm("code", 2)] == pytest.approx(cost[Arm("chat", 2)], rel=0.01)
+    assert cost[Arm("code", 2)] - cost[Arm("ngram", 2)] == pytest.approx(2 * 0.003, rel=0.01)
