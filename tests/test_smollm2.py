@@ -109,7 +109,9 @@ def test_info_path_loads_the_exact_target(engine):
     small_batch_linears(loaded)  # as the engine's CPU fp32 target computes
     x = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.inference_mode():
-        torch.testing.assert_close(loaded(x).logits, engine.target(x).logits)
+        # each calibration picks its layers' products by timing, and two products sum in other orders:
+        # the same weights then agree to rounding (a CI run saw 7.7e-4 on logits of about 20), not bit for bit
+        torch.testing.assert_close(loaded(x).logits, engine.target(x).logits, rtol=1e-4, atol=2e-3)
 
 
 def test_the_openai_client_over_http_gets_what_draftpick_generate_prints(capsys, tmp_path):
