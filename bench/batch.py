@@ -77,7 +77,7 @@ def run(args) -> int:
     # the batched modes: (label, arm, a request joins every .. steps (0: all at once), prefill chunk,
     # the arm's drafter drafts the requests together where it can, prefix cache)
     modes = [("batched plain", plain, 0, None, True, False), (f"batched {arm}", arm, 0, None, True, False)]
-    if hasattr(engine.drafters[arm.drafter], "propose_batch"):
+    if engine.drafts_together(arm.drafter):
         modes.append((f"batched {arm}, drafts alone", arm, 0, None, False, False))
     if args.prefill_chunk:
         modes += [("joining, whole prefill", plain, 1, None, True, False),

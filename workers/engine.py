@@ -158,7 +158,7 @@ class SpeculativeEngine:
             return [out.get(id(g), []) for g in gens]
         if self.batch_drafts:
             self.drafting = Counter(d for d in (g.records[-1].drafter for g in live if g.records)
-                                    if hasattr(self.drafters[d], "propose_batch"))
+                                    if self.drafts_together(d))
         chunks, budget = {}, prefill_chunk or None
         for g in live:
             g.begin()  # (a stored prompt prefix shortens its prefill)
@@ -195,6 +195,10 @@ class SpeculativeEngine:
                 out[id(g)] = _guarded(g, lambda g=g, lg=logits, h=hidden, s=share: g.complete(lg, h, s, len(batch), rows))
         return [out.get(id(g), []) for g in gens]
 
+    def drafts_together(self, drafter: str) -> bool:
+        """Whether `drafter` drafts the rounds of several requests in one call (`propose_batch`)."""
+        return hasattr(self.drafters[drafter], "propose_batch")
+
     def _draft_together(self, gens: list["Generation"]) -> dict[int, list[int]]:
         """Drafts the planned rounds of drafters that draft several requests in one call
         (`propose_batch`: a feature head's layer or a model drafter's forward runs once per draft step
@@ -205,7 +209,7 @@ class SpeculativeEngine:
         groups: dict[str, list[Generation]] = {}
         for g in gens:
             _, k, name = g.planned
-            if k > 0 and hasattr(self.drafters[name], "propose_batch"):
+            if k > 0 and self.drafts_together(name):
                 groups.setdefault(name, []).append(g)
         out: dict[int, list[int]] = {}
         for name, gs in groups.items():

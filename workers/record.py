@@ -125,7 +125,7 @@ def batch_draft_costs(engine, context: list[int], k_max: int, batches=BATCHES, r
 
     from draftpick.workers.drafters.feature import TargetFeatures
 
-    names = [n for n, d in engine.drafters.items() if hasattr(d, "propose_batch")]
+    names = [n for n in engine.drafters if engine.drafts_together(n)]
     if not names:
         return {}
     _, hidden = forward(engine.target, new_cache(engine.target), context, hidden=True)
