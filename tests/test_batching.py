@@ -51,6 +51,19 @@ def run_batched(engine, jobs, max_rows=None, on_step=None, chunk=None):
     return gens
 
 
+def assert_holds(target, g, held: list[int]) -> None:
+    """g's cache holds exactly the keys and values a fresh forward of `held` gives, and a feature
+    head's hidden states are those of the same tokens."""
+    if held:
+        fresh = new_cache(target)
+        forward(target, fresh, held)
+        for a, b in zip(fresh.layers, g.cache.layers):
+            assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
+            assert torch.allclose(a.values, b.values, atol=1e-5)
+    if g.target_features is not None:
+        assert len(g.target_features) == len(held)
+
+
 def test_batched_forward_equals_each_requests_own_forward(target):
     assert batchable(target)
     prompts, new = [[3, 4, 5, 6, 7], list(range(1, 12)), [9]], [[1], [2, 3, 4], [5, 6]]
@@ -294,10 +307,7 @@ def test_each_cache_holds_exactly_its_verified_tokens_after_every_batched_step(e
         for g in live:
             if g.done or not g.out:
                 continue
-            fresh = new_cache(target)
-            forward(target, fresh, g.ids[:-1])  # everything verified but the pending token
-            for a, b in zip(fresh.layers, g.cache.layers):
-                assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
+            assert_holds(target, g, g.ids[:-1])  # everything verified but the pending token
 
     jobs = [(i, tok(p).input_ids, SamplingParams(max_tokens=20), arm, {}) for i, (p, arm) in enumerate(zip(PROMPTS, ARMS))]
     run_batched(engine, jobs, on_step=check)
@@ -320,15 +330,9 @@ def test_chunked_prefill_leaves_every_output_and_cache_exact(engine, target, tok
         for g in live:
             if g.done:
                 continue
-            fresh = new_cache(target)
             held = g.prompt_ids[: g.prefilled] if g.prefill_left else g.ids[:-1]
             assert not g.prefill_left or not g.out
-            if held:
-                forward(target, fresh, held)
-                for a, b in zip(fresh.layers, g.cache.layers):
-                    assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
-            if g.target_features is not None:
-                assert len(g.target_features) == len(held)  # the hidden states of the same tokens
+            assert_holds(target, g, held)  # (a feature head's hidden states: of the same tokens)
         seen["mixed"] += any(g.prefill_left for g in live) and any(g.records for g in live)
 
     jobs = [(i, tok(p).input_ids, SamplingParams(max_tokens=24), arm, {}) for i, (p, arm) in enumerate(zip(PROMPTS, ARMS))]
@@ -359,13 +363,7 @@ def test_prompts_that_start_alike_reuse_the_stored_prefix_and_every_output_and_c
         for g in live:
             if g.done:
                 continue
-            fresh = new_cache(target)
-            forward(target, fresh, g.ids[:-1])
-            for a, b in zip(fresh.layers, g.cache.layers):
-                assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
-                assert torch.allclose(a.values, b.values, atol=1e-5)
-            if g.target_features is not None:
-                assert len(g.target_features) == len(g.ids) - 1
+            assert_holds(target, g, g.ids[:-1])
 
     before = {"reused": 0}
 
@@ -411,13 +409,7 @@ def test_a_stored_prefix_shortens_a_chunked_prefill_and_every_output_and_cache_s
             first.setdefault(id(g), g.prefilled)
             if g.done:
                 continue
-            held = g.prompt_ids[: g.prefilled] if g.prefill_left else g.ids[:-1]
-            fresh = new_cache(target)
-            forward(target, fresh, held)
-            for a, b in zip(fresh.layers, g.cache.layers):
-                assert a.keys.shape == b.keys.shape and torch.allclose(a.keys, b.keys, atol=1e-5)
-            if g.target_features is not None:
-                assert len(g.target_features) == len(held)
+            assert_holds(target, g, g.prompt_ids[: g.prefilled] if g.prefill_left else g.ids[:-1])
 
     # each joins while the ones before it decode (the first, alone, prefills whole), after their prefills
     jobs = [(16 * i, x, SamplingParams(max_tokens=40), arm, {}) for i, (x, arm) in enumerate(zip(ids, arms))]
