@@ -261,12 +261,16 @@ def _switch(worker, cfg, learner: "_Learner | None") -> None:
 
 async def _local_stream(worker, item: dict, max_tokens: int, pin: dict | None, user: str) -> dict:
     """What _stream measures, from the worker's own stream (its steps' token chunks)."""
+    from draftpick.controller.local import request_context
     from draftpick.policies.types import Arm
     from draftpick.workers.actor import GenerateRequest
     from draftpick.workers.sampling import SamplingParams
 
     arm = None if pin is None else Arm(pin["drafter"], pin.get("num_speculative_tokens", 0))
-    req = GenerateRequest(worker.tokenize(item), SamplingParams(max_tokens=max_tokens), arm, tenant=user)
+    ids = worker.tokenize(item)
+    # a request the policy decides carries the prompt features the ingress gives it (untagged, greedy)
+    features = () if arm else request_context({"tag": "", **item}, ids, 0.0).features
+    req = GenerateRequest(ids, SamplingParams(max_tokens=max_tokens), arm, tenant=user, features=features)
     t0, stamps, last = time.perf_counter(), [], None
     try:
         async for event in worker.generate_stream(req):

@@ -139,6 +139,31 @@ def test_bench_load_in_process_runs_every_mode_against_the_worker(tmp_path, targ
             assert sum(r["first_arms"].values()) == r["requests"] - r["errors"], r
 
 
+def test_in_process_clients_give_a_decided_request_the_features_the_ingress_gives_it(tok):
+    """--in-process judges the policy without the endpoint, so a request it decides must carry the
+    prompt features the ingress computes (without them every request looked the same to it)."""
+    from draftpick.bench.load import _local_stream
+    from draftpick.controller.local import request_context
+    from draftpick.workers.inputs import encode_input
+
+    class Worker:  # around the code under test only: what _local_stream hands the worker
+        def tokenize(self, item):
+            return encode_input(tok, item)
+
+        async def generate_stream(self, req):
+            self.req = req
+            yield {"token_ids": [5]}
+            yield {"result": {"token_ids": [5]}, "records": [], "plan": None}
+
+    item = {"messages": [{"role": "user", "content": "def f(x):\n    return x + 1\n\nf(f(2))"}]}
+    w = Worker()
+    assert asyncio.run(_local_stream(w, item, 4, None, "u"))["ok"]
+    ingress = request_context({"tag": "", **item}, encode_input(tok, item), 0.0).features  # as deploy.ingress does
+    assert w.req.arm is None and len(w.req.features) > 1 and w.req.features == ingress
+    asyncio.run(_local_stream(w, item, 4, {"drafter": "ngram", "num_speculative_tokens": 2}, "u"))
+    assert str(w.req.arm) == "ngram:2"
+
+
 def test_bench_load_refuses_bad_arguments_before_starting_anything(capsys):
     assert main(["bench", "load", "--warmup", "-1"]) == 2
     assert "--warmup needs a number >= 0, got -1" in capsys.readouterr().err
