@@ -48,16 +48,18 @@ class Plan:
 
 def round_chooser(policy, context: Context, stats, rng, first: Choice | None = None):
     """choose(generation) -> Choice: a round-level policy asked before each round of one request, with
-    the round's index, the last round, the request's rounds so far, the load now, the other requests
-    drafting with each drafter, and its own last choice (the generation: its `records`, `load()` and
-    `co_drafting()`, as workers.engine.Generation has them).
+    the round's index, the last round, the request's rounds so far (and their re-run for the lookup
+    drafters), the load now, the other requests drafting with each drafter, and its own last choice
+    (the generation: its `records`, `load()`, `co_drafting()` and `rerun`, as workers.engine.Generation
+    has them).
     first: the request's decision, as its first round's previous choice: the policy then reuses
     what it computed there (its note) instead of computing it again on the worker's engine thread."""
     so_far, previous = SoFar(), [first]
 
     def choose(g):
         ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None,
-                      request=so_far.update(g.records), load=g.load(), drafting=g.co_drafting(), previous=previous[0])
+                      request=so_far.update(g.records), load=g.load(), drafting=g.co_drafting(), rerun=g.rerun,
+                      previous=previous[0])
         previous[0] = policy.select(ctx, stats, rng)
         return previous[0]
     return choose

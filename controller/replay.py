@@ -269,10 +269,21 @@ class Replayer:
         def choose(r, last):
             if last is not None:
                 seen.append(last)
-            choice = policy.select(replace(ctx, round=r, last=last, request=so_far.update(seen),
+            choice = policy.select(replace(ctx, round=r, last=last, request=so_far.update(seen), rerun=rerun,
                                            previous=chosen[-1] if chosen else None), stats, rng)
             chosen.append(choice)
             return choice
+
+        def rerun():  # the rounds so far re-run, as the engine's Generation.rerun: matches cut at the last token
+            n = 1 + sum(r.emitted for r in seen)
+            if not self.counterfactual or n < 2:
+                return None
+            d = req.data
+            out = {name: [float(counterfactual_rounds([min(m, n - g) for g, m in
+                                                       enumerate(d["drafters"][name]["matched"][: n - 1], start=1)],
+                                                      k, n, d["max_tokens"])) for k in range(1, d["k_max"] + 1)]
+                   for name in lookup_drafters(req)}
+            return (out, float(n - 1)) if out else None
 
         recs, secs = simulate(req, choose, self.arms, t0=t)
         if recs:  # the request's counterfactual comes with its last round, as the engine's would

@@ -57,6 +57,9 @@ class ContextualConfig(PolicyConfig):
     switch: bool = True  # untagged: revisit the choice at rounds 1, 2, 4, 8, ... (0-based) from the request's own rounds
     # the learned estimate weighs as much as this many of the request's rounds that judged the arm's last position
     switch_prior: float = 16.0
+    # for a lookup drafter, the learned estimate weighs as much as this many tokens of the request's own
+    # rounds re-run (Context.rerun)
+    rerun_prior: float = 16.0
 
 
 @register("contextual")
@@ -90,11 +93,11 @@ class Contextual(BasePolicy):
         # the choice's note; each switch point shrinks it toward the request's own rounds so far
         note = context.previous.note if context.previous is not None else None
         prior = np.asarray(note) if note is not None else self.linear(context.features, stats)
-        tpr = self.within_request(prior, context.request) if context.request is not None else prior
+        tpr = self.within_request(prior, context.request, context.rerun) if context.request is not None else prior
         cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load, drafting=context.drafting)
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0, note=tuple(prior.tolist()) if self.cfg.switch else None)
 
-    def within_request(self, tpr: np.ndarray, so_far) -> np.ndarray:
+    def within_request(self, tpr: np.ndarray, so_far, rerun=None) -> np.ndarray:
         """[K] tokens per round shrunk toward what the request's own rounds so far show: for each
         drafter measured in them (every full-information drafter on the tokens each round verified; a
         head where it was played), its per-position acceptance gives the arm's tokens per round,
@@ -103,10 +106,24 @@ class Contextual(BasePolicy):
         estimate: two accepted drafts say little about the eighth (weighed by the rounds judged at the
         first position, a head's k = 8 looked as good as its first two positions and the policy
         switched to it; the dev trace went from 0.925 to 0.955 of the oracle, docs/results.md). A
-        request that copies from its prompt shows it within a few rounds, whatever its features said."""
+        request that copies from its prompt shows it within a few rounds, whatever its features said.
+
+        A lookup drafter's arms whose rounds the request re-ran (`rerun`: Context.rerun, the exact
+        rounds each (drafter, k) would have taken over its tokens so far) are shrunk toward those
+        instead, in the share of rounds saved (1 - rounds / tokens, as the learned estimate is fitted),
+        the tokens so far against `rerun_prior` tokens of the learned estimate. The rounds judge
+        every k, where the played arm's rounds judge no position past the tokens they verified (a
+        request playing ngram:1 kept the features' estimate of ngram:8, 3.3-7.7 tokens a round at 16
+        clients, against its 1.5; docs/results.md)."""
         out = tpr.copy()
         m = self.cfg.switch_prior
+        rounds, tokens = (rerun() or ({}, 0.0)) if rerun is not None else ({}, 0.0)
         for i, arm in enumerate(self.arms):
+            if arm.k and tokens > 0 and len(rounds.get(arm.drafter, ())) >= arm.k:
+                saved = (tokens * (1.0 - rounds[arm.drafter][arm.k - 1] / tokens)
+                         + self.cfg.rerun_prior * (1.0 - 1.0 / tpr[i])) / (tokens + self.cfg.rerun_prior)
+                out[i] = 1.0 / (1.0 - saved)
+                continue
             reach = so_far.reach.get(arm.drafter) if arm.k else None
             w = reach[arm.k - 1] if reach and len(reach) >= arm.k else 0.0
             if w <= 0:

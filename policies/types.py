@@ -6,6 +6,7 @@ Units are in the field comments; every sequence is indexed by draft position
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 
 @dataclass(frozen=True, order=True)
@@ -199,6 +200,9 @@ class Context:
     round: int = 0
     last: RoundRecord | None = None
     request: RoundRecord | None = None  # the request's rounds so far, aggregated (policies.types.aggregate)
+    # the request's rounds so far re-run for each lookup drafter (workers.engine.Generation.rerun): a function
+    # () -> ({drafter: [rounds of k = 1, 2, ..]}, tokens) or None (sampled without a seed); None: not offered
+    rerun: Callable[[], tuple[dict[str, list[float]], float] | None] | None = None
     previous: "Choice | None" = None  # this policy's choice for the last round (its k before the engine cut it)
 
 

@@ -415,7 +415,7 @@ def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(c
     shipped, bare = c.decide(ctx), c.decide(ctx, with_stats=False)
     assert shipped.level == bare.level == "round" and shipped.stats == stats_of(c) and bare.stats is None
     rounds = [record(drafter="chat", k=3, features=[1.0, 0.5]), record(drafter="chat", k=3, features=[1.0, 0.5])]
-    g = SimpleNamespace(records=rounds, load=lambda: 3, co_drafting=lambda: {"chat": 2})
+    g = SimpleNamespace(records=rounds, load=lambda: 3, co_drafting=lambda: {"chat": 2}, rerun=lambda: None)
     want = c.policy.select(Context(features=(1.0, 0.5), round=2, last=rounds[-1], request=aggregate(rounds), load=3,
                                    drafting={"chat": 2}), stats_of(c), None)
     seen = []
@@ -432,7 +432,8 @@ def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(c
     played = rounds + [cut]
     then = c.policy.select(Context(features=(1.0, 0.5), round=3, last=cut, request=aggregate(played), load=3,
                                    previous=want), stats_of(c), None)
-    assert want.note is not None and choose(SimpleNamespace(records=played, load=lambda: 3, co_drafting=dict)) == then
+    g = SimpleNamespace(records=played, load=lambda: 3, co_drafting=dict, rerun=lambda: None)
+    assert want.note is not None and choose(g) == then
     assert then.arm == want.arm and want.arm.k > 1
 
 
@@ -448,10 +449,11 @@ def test_a_round_level_plan_carries_its_prediction_to_the_workers_first_round(cl
     linear = c.policy.linear
     monkeypatch.setattr(c.policy, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
     choose = c.chooser(plan, ctx)
-    first = choose(SimpleNamespace(records=[], load=lambda: 1, co_drafting=dict))
+    first = choose(SimpleNamespace(records=[], load=lambda: 1, co_drafting=dict, rerun=lambda: None))
     assert calls == [] and first.arm == plan.arm and first.note == plan.note
     # a plan without a note (as an older controller sends) still chooses, running the regressions
-    bare = c.chooser(replace(plan, note=None), ctx)(SimpleNamespace(records=[], load=lambda: 1, co_drafting=dict))
+    bare = c.chooser(replace(plan, note=None), ctx)(
+        SimpleNamespace(records=[], load=lambda: 1, co_drafting=dict, rerun=lambda: None))
     assert calls == [1] and bare == first
 
 

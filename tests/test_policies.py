@@ -391,6 +391,49 @@ def test_contextual_does_not_extrapolate_a_request_s_rounds_past_the_positions_t
     assert policy.select(ctx, stats, rng).arm == Arm("chat", 2)
 
 
+def test_contextual_judges_a_lookup_arm_by_the_request_s_rounds_re_run():
+    """Learned: requests like this one save 70 % of their rounds with ngram:8 (3.3 tokens a round)
+    and 30 % with ngram:1, so at its costs this one starts on ngram:8. Playing ngram:1 its rounds
+    never judge the n-gram drafter's positions past the second, so without the re-run it keeps the
+    learned ngram:8 (as a request did at 16 clients, at half that). Its 32 tokens so far re-run
+    (Context.rerun) give each arm's share saved on them: shrunk against `rerun_prior` tokens of the
+    learned share, ngram:8 falls to 1.86 tokens a round and the policy moves to ngram:1."""
+    from dataclasses import replace
+
+    from draftpick.policies.state import add
+    from draftpick.policies.types import SoFar
+
+    arms = [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 8)]
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "rerun_prior": 16.0})
+    features = (1.0, 0.5)
+    learned_rounds = [64 * (0.7 - 0.4 * (k - 1) / 7) for k in range(1, 9)]  # saves 30 % (k = 1) .. 70 % (k = 8)
+    stats: dict[str, float] = {}
+    for _ in range(50):
+        for arm, verify in ((Arm("none", 0), 0.010), (Arm("ngram", 1), 0.011), (Arm("ngram", 8), 0.016)):
+            add(stats, policy.increments(RoundRecord(
+                drafter=arm.drafter, k=arm.k, num_drafted=arm.k, accepted=0, emitted=1, draft_s=0.0,
+                verify_s=verify, features=list(features), per_drafter={"ngram": [0.0]},
+                counterfactual={"ngram": learned_rounds}, counterfactual_tokens=64.0)))
+    rng = np.random.default_rng(0)
+    start = policy.select(Context(features=features), stats, rng)
+    assert start.arm == Arm("ngram", 8)
+    played = RoundRecord(drafter="ngram", k=1, num_drafted=1, accepted=1, emitted=2, draft_s=0.0, verify_s=0.011,
+                         features=list(features), per_drafter={"ngram": [1.0, 0.0]})
+    ctx = Context(features=features, round=4, last=played, request=SoFar().update([played] * 4), previous=start)
+    assert policy.select(ctx, stats, rng).arm == Arm("ngram", 8)  # not re-run: the learned estimate stands
+    rerun = ({"ngram": [22.0, 21.5, 21.0, 21.0, 21.0, 21.0, 21.0, 21.0]}, 32.0)
+    tpr = policy.within_request(np.asarray(start.note), ctx.request, lambda: rerun)
+    one, eight = policy.arms.index(Arm("ngram", 1)), policy.arms.index(Arm("ngram", 8))
+    for i, k in ((one, 1), (eight, 8)):
+        prior_saved = 1 - 1 / start.note[i]
+        assert prior_saved == pytest.approx(1 - learned_rounds[k - 1] / 64, abs=1e-3)
+        want = (32 * (1 - rerun[0]["ngram"][k - 1] / 32) + 16 * prior_saved) / (32 + 16)
+        assert tpr[i] == pytest.approx(1 / (1 - want))
+    assert tpr[eight] == pytest.approx(1.86, abs=0.01)
+    assert policy.select(replace(ctx, rerun=lambda: rerun), stats, rng).arm == Arm("ngram", 1)
+    assert policy.select(replace(ctx, rerun=lambda: None), stats, rng).arm == Arm("ngram", 8)  # none offered
+
+
 def test_batch_table_picks_k_by_requests_in_flight_and_checks_its_table():
     arms = [Arm("none", 0)] + [Arm("ngram", k) for k in (1, 2, 3)] + [Arm("model", 3)]
     p = create("batch-table", arms, {"drafter": "ngram", "table": {"1": 3, "4": 1, "12": 0}})

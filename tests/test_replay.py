@@ -301,6 +301,55 @@ def test_the_engines_counterfactual_rounds_are_the_rounds_the_arm_takes_when_pla
     assert replayed.counterfactual["ngram"] == live.records[-1].counterfactual["ngram"][:k_max]
 
 
+def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(recorded, target, tok):
+    """Generation.rerun (live) and replay's re-run (Context.rerun) before each round: the rounds each
+    lookup arm would have taken over the tokens so far. Playing (drafter, k), its own entry is exactly
+    the rounds played so far, the played rounds' ends being the re-run's; at the end it is the
+    request's counterfactual. Unseeded sampling offers none (the output depends on the arm)."""
+    from draftpick.policies.types import Context
+    from draftpick.workers.drafters.ngram import NgramDrafter
+    from draftpick.workers.drafters.suffix import SuffixDrafter
+    from draftpick.workers.engine import SpeculativeEngine
+
+    engine = SpeculativeEngine(target, tok, {"ngram": NgramDrafter(), "suffix": SuffixDrafter()})
+    for p, (drafter, k) in zip(PROMPTS[:2], (("ngram", 2), ("suffix", 3))):
+        seen = []
+
+        def chooser(g, arm=Arm(drafter, k)):
+            seen.append((len(g.records), g.rerun()))
+            return Choice(arm, 1.0)
+
+        g = engine.start(tok(p["prompt"]).input_ids, SamplingParams(max_tokens=40), Arm(drafter, k), chooser=chooser)
+        result = g.run()
+        assert len(seen) == len(result.records) > 3 and seen[0][1] is None  # before round 0: only the prefill's token
+        for played, (rounds, tokens) in seen[1:]:
+            assert set(rounds) == {"ngram", "suffix"} and rounds[drafter][k - 1] == played
+        assert sum(r.emitted for r in result.records[:-1]) == seen[-1][1][1]
+        assert g.rerun()[0] == result.records[-1].counterfactual
+    sampled = engine.start(tok(PROMPTS[0]["prompt"]).input_ids, SamplingParams(max_tokens=8, temperature=0.8),
+                           Arm("ngram", 2))
+    sampled.run()
+    assert sampled.rerun() is None
+
+    class Played:  # a round-level policy playing ngram:2, keeping what replay offers it before each round
+        level, name, seen = "round", "played", []
+
+        def select(self, ctx: Context, stats, rng):
+            self.seen.append((ctx.round, ctx.rerun()))
+            return Choice(Arm("ngram", 2), 1.0)
+
+        def increments(self, record):
+            return {}
+
+    root, _ = recorded
+    rp = Replayer(load_trace(str(root / "trace.jsonl")))
+    policy = Played()
+    rp.run(policy)
+    assert len(policy.seen) > 3
+    for r, rerun in policy.seen:
+        assert (rerun is None) if r == 0 else rerun[0]["ngram"][1] == r  # round 0: only the prefill's token
+
+
 def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_it(recorded, tmp_path):
     from draftpick.controller.replay import at_load, replay
     from draftpick.workers.trace import TraceError

@@ -290,6 +290,7 @@ class Generation:
         self._chunk = 0  # prompt tokens the prepared prefill step runs
         self._round_state = None  # a prepared round: (choice, k, drafter, draft, q, draft seconds, draft group)
         self.planned = None  # a planned round before its draft: (choice, k, drafter)
+        self._proposals: dict[str, list[list[int]]] = {}  # rerun(): each lookup drafter's proposal at each position
 
     @property
     def ids(self) -> list[int]:
@@ -405,11 +406,12 @@ class Generation:
             self.records[-1] = replace(self.records[-1], counterfactual=rounds, counterfactual_tokens=tokens)
         self.engine._emit(self.result())
 
-    def _counterfactual(self) -> tuple[dict[str, list[float]], float] | None:
-        """Per deterministic (lookup) drafter, the rounds its arm (drafter, k) would have taken for this
-        output, k = 1 .. counterfactual_k: its proposals re-run at every position of the output, which
-        under greedy or seeded decoding does not depend on the arm played (policies.types.RoundRecord).
-        None for unseeded sampling (the output depends on the arm) or when turned off."""
+    def rerun(self) -> tuple[dict[str, list[float]], float] | None:
+        """The request's rounds so far re-run for each lookup drafter's arms (`_counterfactual` at the
+        end), over the tokens emitted yet (a match cut at the last of them):
+        ({drafter: [rounds of k = 1 .. counterfactual_k]}, tokens after the prefill's). For round-level
+        choosers (Context.rerun), asked where they revisit their choice; each position's proposal is
+        looked up once and kept. None where _counterfactual gives none."""
         from draftpick.workers.drafters.base import LookupSession, matching_prefix
 
         k_max, n = self.engine.counterfactual_k, len(self.out)
@@ -419,10 +421,21 @@ class Generation:
         for name, s in self.sessions.items():
             if not isinstance(s, LookupSession):
                 continue
-            matched = [matching_prefix(s.lookup(self.prompt_ids + self.out[:g], k_max), self.out[g:])
-                       for g in range(1, n)]
-            out[name] = [float(counterfactual_rounds(matched, k, n, self.params.max_tokens)) for k in range(1, k_max + 1)]
+            proposals = self._proposals.setdefault(name, [])  # [g - 1]: the proposal after out[:g]
+            while len(proposals) < n - 1:
+                proposals.append(s.lookup(self.prompt_ids + self.out[:len(proposals) + 1], k_max))
+            matched = [matching_prefix(p, self.out[g:]) for g, p in enumerate(proposals, start=1)]
+            out[name] = [float(counterfactual_rounds(matched, k, n, self.params.max_tokens))
+                         for k in range(1, k_max + 1)]
         return (out, float(n - 1)) if out else None
+
+    def _counterfactual(self) -> tuple[dict[str, list[float]], float] | None:
+        """Per deterministic (lookup) drafter, the rounds its arm (drafter, k) would have taken for this
+        output, k = 1 .. counterfactual_k: its proposals re-run at every position of the output (`rerun`
+        at the end: a position's proposal looked up when a chooser first asked, else now), which
+        under greedy or seeded decoding does not depend on the arm played (policies.types.RoundRecord).
+        None for unseeded sampling (the output depends on the arm) or when turned off."""
+        return self.rerun()
 
     def cancel(self) -> None:
         """Stop here (its client went away): finish_reason "abort"; the rounds it ran still go to
