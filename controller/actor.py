@@ -73,7 +73,7 @@ class ControllerActor:
                 backoff = min(2 * backoff, 5.0)
 
     def decide(self, context: Context) -> Plan:
-        return self.controller.decide(context, with_stats=False)  # a round-level worker's rounds use its own snapshot
+        return self.controller.decide(context)  # a round-level worker's rounds choose from its own snapshot
 
     def stats(self) -> dict:
         return self.controller.stats()

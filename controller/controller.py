@@ -32,7 +32,7 @@ TOTALS = ("requests", "rounds", "draft_tokens", "accepted_tokens", "rejected_rec
 @dataclass(frozen=True)
 class Plan:
     """A decision: the arm (k = 0: plain decoding), what the policy reported, and for round-level
-    policies the statistics snapshot they choose each round from."""
+    policies what the decision carries to the request's later rounds."""
 
     arm: Arm
     propensity: float
@@ -41,7 +41,6 @@ class Plan:
     level: str  # "request" or "round"
     context: str
     decided_s: float  # seconds the decision took
-    stats: dict | None = None  # round-level policies: the snapshot the worker decides rounds from
     # round-level policies: what the decision carries to the request's later rounds (its Choice.note)
     note: tuple | None = None
 
@@ -51,7 +50,7 @@ def round_chooser(policy, context: Context, stats, rng, first: Choice | None = N
     the round's index, the last round, the request's rounds so far (and their re-run for the lookup
     drafters), the load now, the other requests drafting with each drafter, and its own last choice
     (the generation: its `records`, `load()`, `co_drafting()` and `rerun`, as workers.engine.Generation
-    has them).
+    has them), over the statistics `stats()` returns then.
     first: the request's decision, as its first round's previous choice: the policy then reuses
     what it computed there (its note) instead of computing it again on the worker's engine thread."""
     so_far, previous = SoFar(), [first]
@@ -60,7 +59,7 @@ def round_chooser(policy, context: Context, stats, rng, first: Choice | None = N
         ctx = replace(context, round=len(g.records), last=g.records[-1] if g.records else None,
                       request=so_far.update(g.records), load=g.load(), drafting=g.co_drafting(), rerun=g.rerun,
                       previous=previous[0])
-        previous[0] = policy.select(ctx, stats, rng)
+        previous[0] = policy.select(ctx, stats(), rng)
         return previous[0]
     return choose
 
@@ -104,25 +103,25 @@ class Controller:
                 self._snapshot_at = now
         return self._snapshot
 
-    def decide(self, context: Context, with_stats: bool = True) -> Plan:
-        """with_stats: a round-level plan carries the snapshot its rounds choose from (the controller
-        actor leaves it out: the worker's rounds then choose from the worker's own snapshot)."""
+    def decide(self, context: Context) -> Plan:
         t0 = time.perf_counter()
-        stats = self.snapshot()
-        choice: Choice = self.policy.select(context, stats, self.rng)
+        choice: Choice = self.policy.select(context, self.snapshot(), self.rng)
         return Plan(choice.arm, choice.propensity, choice.threshold, self.policy.name, self.level, context.tag,
-                    time.perf_counter() - t0, dict(stats) if self.level == "round" and with_stats else None,
-                    choice.note if self.level == "round" else None)
+                    time.perf_counter() - t0, choice.note if self.level == "round" else None)
 
     def chooser(self, plan: Plan, context: Context):
         """The engine's round chooser for a plan: the plan's arm (request level), or the policy
-        asked before every round over the plan's snapshot, or this controller's own (round level),
-        with the request's rounds so far and the load now."""
+        asked before every round (round level) with the request's rounds so far and the load now,
+        over this controller's latest snapshot: the one read when the round comes (refreshed here
+        and by each decision, read there without I/O: the chooser runs on the engine thread). A
+        request's later rounds so see what was learned while it ran: frozen at its start, a request
+        begun at 16 clients with only one client's costs learned kept a head drafting alone at
+        every switch point (docs/results.md)."""
         if plan.level != "round":
             return lambda g: Choice(plan.arm, plan.propensity, plan.threshold)
-        stats = plan.stats if plan.stats is not None else dict(self.snapshot())
+        self.snapshot()
         first = Choice(plan.arm, plan.propensity, plan.threshold, note=plan.note) if plan.note is not None else None
-        return round_chooser(self.policy, context, stats, self.rng, first)
+        return round_chooser(self.policy, context, lambda: self._snapshot, self.rng, first)
 
     # -- feedback --
     def sink(self, max_buffer: int = 10_000) -> FeedbackSink:

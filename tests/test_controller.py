@@ -408,23 +408,23 @@ def contextual_after_one_request(client):
 def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(client, monkeypatch):
     """`contextual` is round level: the engine's chooser asks it before every round with the
     request's rounds so far (aggregated), the load now and the other requests drafting with each
-    drafter, over the plan's snapshot, or over the controller's own when the plan came without one
-    (as from the controller actor)."""
+    drafter, over the controller's latest snapshot of the statistics when the round comes: a
+    request folded while this one runs changes its later choices."""
     c = contextual_after_one_request(client)
     ctx = Context(features=(1.0, 0.5))
-    shipped, bare = c.decide(ctx), c.decide(ctx, with_stats=False)
-    assert shipped.level == bare.level == "round" and shipped.stats == stats_of(c) and bare.stats is None
+    plan = c.decide(ctx)
+    assert plan.level == "round"
     rounds = [record(drafter="chat", k=3, features=[1.0, 0.5]), record(drafter="chat", k=3, features=[1.0, 0.5])]
     g = SimpleNamespace(records=rounds, load=lambda: 3, co_drafting=lambda: {"chat": 2}, rerun=lambda: None)
     want = c.policy.select(Context(features=(1.0, 0.5), round=2, last=rounds[-1], request=aggregate(rounds), load=3,
                                    drafting={"chat": 2}), stats_of(c), None)
     seen = []
     select = c.policy.select
-    monkeypatch.setattr(c.policy, "select", lambda context, *a: seen.append(context.drafting) or select(context, *a))
-    for plan in (shipped, bare):
-        choose = c.chooser(plan, ctx)
-        assert choose(g) == want
-    assert seen == [{"chat": 2}] * 2
+    monkeypatch.setattr(c.policy, "select", lambda context, stats, *a: seen.append((context.drafting, stats))
+                        or select(context, stats, *a))
+    choose = c.chooser(plan, ctx)
+    assert choose(g) == want
+    assert seen == [({"chat": 2}, stats_of(c))]
     # the next round is asked with the chooser's previous choice (its note carries the features'
     # prediction) and the round as played, k cut by the engine (to fit the batch or the tokens left);
     # round 3 is no switch point: the arm chosen at round 2 is kept, its k uncut
@@ -435,6 +435,17 @@ def test_a_round_level_plan_chooses_each_round_from_the_requests_rounds_so_far(c
     g = SimpleNamespace(records=played, load=lambda: 3, co_drafting=dict, rerun=lambda: None)
     assert want.note is not None and choose(g) == then
     assert then.arm == want.arm and want.arm.k > 1
+    # another request folded, and a decision (or a new request's chooser) reads the statistics again:
+    # this request's next round chooses from them
+    before = stats_of(c)
+    sink = c.sink()
+    sink(request(6, features=[1.0, 0.5]))
+    assert sink.flush(10) and c.fold_pending() == 1
+    sink.close()
+    c.decide(ctx)
+    assert stats_of(c) != before
+    choose(SimpleNamespace(records=played + [cut], load=lambda: 3, co_drafting=dict, rerun=lambda: None))
+    assert seen[-1][1] == stats_of(c)
 
 
 def test_a_round_level_plan_carries_its_prediction_to_the_workers_first_round(client, monkeypatch):
@@ -443,7 +454,7 @@ def test_a_round_level_plan_carries_its_prediction_to_the_workers_first_round(cl
     thread, every step waits for it), and chooses there as the decision did."""
     c = contextual_after_one_request(client)
     ctx = Context(features=(1.0, 0.5))
-    plan = c.decide(ctx, with_stats=False)  # as from the controller actor: no snapshot
+    plan = c.decide(ctx)
     assert plan.note is not None
     calls = []
     linear = c.policy.linear

@@ -413,7 +413,7 @@ def test_a_policy_that_switches_within_the_request_stays_lossless_and_replays_ex
         ctx = Context(features=tuple(req.data["features"]))
         ids = encode_input(tok, item)
         live = engine.generate(ids, SamplingParams(max_tokens=40), Arm("none", 0),
-                               chooser=round_chooser(policy, ctx, stats, np.random.default_rng(0)))
+                               chooser=round_chooser(policy, ctx, lambda: stats, np.random.default_rng(0)))
         sim, _, _ = rp._per_round(policy, i, ctx, dict(stats), np.random.default_rng(0), 0.0)
         assert [(r.drafter, r.k, r.num_drafted, r.emitted) for r in sim] == \
                [(r.drafter, r.k, r.num_drafted, r.emitted) for r in live.records]
