@@ -163,6 +163,17 @@ def _per_drafter(d: dict, g: int, verified: int, played: str, own: list[float]) 
     return out
 
 
+def rerun_rounds(req: TraceRequest, n: int) -> dict[str, list[float]]:
+    """Per lookup drafter of a trace request, the rounds of (drafter, k), k = 1 .. k_max, over its first
+    n tokens: the engine's walk (workers.engine.counterfactual_rounds) over the trace's matches, each cut
+    at the n-th token (a match never exceeds the proposal nor the output)."""
+    d = req.data
+    return {name: [float(counterfactual_rounds([min(m, n - g) for g, m in
+                                                enumerate(d["drafters"][name]["matched"][: n - 1], start=1)],
+                                               k, n, d["max_tokens"])) for k in range(1, d["k_max"] + 1)]
+            for name in lookup_drafters(req)}
+
+
 class Replayer:
     """Caches each request's outcome under each fixed arm; replays policies over shuffled passes."""
 
@@ -189,11 +200,8 @@ class Replayer:
         rounds of (drafter, k) for k = 1 .. k_max over the request's tokens after the prefill."""
         if not self.counterfactual:
             return record
-        if i not in self._cf:  # the engine's walk over the trace's matches (a match never exceeds the proposal)
-            d = self.reqs[i].data
-            self._cf[i] = {name: [float(counterfactual_rounds(d["drafters"][name]["matched"], k, d["num_tokens"],
-                                                              d["max_tokens"])) for k in range(1, d["k_max"] + 1)]
-                           for name in lookup_drafters(self.reqs[i])}
+        if i not in self._cf:
+            self._cf[i] = rerun_rounds(self.reqs[i], self.reqs[i].data["num_tokens"])
         return replace(record, counterfactual=self._cf[i], counterfactual_tokens=float(self.reqs[i].n - 1))
 
     def table(self) -> np.ndarray:
@@ -274,15 +282,11 @@ class Replayer:
             chosen.append(choice)
             return choice
 
-        def rerun():  # the rounds so far re-run, as the engine's Generation.rerun: matches cut at the last token
+        def rerun():  # the rounds so far re-run, as the engine's Generation.rerun
             n = 1 + sum(r.emitted for r in seen)
             if not self.counterfactual or n < 2:
                 return None
-            d = req.data
-            out = {name: [float(counterfactual_rounds([min(m, n - g) for g, m in
-                                                       enumerate(d["drafters"][name]["matched"][: n - 1], start=1)],
-                                                      k, n, d["max_tokens"])) for k in range(1, d["k_max"] + 1)]
-                   for name in lookup_drafters(req)}
+            out = rerun_rounds(req, n)
             return (out, float(n - 1)) if out else None
 
         recs, secs = simulate(req, choose, self.arms, t0=t)

@@ -268,7 +268,7 @@ class Generation:
     load: Callable[[], int]
     features: tuple[float, ...] = ()  # the prompt features the policy saw, copied into each record
     rng_seed: int | None = None  # the random stream of an unseeded request (None: fresh entropy)
-    # per lookup drafter, its arms' rounds re-run along the output (set when it finishes, see _counterfactual)
+    # per lookup drafter, its arms' rounds re-run along the output (set when it finishes, see rerun)
     counterfactual: tuple[dict[str, list[float]], float] | None = None
     out: list[int] = field(default_factory=list)
     records: list[RoundRecord] = field(default_factory=list)
@@ -407,11 +407,13 @@ class Generation:
         self.engine._emit(self.result())
 
     def rerun(self) -> tuple[dict[str, list[float]], float] | None:
-        """The request's rounds so far re-run for each lookup drafter's arms (`_counterfactual` at the
-        end), over the tokens emitted yet (a match cut at the last of them):
-        ({drafter: [rounds of k = 1 .. counterfactual_k]}, tokens after the prefill's). For round-level
-        choosers (Context.rerun), asked where they revisit their choice; each position's proposal is
-        looked up once and kept. None where _counterfactual gives none."""
+        """Per deterministic (lookup) drafter, the rounds its arm (drafter, k) would have taken over the
+        tokens emitted yet, k = 1 .. counterfactual_k: its proposals re-run at every position (a match
+        cut at the last token), which under greedy or seeded decoding does not depend on the arm played
+        (policies.types.RoundRecord): ({drafter: [rounds]}, tokens after the prefill's). Asked by
+        round-level choosers where they revisit their choice (Context.rerun), and at the end for the
+        request's counterfactual; each position's proposal is looked up once and kept. None for
+        unseeded sampling (the output depends on the arm) or when turned off."""
         from draftpick.workers.drafters.base import LookupSession, matching_prefix
 
         k_max, n = self.engine.counterfactual_k, len(self.out)
@@ -428,14 +430,6 @@ class Generation:
             out[name] = [float(counterfactual_rounds(matched, k, n, self.params.max_tokens))
                          for k in range(1, k_max + 1)]
         return (out, float(n - 1)) if out else None
-
-    def _counterfactual(self) -> tuple[dict[str, list[float]], float] | None:
-        """Per deterministic (lookup) drafter, the rounds its arm (drafter, k) would have taken for this
-        output, k = 1 .. counterfactual_k: its proposals re-run at every position of the output (`rerun`
-        at the end: a position's proposal looked up when a chooser first asked, else now), which
-        under greedy or seeded decoding does not depend on the arm played (policies.types.RoundRecord).
-        None for unseeded sampling (the output depends on the arm) or when turned off."""
-        return self.rerun()
 
     def cancel(self) -> None:
         """Stop here (its client went away): finish_reason "abort"; the rounds it ran still go to
@@ -564,7 +558,7 @@ class Generation:
     def _finish(self) -> None:
         self.done = True
         self.finished_at = time.perf_counter()
-        self.counterfactual = self._counterfactual()  # before the sessions close (the suffix index learns)
+        self.counterfactual = self.rerun()  # the whole output, before the sessions close (the suffix index learns)
         for s in self.sessions.values():
             s.close(self.ids)
         self.cache = None
