@@ -22,8 +22,8 @@ import numpy as np
 
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import add
-from draftpick.policies.types import Arm, Choice, Context, RoundRecord, SoFar, aggregate
-from draftpick.workers.engine import counterfactual_rounds
+from draftpick.policies.types import Arm, Choice, Context, Rerun, RoundRecord, SoFar, aggregate
+from draftpick.workers.engine import counterfactual_walk
 from draftpick.workers.trace import TraceError, TraceRequest, load_trace
 
 
@@ -163,15 +163,21 @@ def _per_drafter(d: dict, g: int, verified: int, played: str, own: list[float]) 
     return out
 
 
-def rerun_rounds(req: TraceRequest, n: int) -> dict[str, list[float]]:
+def rerun_rounds(req: TraceRequest, n: int) -> Rerun | None:
     """Per lookup drafter of a trace request, the rounds of (drafter, k), k = 1 .. k_max, over its first
-    n tokens: the engine's walk (workers.engine.counterfactual_rounds) over the trace's matches, each cut
-    at the n-th token (a match never exceeds the proposal nor the output)."""
+    n tokens, and the rows they draft: the engine's walk (workers.engine.counterfactual_walk) over the
+    trace's proposals and matches, each match cut at the n-th token (a match never exceeds the proposal
+    nor the output). None when the request has no lookup drafter."""
     d = req.data
-    return {name: [float(counterfactual_rounds([min(m, n - g) for g, m in
-                                                enumerate(d["drafters"][name]["matched"][: n - 1], start=1)],
-                                               k, n, d["max_tokens"])) for k in range(1, d["k_max"] + 1)]
-            for name in lookup_drafters(req)}
+    rounds, drafted = {}, {}
+    for name in lookup_drafters(req):
+        tr = d["drafters"][name]
+        matched = [min(m, n - g) for g, m in enumerate(tr["matched"][: n - 1], start=1)]
+        walks = [counterfactual_walk(matched, tr["proposed"][: n - 1], k, n, d["max_tokens"])
+                 for k in range(1, d["k_max"] + 1)]
+        rounds[name] = [float(r) for r, _ in walks]
+        drafted[name] = [float(x) for _, x in walks]
+    return Rerun(rounds, float(n - 1), drafted) if rounds else None
 
 
 class Replayer:
@@ -184,7 +190,7 @@ class Replayer:
         self.arms = arms or trace_arms(reqs)
         self.counterfactual = counterfactual
         self._fixed: dict[tuple[int, Arm], tuple[RoundRecord, float, int]] = {}
-        self._cf: dict[int, dict[str, list[float]]] = {}
+        self._cf: dict[int, Rerun | None] = {}
 
     def fixed(self, i: int, arm: Arm) -> tuple[RoundRecord, float, int]:
         """(aggregated record, seconds, tokens) of request i under a fixed arm."""
@@ -202,7 +208,9 @@ class Replayer:
             return record
         if i not in self._cf:
             self._cf[i] = rerun_rounds(self.reqs[i], self.reqs[i].data["num_tokens"])
-        return replace(record, counterfactual=self._cf[i], counterfactual_tokens=float(self.reqs[i].n - 1))
+        if self._cf[i] is None:
+            return record
+        return replace(record, counterfactual=self._cf[i].rounds, counterfactual_tokens=self._cf[i].tokens)
 
     def table(self) -> np.ndarray:
         """[requests, arms] seconds under each fixed arm."""
@@ -284,10 +292,7 @@ class Replayer:
 
         def rerun():  # the rounds so far re-run, as the engine's Generation.rerun
             n = 1 + sum(r.emitted for r in seen)
-            if not self.counterfactual or n < 2:
-                return None
-            out = rerun_rounds(req, n)
-            return (out, float(n - 1)) if out else None
+            return rerun_rounds(req, n) if self.counterfactual and n >= 2 else None
 
         recs, secs = simulate(req, choose, self.arms, t0=t)
         if recs:  # the request's counterfactual comes with its last round, as the engine's would

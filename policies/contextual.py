@@ -26,7 +26,8 @@ from draftpick.policies.costs.
   copy well (two requests of 64 tokens at 1 and 2 tokens per round average 1.5; together they run
   at 128 / 96 = 1.33). At rounds 1, 2, 4, 8, .. of the request (`switch`) the prediction is shrunk
   toward the request's own rounds, for each arm only as far as they judged its last position
-  (`within_request`).
+  (`within_request`); a lookup drafter's arms toward its re-run over the tokens so far (Context.rerun), in
+  tokens per round and in the rows a round drafts, which price it (`rerun_rows`, policies.costs).
 Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; ct|<tag>|<arm> (tokens
 emitted when played under the tag); A|<drafter>|j|p|q (upper
 triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); cfw|<drafter>, cfA|<drafter>|p|q,
@@ -93,9 +94,25 @@ class Contextual(BasePolicy):
         # the choice's note; each switch point shrinks it toward the request's own rounds so far
         note = context.previous.note if context.previous is not None else None
         prior = np.asarray(note) if note is not None else self.linear(context.features, stats)
-        tpr = self.within_request(prior, context.request, context.rerun) if context.request is not None else prior
-        cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load, drafting=context.drafting)
+        rerun = context.rerun() if context.rerun is not None and context.request is not None else None
+        tpr = self.within_request(prior, context.request, rerun) if context.request is not None else prior
+        cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load, drafting=context.drafting,
+                           rows=self.rerun_rows(rerun))
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0, note=tuple(prior.tolist()) if self.cfg.switch else None)
+
+    def rerun_rows(self, rerun) -> dict[int, tuple[float, float]] | None:
+        """{arm index: (rows a round of the arm drafted in the request's rounds so far re-run, their
+        weight: tokens so far against `rerun_prior`)} for the lookup arms the re-run covers
+        (policies.costs.round_costs' rows). A lookup drafter drafts only where the request matches, so
+        a round of ngram:1 on a request that rarely copies costs about a plain round; priced at the
+        rows it drafted for the requests that played it, such a request was moved to plain decoding at
+        16 clients (27 % of the learned rounds, docs/results.md)."""
+        if rerun is None or rerun.tokens <= 0:
+            return None
+        w = rerun.tokens / (rerun.tokens + self.cfg.rerun_prior)
+        return {i: (rerun.drafted[arm.drafter][arm.k - 1] / rerun.rounds[arm.drafter][arm.k - 1], w)
+                for i, arm in enumerate(self.arms)
+                if arm.k and len(rerun.rounds.get(arm.drafter, ())) >= arm.k and rerun.rounds[arm.drafter][arm.k - 1]}
 
     def within_request(self, tpr: np.ndarray, so_far, rerun=None) -> np.ndarray:
         """[K] tokens per round shrunk toward what the request's own rounds so far show: for each
@@ -108,8 +125,8 @@ class Contextual(BasePolicy):
         switched to it; the dev trace went from 0.925 to 0.955 of the oracle, docs/results.md). A
         request that copies from its prompt shows it within a few rounds, whatever its features said.
 
-        A lookup drafter's arms whose rounds the request re-ran (`rerun`: Context.rerun, the exact
-        rounds each (drafter, k) would have taken over its tokens so far) are shrunk toward those
+        A lookup drafter's arms whose rounds the request re-ran (`rerun`: what Context.rerun returns, the
+        exact rounds each (drafter, k) would have taken over its tokens so far) are shrunk toward those
         instead, in the share of rounds saved (1 - rounds / tokens, as the learned estimate is fitted),
         the tokens so far against `rerun_prior` tokens of the learned estimate. The rounds judge
         every k, where the played arm's rounds judge no position past the tokens they verified (a
@@ -117,7 +134,7 @@ class Contextual(BasePolicy):
         clients, against its 1.5; docs/results.md)."""
         out = tpr.copy()
         m = self.cfg.switch_prior
-        rounds, tokens = (rerun() or ({}, 0.0)) if rerun is not None else ({}, 0.0)
+        rounds, tokens = (rerun.rounds, rerun.tokens) if rerun is not None else ({}, 0.0)
         for i, arm in enumerate(self.arms):
             if arm.k and tokens > 0 and len(rounds.get(arm.drafter, ())) >= arm.k:
                 saved = (tokens * (1.0 - rounds[arm.drafter][arm.k - 1] / tokens)

@@ -29,6 +29,17 @@ tokens, also per level) plus its drafted tokens at the rate of the group it woul
 requests at once looks cheap to the one request that would then draft alone with it. A drafter
 never seen drafting is priced per token like the dearest drafter seen (alone), until its own rounds
 are measured: priced at 0, an unmeasured head looked free, and was tried in a full batch.
+
+Rows a request would draft: a lookup drafter proposes only where its context matches, so what an
+arm's round costs depends on the request, not only on k (ngram:1 drafts in few rounds of a request that
+rarely copies, in most rounds of one that copies), and the arm's measured seconds hold the rows it drafted
+for the requests that played it. Per load level the verify seconds of a round are fitted as a line in its
+drafted rows (L|<level>|rn, rd, rdd, rv, rvd: rounds, and sums of rows, rows², seconds, seconds x rows;
+also over all levels: rn, rd, ..), the same for every arm (a round's share of a batched forward is
+a / n + b x its rows). Given the rows a round of an arm would draft for this request (round_costs'
+`rows`, e.g. from the request's rounds re-run: policies.types.Rerun) and a weight, the arm's estimate
+is shrunk toward that line at those rows, plus the drafter's seconds for them; at batched levels only
+(alone, a verify forward's seconds step with its rows: few-row products take other kernel paths).
 """
 from __future__ import annotations
 
@@ -59,6 +70,12 @@ def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
         inc[key("cs", tag, arm)] = seconds
         inc[key("cn", tag, arm)] = rounds
         inc[key("ct", tag, arm)] = float(record.emitted)
+    if rounds:  # the line of verify seconds in drafted rows, per level and over all (an aggregated record: at its mean)
+        d = record.num_drafted / rounds
+        for prefix in ("", level):
+            inc.update({key(prefix, "rn"): rounds, key(prefix, "rd"): float(record.num_drafted),
+                        key(prefix, "rdd"): rounds * d * d, key(prefix, "rv"): record.verify_s,
+                        key(prefix, "rvd"): record.verify_s * d})
     if record.k:
         n, x = float(record.num_drafted), 1.0 / max(record.draft_group, 1)
         inc[key("ds", record.drafter)] = record.draft_s
@@ -103,13 +120,31 @@ def alone_rate(stats, drafter: str) -> float | None:
     return rate if rate is not None else (ds / dn if dn else 0.0)
 
 
+def row_line(stats, level: str) -> tuple[float, float] | None:
+    """(c, r): a round's verify seconds at a load level (`level`: "L|<n>", or "" for all) as c + r x its
+    drafted rows, fitted over the level's rounds; None until they drafted different numbers of rows
+    (MIN_SPREAD rows of standard deviation)."""
+    n = stats.get(key(level, "rn"), 0.0)
+    if n <= 0:
+        return None
+    md, mv = stats.get(key(level, "rd"), 0.0) / n, stats.get(key(level, "rv"), 0.0) / n
+    var = stats.get(key(level, "rdd"), 0.0) / n - md * md
+    if var < MIN_SPREAD ** 2:
+        return None
+    r = max((stats.get(key(level, "rvd"), 0.0) / n - md * mv) / var, 0.0)
+    return mv - r * md, r
+
+
 def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None,
-                drafting: dict[str, int] | None = None) -> np.ndarray:
+                drafting: dict[str, int] | None = None, rows: dict[int, tuple[float, float]] | None = None) -> np.ndarray:
     """[K] estimated seconds per round of each arm (all 1.0 before anything was observed).
     With a tag, the arm's seconds measured under that tag come first, shrunk toward the rest.
     With a load (requests in flight), the statistics of its load level, where it has any.
     drafting: the other requests drafting with each drafter now (Context.drafting; none: alone),
-    for the drafters whose cost per token was fitted by group size (draft_rate)."""
+    for the drafters whose cost per token was fitted by group size (draft_rate).
+    rows: {arm index: (rows a round of the arm would draft for this request, weight w in [0, 1])}: at a
+    batched load level, the arm's estimate is shrunk, by w, toward what a round drafting those rows costs
+    there (row_line, else the verify prior v0 (1 + slope x rows); plus the drafter's seconds a token)."""
     ks = sorted({a.k for a in arms})
     level = key("L", load_level(load)) if load is not None else ""
     if not level or not any(stats.get(key(level, "vn", k), 0.0) for k in ks):
@@ -121,6 +156,12 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
     # a drafter never seen drafting is priced like the dearest seen, per token, until its rounds are measured
     dearest = max([r for r in (alone_rate(stats, d) for d in {a.drafter for a in arms if a.k}) if r is not None],
                   default=0.0)
+    # rows price a round only at a batched level, where its verify is its share a / n + b x rows of the
+    # forward; alone a verify forward's seconds step with its rows (few-row products take other kernel paths,
+    # workers.models.small_batch_linears, or are padded), so a line through their mean misprices long drafts
+    # (replay of the held-out trace alone: 1.047 -> 1.037 x the best fixed arm)
+    batched = level not in ("", key("L", 0))
+    line = (row_line(stats, level) or (v0, v0 * slope)) if rows and batched else None
     out = []
     for arm in arms:
         s, n = seen[arm.k]
@@ -136,6 +177,11 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
         if tag:
             cs, cn = stats.get(key("cs", tag, arm), 0.0), stats.get(key("cn", tag, arm), 0.0)
             est = (cs + prior_rounds * est) / (cn + prior_rounds)
+        if line is not None and len(out) in rows and arm.k:
+            mine, w = rows[len(out)]
+            c, r = line
+            per_token = rate if rate is not None else (ds / dn if dn else 0.0 if ds else dearest)
+            est = (1 - w) * est + w * (c + (r + per_token) * mine)
         out.append(est)
     return np.array(out)
 

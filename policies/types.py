@@ -6,7 +6,7 @@ Units are in the field comments; every sequence is indexed by draft position
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 
 @dataclass(frozen=True, order=True)
@@ -184,6 +184,13 @@ class SoFar:
         return self.record
 
 
+class Rerun(NamedTuple):
+    """A request's rounds so far re-run for each lookup drafter (workers.engine.Generation.rerun)."""
+    rounds: dict[str, list[float]]  # {drafter: rounds of (drafter, k) for k = 1, 2, ..}
+    tokens: float  # the tokens they emit (after the prefill's)
+    drafted: dict[str, list[float]]  # {drafter: rows those rounds draft for k = 1, 2, ..}
+
+
 @dataclass(frozen=True)
 class Context:
     """What a policy may look at when it chooses. Built by the ingress, never from policy code."""
@@ -201,8 +208,8 @@ class Context:
     last: RoundRecord | None = None
     request: RoundRecord | None = None  # the request's rounds so far, aggregated (policies.types.aggregate)
     # the request's rounds so far re-run for each lookup drafter (workers.engine.Generation.rerun): a function
-    # () -> ({drafter: [rounds of k = 1, 2, ..]}, tokens) or None (sampled without a seed); None: not offered
-    rerun: Callable[[], tuple[dict[str, list[float]], float] | None] | None = None
+    # () -> Rerun, or None (sampled without a seed); None: not offered
+    rerun: Callable[[], Rerun | None] | None = None
     previous: "Choice | None" = None  # this policy's choice for the last round (its k before the engine cut it)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from draftpick.policies.registry import builtins, create
-from draftpick.policies.types import Arm, Context, RoundRecord
+from draftpick.policies.types import Arm, Context, Rerun, RoundRecord
 from synthetic import arms_of, run, ucb1_bound
 
 T = 3000
@@ -421,13 +421,14 @@ def test_contextual_judges_a_lookup_arm_by_the_request_s_rounds_re_run():
                          features=list(features), per_drafter={"ngram": [1.0, 0.0]})
     ctx = Context(features=features, round=4, last=played, request=SoFar().update([played] * 4), previous=start)
     assert policy.select(ctx, stats, rng).arm == Arm("ngram", 8)  # not re-run: the learned estimate stands
-    rerun = ({"ngram": [22.0, 21.5, 21.0, 21.0, 21.0, 21.0, 21.0, 21.0]}, 32.0)
-    tpr = policy.within_request(np.asarray(start.note), ctx.request, lambda: rerun)
+    rerun = Rerun({"ngram": [22.0, 21.5, 21.0, 21.0, 21.0, 21.0, 21.0, 21.0]}, 32.0,
+                  {"ngram": [22.0, 43.0, 63.0, 84.0, 105.0, 126.0, 147.0, 168.0]})  # k rows a round, as measured
+    tpr = policy.within_request(np.asarray(start.note), ctx.request, rerun)
     one, eight = policy.arms.index(Arm("ngram", 1)), policy.arms.index(Arm("ngram", 8))
     for i, k in ((one, 1), (eight, 8)):
         prior_saved = 1 - 1 / start.note[i]
         assert prior_saved == pytest.approx(1 - learned_rounds[k - 1] / 64, abs=1e-3)
-        want = (32 * (1 - rerun[0]["ngram"][k - 1] / 32) + 16 * prior_saved) / (32 + 16)
+        want = (32 * (1 - rerun.rounds["ngram"][k - 1] / 32) + 16 * prior_saved) / (32 + 16)
         assert tpr[i] == pytest.approx(1 / (1 - want))
     assert tpr[eight] == pytest.approx(1.86, abs=0.01)
     assert policy.select(replace(ctx, rerun=lambda: rerun), stats, rng).arm == Arm("ngram", 1)
@@ -545,3 +546,48 @@ def test_a_drafter_never_seen_drafting_is_priced_like_the_dearest_seen():
     cost = dict(zip(p.arms, round_costs(stats, p.arms, load=16)))
     assert cost[Arm("code", 2)] == pytest.approx(cost[Arm("chat", 2)], rel=0.01)
     assert cost[Arm("code", 2)] - cost[Arm("ngram", 2)] == pytest.approx(2 * 0.003, rel=0.01)
+
+
+def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
+    """A lookup drafter drafts only where the request matches, so ngram:1's round on a request that
+    rarely copies costs about a plain round. Rounds at 16 in flight cost 6 ms + 2 ms a drafted row;
+    ngram:1 was measured where it drafted every round (8 ms), saving 20 % of the rounds: at that price
+    a request starts on plain decoding. Its 32 tokens so far re-run say ngram:1 saves 19 % of its
+    rounds drafting 8 rows in 26 rounds: priced at those rows (policies.costs.row_line, shrunk by the
+    tokens so far against `rerun_prior`) it moves to ngram:1. Re-run rounds that drafted every round
+    leave it on plain decoding (as at 16 clients, where 27 % of the learned rounds went to plain
+    decoding, docs/results.md)."""
+    from dataclasses import replace
+
+    from draftpick.policies.costs import round_costs, row_line
+    from draftpick.policies.state import add
+    from draftpick.policies.types import SoFar
+
+    arms = [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 3)]
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "rerun_prior": 16.0})
+    features = (1.0,)
+    stats: dict[str, float] = {}
+    for _ in range(100):
+        for arm, rows in ((Arm("none", 0), 0), (Arm("ngram", 1), 1), (Arm("ngram", 3), 3)):
+            add(stats, policy.increments(RoundRecord(
+                drafter=arm.drafter, k=arm.k, num_drafted=rows, accepted=0, emitted=1, draft_s=0.0,
+                verify_s=0.006 + 0.002 * rows, features=list(features), per_drafter={"ngram": [0.0]}, batch=16,
+                counterfactual={"ngram": [51.2, 50.0, 49.6]}, counterfactual_tokens=64.0)))
+    assert row_line(stats, "L|4") == pytest.approx((0.006, 0.002))
+    rng = np.random.default_rng(0)
+    start = policy.select(Context(features=features, load=16), stats, rng)
+    assert start.arm == Arm("none", 0)
+    played = RoundRecord(drafter="none", k=0, num_drafted=0, accepted=0, emitted=1, draft_s=0.0, verify_s=0.006,
+                         features=list(features), per_drafter={"ngram": [0.0]}, batch=16)
+    ctx = Context(features=features, load=16, round=4, last=played, request=SoFar().update([played] * 4),
+                  previous=start)
+    rare = Rerun({"ngram": [26.0, 25.5, 25.5]}, 32.0, {"ngram": [8.0, 14.0, 26.0]})
+    every = Rerun(rare.rounds, 32.0, {"ngram": [26.0, 51.0, 76.5]})
+    one = policy.arms.index(Arm("ngram", 1))
+    w = 32 / (32 + 16)
+    plain = round_costs(stats, policy.arms, 5.0, load=16)
+    priced = round_costs(stats, policy.arms, 5.0, load=16, rows=policy.rerun_rows(rare))
+    assert priced[one] == pytest.approx((1 - w) * plain[one] + w * (0.006 + 0.002 * 8 / 26))
+    assert plain[one] == pytest.approx(0.008, rel=0.01)
+    assert policy.select(replace(ctx, rerun=lambda: rare), stats, rng).arm == Arm("ngram", 1)
+    assert policy.select(replace(ctx, rerun=lambda: every), stats, rng).arm == Arm("none", 0)

@@ -322,10 +322,13 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
         g = engine.start(tok(p["prompt"]).input_ids, SamplingParams(max_tokens=40), Arm(drafter, k), chooser=chooser)
         result = g.run()
         assert len(seen) == len(result.records) > 3 and seen[0][1] is None  # before round 0: only the prefill's token
-        for played, (rounds, tokens) in seen[1:]:
+        for played, (rounds, tokens, drafted) in seen[1:]:
             assert set(rounds) == {"ngram", "suffix"} and rounds[drafter][k - 1] == played
-        assert sum(r.emitted for r in result.records[:-1]) == seen[-1][1][1]
-        assert g.rerun()[0] == result.records[-1].counterfactual
+            # and the rows they drafted are the rows its rounds drafted
+            assert drafted[drafter][k - 1] == sum(r.num_drafted for r in result.records[:played])
+        assert sum(r.num_drafted for r in result.records) > 0
+        assert sum(r.emitted for r in result.records[:-1]) == seen[-1][1].tokens
+        assert g.rerun().rounds == result.records[-1].counterfactual
     sampled = engine.start(tok(PROMPTS[0]["prompt"]).input_ids, SamplingParams(max_tokens=8, temperature=0.8),
                            Arm("ngram", 2))
     sampled.run()
@@ -335,7 +338,7 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
         level, name, seen = "round", "played", []
 
         def select(self, ctx: Context, stats, rng):
-            self.seen.append((ctx.round, ctx.rerun()))
+            self.seen.append((ctx.round, ctx.rerun(), ctx.request.num_drafted if ctx.request else 0))
             return Choice(Arm("ngram", 2), 1.0)
 
         def increments(self, record):
@@ -346,8 +349,9 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
     policy = Played()
     rp.run(policy)
     assert len(policy.seen) > 3
-    for r, rerun in policy.seen:
-        assert (rerun is None) if r == 0 else rerun[0]["ngram"][1] == r  # round 0: only the prefill's token
+    for r, rerun, drafted in policy.seen:
+        assert (rerun is None) if r == 0 else (rerun.rounds["ngram"][1] == r and rerun.drafted["ngram"][1] == drafted)
+    assert any(drafted for _, _, drafted in policy.seen)
 
 
 def test_replay_at_a_load_uses_the_recorded_batched_costs_and_the_policies_see_it(recorded, tmp_path):

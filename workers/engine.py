@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from draftpick.policies.types import Arm, Choice, RoundRecord
+from draftpick.policies.types import Arm, Choice, Rerun, RoundRecord
 from draftpick.workers.batched import ForwardCost, batchable, batched_forward
 from draftpick.workers.drafters.base import Drafter
 from draftpick.workers.drafters.feature import TargetFeatures
@@ -269,7 +269,7 @@ class Generation:
     features: tuple[float, ...] = ()  # the prompt features the policy saw, copied into each record
     rng_seed: int | None = None  # the random stream of an unseeded request (None: fresh entropy)
     # per lookup drafter, its arms' rounds re-run along the output (set when it finishes, see rerun)
-    counterfactual: tuple[dict[str, list[float]], float] | None = None
+    counterfactual: Rerun | None = None
     out: list[int] = field(default_factory=list)
     records: list[RoundRecord] = field(default_factory=list)
     done: bool = False
@@ -402,24 +402,25 @@ class Generation:
     def _emit(self) -> None:
         """The result to the engine's sinks, its last record carrying the request's counterfactual."""
         if self.counterfactual and self.records:
-            rounds, tokens = self.counterfactual
-            self.records[-1] = replace(self.records[-1], counterfactual=rounds, counterfactual_tokens=tokens)
+            self.records[-1] = replace(self.records[-1], counterfactual=self.counterfactual.rounds,
+                                       counterfactual_tokens=self.counterfactual.tokens)
         self.engine._emit(self.result())
 
-    def rerun(self) -> tuple[dict[str, list[float]], float] | None:
+    def rerun(self) -> Rerun | None:
         """Per deterministic (lookup) drafter, the rounds its arm (drafter, k) would have taken over the
-        tokens emitted yet, k = 1 .. counterfactual_k: its proposals re-run at every position (a match
-        cut at the last token), which under greedy or seeded decoding does not depend on the arm played
-        (policies.types.RoundRecord): ({drafter: [rounds]}, tokens after the prefill's). Asked by
-        round-level choosers where they revisit their choice (Context.rerun), and at the end for the
-        request's counterfactual; each position's proposal is looked up once and kept. None for
-        unseeded sampling (the output depends on the arm) or when turned off."""
+        tokens emitted yet, k = 1 .. counterfactual_k, and the rows they would have drafted: its
+        proposals re-run at every position (a match cut at the last token), which under greedy or
+        seeded decoding does not depend on the arm played (policies.types.RoundRecord), with tokens
+        after the prefill's (policies.types.Rerun). Asked by round-level choosers where they revisit
+        their choice (Context.rerun), and at the end for the request's counterfactual; each position's
+        proposal is looked up once and kept. None for unseeded sampling (the output depends on the arm)
+        or when turned off."""
         from draftpick.workers.drafters.base import LookupSession, matching_prefix
 
         k_max, n = self.engine.counterfactual_k, len(self.out)
         if k_max <= 0 or n < 2 or (self.params.temperature > 0 and self.params.seed is None):
             return None
-        out = {}
+        rounds, drafted = {}, {}
         for name, s in self.sessions.items():
             if not isinstance(s, LookupSession):
                 continue
@@ -427,9 +428,11 @@ class Generation:
             while len(proposals) < n - 1:
                 proposals.append(s.lookup(self.prompt_ids + self.out[:len(proposals) + 1], k_max))
             matched = [matching_prefix(p, self.out[g:]) for g, p in enumerate(proposals, start=1)]
-            out[name] = [float(counterfactual_rounds(matched, k, n, self.params.max_tokens))
-                         for k in range(1, k_max + 1)]
-        return (out, float(n - 1)) if out else None
+            walks = [counterfactual_walk(matched, [len(p) for p in proposals], k, n, self.params.max_tokens)
+                     for k in range(1, k_max + 1)]
+            rounds[name] = [float(r) for r, _ in walks]
+            drafted[name] = [float(d) for _, d in walks]
+        return Rerun(rounds, float(n - 1), drafted) if rounds else None
 
     def cancel(self) -> None:
         """Stop here (its client went away): finish_reason "abort"; the rounds it ran still go to
@@ -591,13 +594,21 @@ def counterfactual_rounds(matched: list[int], k: int, n: int, max_tokens: int) -
     """Rounds a fixed arm with draft length k takes to emit tokens 1 .. n - 1 (token 0 comes from the
     prefill), given how many of its proposal at each position g match the output (matched[g - 1]);
     the same walk as replay's simulate (controller.replay), whose counterfactual counts come from here."""
-    g, rounds = 1, 0
+    return counterfactual_walk(matched, matched, k, n, max_tokens)[0]
+
+
+def counterfactual_walk(matched: list[int], proposed: list[int], k: int, n: int, max_tokens: int) -> tuple[int, int]:
+    """(rounds, drafted rows) of counterfactual_rounds' walk, where proposed[g - 1] is the length of the
+    drafter's proposal at position g (a round there drafts min(k, proposed, max_tokens - g - 1) tokens,
+    each a row of the round's verify forward)."""
+    g, rounds, drafted = 1, 0, 0
     while g < n:
         k_eff = min(k, max_tokens - g - 1)
         accepted = min(matched[g - 1], k_eff) if k_eff > 0 else 0
+        drafted += min(proposed[g - 1], k_eff) if k_eff > 0 else 0
         g += min(accepted + 1, n - g)
         rounds += 1
-    return rounds
+    return rounds, drafted
 
 
 def _own_acceptance(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, n: int, exhausted: bool) -> list[float]:
