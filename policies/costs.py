@@ -8,8 +8,8 @@ v(k) = v(0) * (1 + VERIFY_SLOPE * k) for draft lengths not yet played, plus the 
 seconds per drafted token times k. Statistics: cs|arm, cn|arm (seconds, rounds of a played
 arm), vs|k, vn|k (verify seconds, rounds), ds|drafter, dn|drafter (draft seconds, tokens).
 
-Load: a round batched with other requests pays its share of the forward, a / n + b rows
-(workers.batched.ForwardCost: the weights' read split among the n requests, each row's own
+Load: a round batched with other requests pays its share of the forward, a / n + c + b rows
+(workers.batched.ForwardCost: the weights' read split among the n requests, each request's own work c, each row's own
 compute b), so a drafted token costs more of a step the fuller the batch, and what it costs does
 not depend on what the other requests draft. The verify and per-arm seconds are also kept per load
 level (`load_level` of the round's batch size: L0 alone, L1 2-3, L2 4-7, ...: L|<level>|vs|k, ...),
@@ -36,7 +36,7 @@ rarely copies, in most rounds of one that copies), and the arm's measured second
 for the requests that played it. Per load level the verify seconds of a round are fitted as a line in its
 drafted rows (L|<level>|rn, rd, rdd, rv, rvd: rounds, and sums of rows, rows², seconds, seconds x rows;
 also over all levels: rn, rd, ..), the same for every arm (a round's share of a batched forward is
-a / n + b x its rows). Given the rows a round of an arm would draft for this request (round_costs'
+a / n + c + b x its rows). Given the rows a round of an arm would draft for this request (round_costs'
 `rows`, e.g. from the request's rounds re-run: policies.types.Rerun) and a weight, the arm's estimate
 is shrunk toward that line at those rows, plus the drafter's seconds for them; at batched levels only
 (alone, a verify forward's seconds step with its rows: few-row products take other kernel paths).
@@ -156,7 +156,7 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
     # a drafter never seen drafting is priced like the dearest seen, per token, until its rounds are measured
     dearest = max([r for r in (alone_rate(stats, d) for d in {a.drafter for a in arms if a.k}) if r is not None],
                   default=0.0)
-    # rows price a round only at a batched level, where its verify is its share a / n + b x rows of the
+    # rows price a round only at a batched level, where its verify is its share a / n + c + b x rows of the
     # forward; alone a verify forward's seconds step with its rows (few-row products take other kernel paths,
     # workers.models.small_batch_linears, or are padded), so a line through their mean misprices long drafts
     # (replay of the held-out trace alone: 1.047 -> 1.037 x the best fixed arm)

@@ -237,8 +237,8 @@ def test_forward_cost_charges_a_drafted_row_its_marginal_cost_whatever_the_other
     for _ in range(200):
         rows = int(rng.integers(16, 64))
         cost.observe(rows, 0.080 + 0.002 * rows + rng.normal(0, 0.002))
-    a, b = cost.line()
-    assert a == pytest.approx(0.080, rel=0.1) and b == pytest.approx(0.002, rel=0.1)
+    a, c, b = cost.line()
+    assert a == pytest.approx(0.080, rel=0.1) and b == pytest.approx(0.002, rel=0.1) and c == 0  # one request each
     plain, mixed = [1] * 16, [1] + [4] * 15
     alone = cost.shares(plain, a + b * sum(plain))
     among = cost.shares(mixed, a + b * sum(mixed))
@@ -246,6 +246,32 @@ def test_forward_cost_charges_a_drafted_row_its_marginal_cost_whatever_the_other
     assert among[1] - among[0] == pytest.approx(3 * b)
     assert sum(among) == pytest.approx(a + b * sum(mixed))
     assert sum(cost.shares(mixed, 0.5)) == pytest.approx(0.5)  # a slower forward than the line: scaled
+
+
+def test_forward_cost_charges_a_drafted_row_its_own_cost_not_a_requests():
+    """Forwards of n requests and R rows cost a + c n + b R (a = 40 ms, a request's own work c = 2.5
+    ms, a row b = 1 ms; as this CPU measured at 16 requests). Plain forwards alone (R = n) cannot tell
+    c from b: their line in rows charges a drafted row c + b = 3.5 ms, so drafting looks 3.5 times its
+    price. Once the requests drafted different rows, the fit separates them: a drafted row costs b,
+    a plain request a / n + c + b in any mix, and the shares sum to the forward."""
+    rng = np.random.default_rng(0)
+    a, c, b = 0.040, 0.0025, 0.001
+    cost = ForwardCost()
+    for _ in range(200):
+        n = int(rng.integers(8, 33))
+        cost.observe(n, a + c * n + b * n + rng.normal(0, 0.0005), n)  # nobody drafts
+    fa, fc, fb = cost.line()
+    assert fc == 0 and fb == pytest.approx(c + b, rel=0.1)  # the rows-alone line: a request's work in b
+    for _ in range(400):
+        n = int(rng.integers(8, 33))
+        rows = n + int(rng.integers(0, 2 * n))
+        cost.observe(rows, a + c * n + b * rows + rng.normal(0, 0.0005), n)
+    fa, fc, fb = cost.line()
+    assert (fa, fc, fb) == pytest.approx((a, c, b), rel=0.15)
+    mixed = [1] * 8 + [3] * 8
+    shares = cost.shares(mixed, fa + fc * 16 + fb * sum(mixed))
+    assert shares[0] == pytest.approx(fa / 16 + fc + fb) and shares[8] - shares[0] == pytest.approx(2 * fb)
+    assert sum(shares) == pytest.approx(fa + fc * 16 + fb * sum(mixed))
 
 
 def test_forward_cost_falls_back_to_rows_without_a_usable_line():
@@ -262,19 +288,20 @@ def test_forward_cost_falls_back_to_rows_without_a_usable_line():
 
 def test_batched_rounds_share_their_forward_by_the_fitted_line(engine, tok, monkeypatch):
     """In the engine: each step's shares (the forward seconds each request's round or prefill is
-    charged) sum to the forward and follow the engine's line, a / n + b r_i. (The tiny model's
+    charged) sum to the forward and follow the engine's line, a / n + c + b r_i. (The tiny model's
     forwards barely grow with rows, so the line is fitted beforehand and held: the fit itself is
     tested above.)"""
     from draftpick.workers.engine import Generation
 
     class Held(ForwardCost):
-        def observe(self, rows, seconds):
+        def observe(self, rows, seconds, requests=1):
             pass
 
     engine.forward_cost = Held()
     for rows in range(10, 40):
-        ForwardCost.observe(engine.forward_cost, rows, 0.05 + 0.002 * rows)
-    assert engine.forward_cost.line() == pytest.approx((0.05, 0.002))
+        for n in (4, 8):
+            ForwardCost.observe(engine.forward_cost, rows, 0.05 + 0.001 * n + 0.002 * rows, n)
+    assert engine.forward_cost.line() == pytest.approx((0.05, 0.001, 0.002))
     calls, steps = [], []
     complete = Generation.complete
 
@@ -295,8 +322,8 @@ def test_batched_rounds_share_their_forward_by_the_fitted_line(engine, tok, monk
         if line is None:
             expected = [r / step[0][3] for r, *_ in step]
         else:
-            a, b = line
-            expected = [(a / len(step) + b * r) / (a + b * step[0][3]) for r, *_ in step]
+            a, c, b = line
+            expected = [(a / len(step) + c + b * r) / (a + c * len(step) + b * step[0][3]) for r, *_ in step]
             fitted += len({r for r, *_ in step}) > 1
         assert [s / sum(shares) for s in shares] == pytest.approx(expected)
     assert fitted >= 3  # steps charged by the line, with requests of different rows in them

@@ -36,49 +36,64 @@ def batchable(model) -> bool:
 
 
 class ForwardCost:
-    """How a batched forward's seconds grow with its rows, fitted online, and each request's share of
-    them: the marginal cost of a row, not the average.
+    """How a batched forward's seconds grow with its requests and rows, fitted online, and each
+    request's share of them: the marginal cost of a row, not the average.
 
-    A forward over R rows for n requests costs about a + b R: `a` reads the weights once for all of
-    them, `b` is each row's own compute. Sharing the seconds by rows (the average, (a + b R) / R a
-    row) charges a request's drafted row a / R + b, and what a row costs then depends on how many
-    rows the other requests ran: in a batch where the others draft, every row looks cheap. Here a
-    request pays a / n + b r_i (its rows r_i), scaled so that the shares still sum to the forward's
-    seconds: what its own choice of draft length adds is b a row, whatever the others do, and plain
-    decoding pays the same a / n + b in any mix.
+    A forward over R rows for n requests costs about a + c n + b R: `a` reads the weights once for all
+    of them, `c` is each request's own work (its attention reads its own cache, its rows are gathered
+    and scattered), `b` is each row's own compute. Sharing the seconds by rows (the average) charges a
+    request's drafted row a / R + b, and what a row costs then depends on how many rows the other
+    requests ran: in a batch where the others draft, every row looks cheap. Here a request pays
+    a / n + c + b r_i (its rows r_i), scaled so that the shares still sum to the forward's seconds:
+    what its own choice of draft length adds is b a row, whatever the others do, and plain decoding
+    pays the same a / n + c + b in any mix.
 
-    (a, b) is a least-squares line of seconds on rows over the recent batched forwards without a
-    prefill (exponentially weighted, `decay` a forward), fitted where the rows varied enough; until
-    then, and where the line is not usable (b < 0, or a < 0: more than the average a row), the share
-    is by rows, as before."""
+    (a, c, b) is a least-squares fit over the recent batched forwards without a prefill (exponentially
+    weighted, `decay` a forward). A line in rows alone (c = 0) would charge a row what a request costs:
+    the rows of plain forwards grow with their requests, so its slope takes each request's own work
+    too. On this CPU that line gave 2.1 ms a row at 16 requests where a drafted row adds 0.9-1.3 ms,
+    and drafting looked twice its price (docs/results.md). So c is fitted where the rows varied apart
+    from the requests (a spread of `min_spread` rows beyond what the requests explain); until then, and
+    where that fit is not usable (a negative part), the line in rows alone; and without a usable line
+    (b < 0, or a < 0: more than the average a row), the share is by rows."""
 
     def __init__(self, decay: float = 0.995, min_weight: float = 20.0, min_spread: float = 1.0):
         self.decay, self.min_weight, self.min_spread = decay, min_weight, min_spread
-        self.w = self.r = self.t = self.rr = self.rt = 0.0
+        self.w = self.n = self.r = self.t = self.nn = self.nr = self.rr = self.nt = self.rt = 0.0
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """One forward without a prefill: `rows` rows, `seconds` long."""
-        d = self.decay
-        self.w, self.r, self.t = d * self.w + 1, d * self.r + rows, d * self.t + seconds
-        self.rr, self.rt = d * self.rr + rows * rows, d * self.rt + rows * seconds
+    def observe(self, rows: int, seconds: float, requests: int = 1) -> None:
+        """One forward without a prefill: `rows` rows of `requests` requests, `seconds` long."""
+        d, n = self.decay, requests
+        self.w, self.n, self.r, self.t = d * self.w + 1, d * self.n + n, d * self.r + rows, d * self.t + seconds
+        self.nn, self.nr, self.rr = d * self.nn + n * n, d * self.nr + n * rows, d * self.rr + rows * rows
+        self.nt, self.rt = d * self.nt + n * seconds, d * self.rt + rows * seconds
 
-    def line(self) -> tuple[float, float] | None:
-        """(a, b) seconds of a forward = a + b rows, or None while the fit is not usable."""
+    def line(self) -> tuple[float, float, float] | None:
+        """(a, c, b): seconds of a forward = a + c requests + b rows (c = 0: the line in rows alone), or
+        None while no fit is usable."""
         if self.w < self.min_weight:
             return None
-        mr, mt = self.r / self.w, self.t / self.w
-        var = self.rr / self.w - mr * mr
-        if var < self.min_spread:
+        w = self.w
+        mn, mr, mt = self.n / w, self.r / w, self.t / w
+        vn, vr = self.nn / w - mn * mn, self.rr / w - mr * mr
+        cnr, cnt, crt = self.nr / w - mn * mr, self.nt / w - mn * mt, self.rt / w - mr * mt
+        if vn > 1e-9 and vr - cnr * cnr / vn >= self.min_spread:  # rows varied apart from the requests
+            det = vn * vr - cnr * cnr
+            c, b = (vr * cnt - cnr * crt) / det, (vn * crt - cnr * cnt) / det
+            a = mt - c * mn - b * mr
+            if a >= 0 and b >= 0 and c >= 0:
+                return a, c, b
+        if vr < self.min_spread:
             return None
-        b = (self.rt / self.w - mr * mt) / var
+        b = crt / vr
         a = mt - b * mr
-        return (a, b) if b >= 0 and a >= 0 else None
+        return (a, 0.0, b) if b >= 0 and a >= 0 else None
 
     def shares(self, rows: list[int], seconds: float) -> list[float]:
         """Each request's seconds of a forward that ran rows[i] rows for request i."""
         total = sum(rows)
         fit = self.line()
-        cost = [fit[0] / len(rows) + fit[1] * r for r in rows] if fit else []
+        cost = [fit[0] / len(rows) + fit[1] + fit[2] * r for r in rows] if fit else []
         if not cost or sum(cost) <= 0:  # no usable line (or forwards timed at 0): by rows
             return [seconds * r / total if total else seconds / len(rows) for r in rows]
         scale = seconds / sum(cost)

@@ -142,7 +142,7 @@ class SpeculativeEngine:
         for them all (workers.batched); returns the tokens each appended, or the exception that ended
         it (a request's own error, e.g. from its round chooser, fails that request alone: it is
         cancelled, and its rounds still go to the sinks). Each request's share of the
-        forward's seconds (a / n + b rows, batched.ForwardCost) is its round's verify time.
+        forward's seconds (a / n + c + b rows, batched.ForwardCost) is its round's verify time.
         max_rows bounds the forward's rows: the prefills take theirs, the rounds share the rest
         (their drafts are cut to fit, never below 0).
         prefill_chunk: the prompt tokens all prefilling requests together run in this step (chunked
@@ -189,7 +189,7 @@ class SpeculativeEngine:
             lengths = [len(tokens[id(g)]) for g in batch]
             rows = sum(lengths)
             if not any(g.prefilling for g in batch):
-                self.forward_cost.observe(rows, forward_s)
+                self.forward_cost.observe(rows, forward_s, len(batch))
             shares = self.forward_cost.shares(lengths, forward_s)
             for g, (logits, hidden), share in zip(batch, outs, shares):
                 out[id(g)] = _guarded(g, lambda g=g, lg=logits, h=hidden, s=share: g.complete(lg, h, s, len(batch), rows))
