@@ -106,7 +106,7 @@ class Contextual(BasePolicy):
         (policies.costs.round_costs' rows). A lookup drafter drafts only where the request matches, so
         a round of ngram:1 on a request that rarely copies costs about a plain round; priced at the
         rows it drafted for the requests that played it, such a request was moved to plain decoding at
-        16 clients (27 % of the learned rounds, docs/results.md)."""
+        16 clients (a third of the learned rounds, docs/results.md)."""
         if rerun is None or rerun.tokens <= 0:
             return None
         w = rerun.tokens / (rerun.tokens + self.cfg.rerun_prior)

@@ -136,7 +136,8 @@ def row_line(stats, level: str) -> tuple[float, float] | None:
 
 
 def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None,
-                drafting: dict[str, int] | None = None, rows: dict[int, tuple[float, float]] | None = None) -> np.ndarray:
+                drafting: dict[str, int] | None = None,
+                rows: dict[int, tuple[float, float]] | None = None) -> np.ndarray:
     """[K] estimated seconds per round of each arm (all 1.0 before anything was observed).
     With a tag, the arm's seconds measured under that tag come first, shrunk toward the rest.
     With a load (requests in flight), the statistics of its load level, where it has any.

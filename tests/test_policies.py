@@ -555,7 +555,7 @@ def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
     a request starts on plain decoding. Its 32 tokens so far re-run say ngram:1 saves 19 % of its
     rounds drafting 8 rows in 26 rounds: priced at those rows (policies.costs.row_line, shrunk by the
     tokens so far against `rerun_prior`) it moves to ngram:1. Re-run rounds that drafted every round
-    leave it on plain decoding (as at 16 clients, where 27 % of the learned rounds went to plain
+    leave it on plain decoding (as at 16 clients, where a third of the learned rounds went to plain
     decoding, docs/results.md)."""
     from dataclasses import replace
 
