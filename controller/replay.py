@@ -23,7 +23,7 @@ import numpy as np
 from draftpick.policies.base import record_arm
 from draftpick.policies.state import add
 from draftpick.policies.types import Arm, Choice, Context, Rerun, RoundRecord, SoFar, aggregate
-from draftpick.workers.engine import counterfactual_walk
+from draftpick.workers.engine import counterfactual_walks
 from draftpick.workers.trace import TraceError, TraceRequest, load_trace
 
 
@@ -165,7 +165,7 @@ def _per_drafter(d: dict, g: int, verified: int, played: str, own: list[float]) 
 
 def rerun_rounds(req: TraceRequest, n: int) -> Rerun | None:
     """Per lookup drafter of a trace request, the rounds of (drafter, k), k = 1 .. k_max, over its first
-    n tokens, and the rows they draft: the engine's walk (workers.engine.counterfactual_walk) over the
+    n tokens, and the rows they draft: the engine's walk (workers.engine.counterfactual_walks) over the
     trace's proposals and matches, each match cut at the n-th token (a match never exceeds the proposal
     nor the output). None when the request has no lookup drafter."""
     d = req.data
@@ -173,10 +173,8 @@ def rerun_rounds(req: TraceRequest, n: int) -> Rerun | None:
     for name in lookup_drafters(req):
         tr = d["drafters"][name]
         matched = [min(m, n - g) for g, m in enumerate(tr["matched"][: n - 1], start=1)]
-        walks = [counterfactual_walk(matched, tr["proposed"][: n - 1], k, n, d["max_tokens"])
-                 for k in range(1, d["k_max"] + 1)]
-        rounds[name] = [float(r) for r, _ in walks]
-        drafted[name] = [float(x) for _, x in walks]
+        rounds[name], drafted[name] = counterfactual_walks(matched, tr["proposed"][: n - 1], d["k_max"], n,
+                                                           d["max_tokens"])
     return Rerun(rounds, float(n - 1), drafted) if rounds else None
 
 

@@ -92,18 +92,28 @@ def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
 MIN_SPREAD = 0.1  # the standard deviation of 1 / draft_group a drafter's rounds need before its line is fitted
 
 
+def _fit(stats, w: str, x: str, xx: str, y: str, xy: str) -> tuple[float, float, float] | None:
+    """(mean x, mean y, slope >= 0) of a least-squares line of y on x from the sums kept in `stats` under
+    the names w (weights), x, xx, y, xy (weighted sums of x, x², y, x y); None without weight or where x
+    spread less than MIN_SPREAD (standard deviation)."""
+    n = stats.get(w, 0.0)
+    if n <= 0:
+        return None
+    mx, my = stats.get(x, 0.0) / n, stats.get(y, 0.0) / n
+    var = stats.get(xx, 0.0) / n - mx * mx
+    if var < MIN_SPREAD ** 2:
+        return None
+    return mx, my, max((stats.get(xy, 0.0) / n - mx * my) / var, 0.0)
+
+
 def draft_rate(stats, drafter: str, others: int) -> float | None:
     """Seconds per token of `drafter` drafting together with `others` other requests: the line
     a / m + b (m = others + 1) fitted to its rounds' seconds per token weighted by tokens; None where
     its rounds were not seen in groups of different sizes (MIN_SPREAD)."""
-    w = stats.get(key("dn", drafter), 0.0)
-    if w <= 0:
+    fit = _fit(stats, *(key(s, drafter) for s in ("dn", "dx", "dxx", "ds", "dsx")))
+    if fit is None:
         return None
-    mx, my = stats.get(key("dx", drafter), 0.0) / w, stats.get(key("ds", drafter), 0.0) / w
-    var = stats.get(key("dxx", drafter), 0.0) / w - mx * mx
-    if var < MIN_SPREAD ** 2:
-        return None
-    a = max((stats.get(key("dsx", drafter), 0.0) / w - mx * my) / var, 0.0)
+    mx, my, a = fit
     b = my - a * mx
     if b < 0:  # a line through the mean with no fixed part
         a, b = my / mx, 0.0
@@ -124,14 +134,10 @@ def row_line(stats, level: str) -> tuple[float, float] | None:
     """(c, r): a round's verify seconds at a load level (`level`: "L|<n>", or "" for all) as c + r x its
     drafted rows, fitted over the level's rounds; None until they drafted different numbers of rows
     (MIN_SPREAD rows of standard deviation)."""
-    n = stats.get(key(level, "rn"), 0.0)
-    if n <= 0:
+    fit = _fit(stats, *(key(level, s) for s in ("rn", "rd", "rdd", "rv", "rvd")))
+    if fit is None:
         return None
-    md, mv = stats.get(key(level, "rd"), 0.0) / n, stats.get(key(level, "rv"), 0.0) / n
-    var = stats.get(key(level, "rdd"), 0.0) / n - md * md
-    if var < MIN_SPREAD ** 2:
-        return None
-    r = max((stats.get(key(level, "rvd"), 0.0) / n - md * mv) / var, 0.0)
+    md, mv, r = fit
     return mv - r * md, r
 
 
@@ -168,7 +174,8 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
         s, n = seen[arm.k]
         verify = (s + prior_rounds * v0 * (1 + slope * arm.k)) / (n + prior_rounds)
         ds, dn = stats.get(key("ds", arm.drafter), 0.0), stats.get(key("dn", arm.drafter), 0.0)
-        model = verify + (ds / dn if dn else 0.0 if ds else dearest) * arm.k
+        per_token = ds / dn if dn else 0.0 if ds else dearest  # the drafter's mean seconds a drafted token
+        model = verify + per_token * arm.k
         cs, cn = stats.get(key(level, "cs", arm), 0.0), stats.get(key(level, "cn", arm), 0.0)
         est = (cs + prior_rounds * model) / (cn + prior_rounds)
         rate = draft_rate(stats, arm.drafter, (drafting or {}).get(arm.drafter, 0)) if arm.k else None
@@ -181,8 +188,7 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
         if line is not None and len(out) in rows and arm.k:
             mine, w = rows[len(out)]
             c, r = line
-            per_token = rate if rate is not None else (ds / dn if dn else 0.0 if ds else dearest)
-            est = (1 - w) * est + w * (c + (r + per_token) * mine)
+            est = (1 - w) * est + w * (c + (r + (rate if rate is not None else per_token)) * mine)
         out.append(est)
     return np.array(out)
 

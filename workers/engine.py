@@ -428,10 +428,8 @@ class Generation:
             while len(proposals) < n - 1:
                 proposals.append(s.lookup(self.prompt_ids + self.out[:len(proposals) + 1], k_max))
             matched = [matching_prefix(p, self.out[g:]) for g, p in enumerate(proposals, start=1)]
-            walks = [counterfactual_walk(matched, [len(p) for p in proposals], k, n, self.params.max_tokens)
-                     for k in range(1, k_max + 1)]
-            rounds[name] = [float(r) for r, _ in walks]
-            drafted[name] = [float(d) for _, d in walks]
+            rounds[name], drafted[name] = counterfactual_walks(matched, [len(p) for p in proposals], k_max, n,
+                                                               self.params.max_tokens)
         return Rerun(rounds, float(n - 1), drafted) if rounds else None
 
     def cancel(self) -> None:
@@ -590,24 +588,24 @@ def _guarded(g: "Generation", run):
         return e
 
 
-def counterfactual_rounds(matched: list[int], k: int, n: int, max_tokens: int) -> int:
-    """Rounds a fixed arm with draft length k takes to emit tokens 1 .. n - 1 (token 0 comes from the
-    prefill), given how many of its proposal at each position g match the output (matched[g - 1]);
-    the same walk as replay's simulate (controller.replay), whose counterfactual counts come from here."""
-    return counterfactual_walk(matched, matched, k, n, max_tokens)[0]
-
-
-def counterfactual_walk(matched: list[int], proposed: list[int], k: int, n: int, max_tokens: int) -> tuple[int, int]:
-    """(rounds, drafted rows) of counterfactual_rounds' walk, where proposed[g - 1] is the length of the
-    drafter's proposal at position g (a round there drafts min(k, proposed, max_tokens - g - 1) tokens,
-    each a row of the round's verify forward)."""
-    g, rounds, drafted = 1, 0, 0
-    while g < n:
-        k_eff = min(k, max_tokens - g - 1)
-        accepted = min(matched[g - 1], k_eff) if k_eff > 0 else 0
-        drafted += min(proposed[g - 1], k_eff) if k_eff > 0 else 0
-        g += min(accepted + 1, n - g)
-        rounds += 1
+def counterfactual_walks(matched: list[int], proposed: list[int], k_max: int, n: int,
+                        max_tokens: int) -> tuple[list[float], list[float]]:
+    """For k = 1 .. k_max, the rounds a fixed arm with draft length k takes to emit tokens 1 .. n - 1
+    (token 0 comes from the prefill) and the rows it drafts, given how many tokens the drafter proposes
+    at each position g (proposed[g - 1]) and how many of them match the output (matched[g - 1]): a round
+    at g drafts min(k, proposed, max_tokens - g - 1) tokens, each a row of its verify forward. The same
+    walk as replay's simulate (controller.replay), whose counterfactual counts come from here."""
+    rounds, drafted = [], []
+    for k in range(1, k_max + 1):
+        g, r, d = 1, 0, 0
+        while g < n:
+            k_eff = min(k, max_tokens - g - 1)
+            accepted = min(matched[g - 1], k_eff) if k_eff > 0 else 0
+            d += min(proposed[g - 1], k_eff) if k_eff > 0 else 0
+            g += min(accepted + 1, n - g)
+            r += 1
+        rounds.append(float(r))
+        drafted.append(float(d))
     return rounds, drafted
 
 
