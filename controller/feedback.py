@@ -155,6 +155,12 @@ def check_record(r: RoundRecord, drafters: set[str], max_k: int) -> None:
             raise BadRecord(f"unknown drafter {name!r} in the counterfactual feedback")
         if len(rounds) > max_k or not all(isinstance(v, (int, float)) and 0 < v <= max(tokens, 1) for v in rounds):
             raise BadRecord(f"counterfactual rounds of {name!r}: at most {max_k} values in (0, tokens]")
+    for name, rows in r.counterfactual_drafted.items():
+        if name not in r.counterfactual:
+            raise BadRecord(f"counterfactual_drafted of {name!r} without its counterfactual rounds")
+        if len(rows) > max_k or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and 0 <= v <= k * max(tokens, 1) for k, v in enumerate(rows, start=1)):
+            raise BadRecord(f"counterfactual_drafted of {name!r}: at most {max_k} values, the k-th in [0, k x tokens]")
 
 
 def parse_entry(data: bytes | str, drafters: set[str], max_k: int) -> tuple[list[RoundRecord], str]:

@@ -208,7 +208,8 @@ class Replayer:
             self._cf[i] = rerun_rounds(self.reqs[i], self.reqs[i].data["num_tokens"])
         if self._cf[i] is None:
             return record
-        return replace(record, counterfactual=self._cf[i].rounds, counterfactual_tokens=self._cf[i].tokens)
+        return replace(record, counterfactual=self._cf[i].rounds, counterfactual_tokens=self._cf[i].tokens,
+                       counterfactual_drafted=self._cf[i].drafted)
 
     def table(self) -> np.ndarray:
         """[requests, arms] seconds under each fixed arm."""

@@ -27,11 +27,14 @@ from draftpick.policies.costs.
   at 128 / 96 = 1.33). At rounds 1, 2, 4, 8, .. of the request (`switch`) the prediction is shrunk
   toward the request's own rounds, for each arm only as far as they judged its last position
   (`within_request`); a lookup drafter's arms toward its re-run over the tokens so far (Context.rerun), in
-  tokens per round and in the rows a round drafts, which price it (`rerun_rows`, policies.costs).
+  tokens per round and in the rows a round drafts. At batched load levels a lookup arm is priced at its
+  rows (policies.costs): those its predicted savings imply, at the rows per round saved the re-run
+  requests showed, shrunk toward the request's own re-run (`lookup_rows`).
 Statistics: reach|<tag>|<drafter>|j and hit|<tag>|<drafter>|j per tag; ct|<tag>|<arm> (tokens
 emitted when played under the tag); A|<drafter>|j|p|q (upper
 triangle of sum reach * x x^T) and b|<drafter>|j|p (sum hits * x); cfw|<drafter>, cfA|<drafter>|p|q,
-cfsave|<drafter>|k|p and cfround|<drafter>|k for the re-run rounds; the costs of policies.costs.
+cfsave|<drafter>|k|p and cfround|<drafter>|k for the re-run rounds, cfdraft|<drafter>|k and cfdsave|<drafter>|k
+for the rows they drafted and the rounds they saved; the costs of policies.costs.
 """
 from __future__ import annotations
 
@@ -97,8 +100,41 @@ class Contextual(BasePolicy):
         rerun = context.rerun() if context.rerun is not None and context.request is not None else None
         tpr = self.within_request(prior, context.request, rerun) if context.request is not None else prior
         cost = round_costs(stats, self.arms, self.cfg.prior_rounds, load=context.load, drafting=context.drafting,
-                           rows=self.rerun_rows(rerun))
+                           rows=self.lookup_rows(tpr, rerun, stats))
         return Choice(self.arms[int(np.argmax(tpr / cost))], 1.0, note=tuple(prior.tolist()) if self.cfg.switch else None)
+
+    def lookup_rows(self, tpr: np.ndarray, rerun, stats) -> dict[int, tuple[float, float]] | None:
+        """{arm index: (rows a round of the lookup arm would draft for this request, weight)} for
+        policies.costs.round_costs (which uses them at batched load levels): the rows its tokens per
+        round `tpr` imply, at the rows the arm drafted per round it saved over the requests re-run
+        (`drafted_per_saved`), shrunk toward the request's own re-run where there is one
+        (`rerun_rows`); weight 1 where that ratio is known, else the re-run's own weight.
+
+        A lookup drafter drafts only where the request matches, so its rows go with its savings: an arm
+        predicted to save nothing drafts nothing and costs a plain round, and a long draft costs its
+        rows. Priced instead by its draft length (the level's verify seconds by k, fitted where short
+        drafts were played), `ngram:8` looked cheap at 16 clients and opened 18 of 64 requests at the
+        endpoint; priced at the rows it drafted for the requests that played it, a request that rarely
+        copies was moved to plain decoding (docs/results.md)."""
+        mine = self.rerun_rows(rerun) or {}
+        out = dict(mine)
+        for i, per_saved in self.drafted_per_saved(stats).items():
+            rows, w = mine.get(i, (0.0, 0.0))
+            out[i] = (w * rows + (1 - w) * per_saved * max(tpr[i] - 1.0, 0.0), 1.0)
+        return out or None
+
+    def drafted_per_saved(self, stats) -> dict[int, float]:
+        """{arm index: rows the lookup arm drafted per round it saved}, over the requests whose rounds were
+        re-run (cfdraft|<drafter>|k, cfdsave|<drafter>|k): about 1 / its acceptance where it drafts, which
+        differs far less between requests than how often it drafts."""
+        out = {}
+        for i, arm in enumerate(self.arms):
+            if arm.k:
+                rows = stats.get(key("cfdraft", arm.drafter, arm.k), 0.0)
+                saved = stats.get(key("cfdsave", arm.drafter, arm.k), 0.0)
+                if rows > 0 and saved > 0:
+                    out[i] = rows / saved
+        return out
 
     def rerun_rows(self, rerun) -> dict[int, tuple[float, float]] | None:
         """{arm index: (rows a round of the arm drafted in the request's rounds so far re-run, their
@@ -236,11 +272,15 @@ class Contextual(BasePolicy):
             for i, p in enumerate(nz):
                 for q in nz[i:]:
                     inc[key("cfA", X, p, q)] = w * xs[p] * xs[q]
+            drafted = record.counterfactual_drafted.get(X, ())
             for k, n in enumerate(rounds, start=1):
                 inc[key("cfround", X, k)] = n
                 y = 1.0 - n / w  # the share of plain decoding's rounds (one a token) the arm saved
                 for p in nz:
                     inc[key("cfsave", X, k, p)] = w * y * xs[p]
+                if k <= len(drafted):  # the rows those rounds drafted, and the rounds they saved
+                    inc[key("cfdraft", X, k)] = drafted[k - 1]
+                    inc[key("cfdsave", X, k)] = w - n
         return inc
 
     def _names(self, drafter, j):

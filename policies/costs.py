@@ -38,7 +38,8 @@ drafted rows (L|<level>|rn, rd, rdd, rv, rvd: rounds, and sums of rows, rows², 
 also over all levels: rn, rd, ..), the same for every arm (a round's share of a batched forward is
 a / n + c + b x its rows). Given the rows a round of an arm would draft for this request (round_costs'
 `rows`, e.g. from the request's rounds re-run: policies.types.Rerun) and a weight, the arm's estimate
-is shrunk toward that line at those rows, plus the drafter's seconds for them; at batched levels only
+is shrunk toward that line at those rows, plus the drafter's seconds for them, and plain decoding is
+priced at the line's intercept (no rows), so that both are judged on one line; at batched levels only
 (alone, a verify forward's seconds step with its rows: few-row products take other kernel paths).
 """
 from __future__ import annotations
@@ -151,7 +152,8 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
     for the drafters whose cost per token was fitted by group size (draft_rate).
     rows: {arm index: (rows a round of the arm would draft for this request, weight w in [0, 1])}: at a
     batched load level, the arm's estimate is shrunk, by w, toward what a round drafting those rows costs
-    there (row_line, else the verify prior v0 (1 + slope x rows); plus the drafter's seconds a token)."""
+    there (row_line, else the verify prior v0 (1 + slope x rows); plus the drafter's seconds a token), and
+    plain decoding (k = 0) at that line's cost of no rows."""
     ks = sorted({a.k for a in arms})
     level = key("L", load_level(load)) if load is not None else ""
     if not level or not any(stats.get(key(level, "vn", k), 0.0) for k in ks):
@@ -189,6 +191,8 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
             mine, w = rows[len(out)]
             c, r = line
             est = (1 - w) * est + w * (c + (r + (rate if rate is not None else per_token)) * mine)
+        elif line is not None and not arm.k:  # plain decoding on the line the lookup arms are priced on
+            est = line[0]
         out.append(est)
     return np.array(out)
 

@@ -75,6 +75,8 @@ class RoundRecord:
     # drafter, the rounds its arm (drafter, k) takes over `counterfactual_tokens` tokens, k = 1, 2, ..
     counterfactual: dict[str, list[float]] = field(default_factory=dict)
     counterfactual_tokens: float = 0.0
+    # ... and the rows those rounds draft (a lookup drafter drafts only where its context matches)
+    counterfactual_drafted: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,9 +143,12 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
             _add(reach, name, rc)
             _add(hits, name, ht)
     counterfactual: dict[str, list[float]] = {}
+    drafted: dict[str, list[float]] = {}
     for r in records:
         for name, rounds in r.counterfactual.items():
             _add(counterfactual, name, rounds)
+        for name, rows in r.counterfactual_drafted.items():
+            _add(drafted, name, rows)
     return RoundRecord(
         drafter=first.drafter, k=first.k, num_drafted=sum(r.num_drafted for r in records),
         accepted=sum(r.accepted for r in records), emitted=sum(r.emitted for r in records),
@@ -155,7 +160,7 @@ def aggregate(records: list[RoundRecord]) -> RoundRecord:
         tenant=first.tenant, context=first.context, features=first.features, temperature=first.temperature,
         time=records[-1].time, threshold=first.threshold, rounds=sum(r.rounds for r in records),
         reach=reach, hits=hits, counterfactual=counterfactual,
-        counterfactual_tokens=sum(r.counterfactual_tokens for r in records),
+        counterfactual_tokens=sum(r.counterfactual_tokens for r in records), counterfactual_drafted=drafted,
     )
 
 

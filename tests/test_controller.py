@@ -105,9 +105,12 @@ def test_two_controllers_share_one_learned_state_and_namespaces_separate(client)
 def test_bad_records_are_rejected_and_counted_never_folded(client):
     c = controller(client)
     sink = c.sink()
-    good = request()
+    cf = {"counterfactual": {"ngram": [3.0, 2.0]}, "counterfactual_tokens": 4.0}
+    good = request(**cf, counterfactual_drafted={"ngram": [2.0, 4.0]})
     bad = [request(drafter="eagle"), request(seconds=float("nan")), request(accepted=5),
-           request(context="no spaces allowed"), request(draft_group=0)]
+           request(context="no spaces allowed"), request(draft_group=0),
+           request(**cf, counterfactual_drafted={"ngram": [5.0]}),  # more rows than k x tokens
+           request(counterfactual_drafted={"ngram": [1.0]})]  # rows without their rounds
     for r in bad + [good]:
         sink(r)
     sink(SimpleNamespace(records=[], context="", tenant=""))  # nothing to learn: the sink does not append it

@@ -548,6 +548,22 @@ def test_a_drafter_never_seen_drafting_is_priced_like_the_dearest_seen():
     assert cost[Arm("code", 2)] - cost[Arm("ngram", 2)] == pytest.approx(2 * 0.003, rel=0.01)
 
 
+def _rounds_at_16(policy, features, **counterfactual) -> dict[str, float]:
+    """The policy's statistics after 100 rounds each of none:0, ngram:1 and ngram:3 at 16 in flight, drafting
+    0, 1 and 3 rows at 6 ms + 2 ms a row, accepting nothing; each round carries the given counterfactual of a
+    64-token request."""
+    from draftpick.policies.state import add
+
+    stats: dict[str, float] = {}
+    for _ in range(100):
+        for arm, rows in ((Arm("none", 0), 0), (Arm("ngram", 1), 1), (Arm("ngram", 3), 3)):
+            add(stats, policy.increments(RoundRecord(
+                drafter=arm.drafter, k=arm.k, num_drafted=rows, accepted=0, emitted=1, draft_s=0.0,
+                verify_s=0.006 + 0.002 * rows, features=list(features), per_drafter={"ngram": [0.0]}, batch=16,
+                counterfactual_tokens=64.0, **counterfactual)))
+    return stats
+
+
 def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
     """A lookup drafter drafts only where the request matches, so ngram:1's round on a request that
     rarely copies costs about a plain round. Rounds at 16 in flight cost 6 ms + 2 ms a drafted row;
@@ -560,19 +576,12 @@ def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
     from dataclasses import replace
 
     from draftpick.policies.costs import round_costs, row_line
-    from draftpick.policies.state import add
     from draftpick.policies.types import SoFar
 
     arms = [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 3)]
     policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "rerun_prior": 16.0})
     features = (1.0,)
-    stats: dict[str, float] = {}
-    for _ in range(100):
-        for arm, rows in ((Arm("none", 0), 0), (Arm("ngram", 1), 1), (Arm("ngram", 3), 3)):
-            add(stats, policy.increments(RoundRecord(
-                drafter=arm.drafter, k=arm.k, num_drafted=rows, accepted=0, emitted=1, draft_s=0.0,
-                verify_s=0.006 + 0.002 * rows, features=list(features), per_drafter={"ngram": [0.0]}, batch=16,
-                counterfactual={"ngram": [51.2, 50.0, 49.6]}, counterfactual_tokens=64.0)))
+    stats = _rounds_at_16(policy, features, counterfactual={"ngram": [51.2, 50.0, 49.6]})
     assert row_line(stats, "L|4") == pytest.approx((0.006, 0.002))
     rng = np.random.default_rng(0)
     start = policy.select(Context(features=features, load=16), stats, rng)
@@ -591,3 +600,32 @@ def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
     assert plain[one] == pytest.approx(0.008, rel=0.01)
     assert policy.select(replace(ctx, rerun=lambda: rare), stats, rng).arm == Arm("ngram", 1)
     assert policy.select(replace(ctx, rerun=lambda: every), stats, rng).arm == Arm("none", 0)
+
+
+def test_a_lookup_arm_is_priced_at_the_rows_its_savings_imply():
+    """A lookup drafter drafts only where the request matches, so its rows go with the rounds it saves:
+    an arm drafts about 1 / (its acceptance where it drafts) rows per round saved, whatever the request.
+    Rounds at 16 in flight cost 6 ms + 2 ms a drafted row; ngram:1 was measured drafting every round
+    (8 ms) and is predicted to save 4 of 64 rounds. Priced at its measured rounds it loses to plain
+    decoding (1.07 / 8 ms against 1 / 6 ms); priced at the rows its savings imply (2 rows a round saved:
+    0.13 rows a round, 6.27 ms) it wins, as it should wherever a saved round (6 ms) is worth more than
+    the rows drafted for it. Drafting 4 rows a round saved (8 ms of rows for 6 ms saved), it loses."""
+    from draftpick.policies.costs import round_costs
+
+    arms = [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 3)]
+    features = (1.0,)
+    for per_saved, wins in ((2.0, True), (4.0, False)):
+        policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0})
+        one, plain = policy.arms.index(Arm("ngram", 1)), policy.arms.index(Arm("none", 0))
+        stats = _rounds_at_16(policy, features, counterfactual={"ngram": [60.0, 59.0, 58.0]},
+                              counterfactual_drafted={"ngram": [4.0 * per_saved, 10.0, 30.0]})
+        assert policy.drafted_per_saved(stats)[one] == pytest.approx(per_saved)
+        tpr = policy.linear(features, stats)
+        assert tpr[one] == pytest.approx(64 / 60, rel=0.01)
+        measured = round_costs(stats, policy.arms, 5.0, load=16)
+        assert tpr[one] / measured[one] < 1 / measured[plain]  # at its measured price ngram:1 loses
+        priced = round_costs(stats, policy.arms, 5.0, load=16, rows=policy.lookup_rows(tpr, None, stats))
+        assert priced[one] == pytest.approx(0.006 + 0.002 * per_saved * (tpr[one] - 1))
+        assert priced[plain] == pytest.approx(0.006)  # plain decoding: the same line, no rows
+        chosen = policy.select(Context(features=features, load=16), stats, np.random.default_rng(0)).arm
+        assert chosen == (Arm("ngram", 1) if wins else Arm("none", 0)), per_saved

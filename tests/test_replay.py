@@ -8,7 +8,7 @@ import yaml
 
 from draftpick.controller.replay import Replayer, load_trace, simulate, trace_drafters
 from draftpick.deploy.cli import main
-from draftpick.policies.types import Arm, Choice
+from draftpick.policies.types import Arm, Choice, aggregate
 from tiny import VOCAB, feature_drafter, noisy_copy, save_models
 from draftpick.workers.drafters.model import VOCAB_FILE
 from draftpick.workers.config import DraftpickConfig
@@ -299,6 +299,7 @@ def test_the_engines_counterfactual_rounds_are_the_rounds_the_arm_takes_when_pla
                            tenant=str(next(tenants)))
     k_max = len(replayed.counterfactual["ngram"])
     assert replayed.counterfactual["ngram"] == live.records[-1].counterfactual["ngram"][:k_max]
+    assert replayed.counterfactual_drafted["ngram"] == live.records[-1].counterfactual_drafted["ngram"][:k_max]
 
 
 def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(recorded, target, tok):
@@ -329,6 +330,9 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
         assert sum(r.num_drafted for r in result.records) > 0
         assert sum(r.emitted for r in result.records[:-1]) == seen[-1][1].tokens
         assert g.rerun().rounds == result.records[-1].counterfactual
+        assert g.rerun().drafted == result.records[-1].counterfactual_drafted
+        assert aggregate(result.records).counterfactual_drafted[drafter][k - 1] == sum(
+            r.num_drafted for r in result.records)  # the request's feedback carries the rows its arm drafted
     sampled = engine.start(tok(PROMPTS[0]["prompt"]).input_ids, SamplingParams(max_tokens=8, temperature=0.8),
                            Arm("ngram", 2))
     sampled.run()

@@ -403,7 +403,8 @@ class Generation:
         """The result to the engine's sinks, its last record carrying the request's counterfactual."""
         if self.counterfactual and self.records:
             self.records[-1] = replace(self.records[-1], counterfactual=self.counterfactual.rounds,
-                                       counterfactual_tokens=self.counterfactual.tokens)
+                                       counterfactual_tokens=self.counterfactual.tokens,
+                                       counterfactual_drafted=self.counterfactual.drafted)
         self.engine._emit(self.result())
 
     def rerun(self) -> Rerun | None:
