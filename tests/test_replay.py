@@ -307,7 +307,8 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
     lookup arm would have taken over the tokens so far. Playing (drafter, k), its own entry is exactly
     the rounds played so far, the played rounds' ends being the re-run's; at the end it is the
     request's counterfactual. Unseeded sampling offers none (the output depends on the arm)."""
-    from draftpick.policies.types import Context
+    from draftpick.controller.feedback import check_record
+    from draftpick.policies.types import Context, RoundRecord
     from draftpick.workers.drafters.ngram import NgramDrafter
     from draftpick.workers.drafters.suffix import SuffixDrafter
     from draftpick.workers.engine import SpeculativeEngine
@@ -333,6 +334,9 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
         assert g.rerun().drafted == result.records[-1].counterfactual_drafted
         assert aggregate(result.records).counterfactual_drafted[drafter][k - 1] == sum(
             r.num_drafted for r in result.records)  # the request's feedback carries the rows its arm drafted
+        for r in result.records:  # and the controller accepts it
+            check_record(RoundRecord.from_dict(json.loads(json.dumps(r.to_dict()))), set(engine.drafters),
+                         engine.counterfactual_k)
     sampled = engine.start(tok(PROMPTS[0]["prompt"]).input_ids, SamplingParams(max_tokens=8, temperature=0.8),
                            Arm("ngram", 2))
     sampled.run()
