@@ -113,9 +113,9 @@ class Contextual(BasePolicy):
         A lookup drafter drafts only where the request matches, so its rows go with its savings: an arm
         predicted to save nothing drafts nothing and costs a plain round, and a long draft costs its
         rows. Priced instead by its draft length (the level's verify seconds by k, fitted where short
-        drafts were played), `ngram:8` looked cheap at 16 clients and opened 18 of 64 requests at the
-        endpoint; priced at the rows it drafted for the requests that played it, a request that rarely
-        copies was moved to plain decoding (docs/results.md)."""
+        drafts were played), `ngram:8` opened 18 of 64 requests at 16 clients at the endpoint; priced at
+        the rows it drafted for the requests that played it, a request that rarely copies was moved to
+        plain decoding (docs/results.md)."""
         mine = self.rerun_rows(rerun) or {}
         out = dict(mine)
         for i, per_saved in self.drafted_per_saved(stats).items():
@@ -138,11 +138,8 @@ class Contextual(BasePolicy):
 
     def rerun_rows(self, rerun) -> dict[int, tuple[float, float]] | None:
         """{arm index: (rows a round of the arm drafted in the request's rounds so far re-run, their
-        weight: tokens so far against `rerun_prior`)} for the lookup arms the re-run covers
-        (policies.costs.round_costs' rows). A lookup drafter drafts only where the request matches, so
-        a round of ngram:1 on a request that rarely copies costs about a plain round; priced at the
-        rows it drafted for the requests that played it, such a request was moved to plain decoding at
-        16 clients (a third of the learned rounds, docs/results.md)."""
+        weight: tokens so far against `rerun_prior`)} for the lookup arms the re-run covers (what
+        `lookup_rows` shrinks toward)."""
         if rerun is None or rerun.tokens <= 0:
             return None
         w = rerun.tokens / (rerun.tokens + self.cfg.rerun_prior)
@@ -278,7 +275,9 @@ class Contextual(BasePolicy):
                 y = 1.0 - n / w  # the share of plain decoding's rounds (one a token) the arm saved
                 for p in nz:
                     inc[key("cfsave", X, k, p)] = w * y * xs[p]
-                if k <= len(drafted):  # the rows those rounds drafted, and the rounds they saved
+                # the rows those rounds drafted, and the rounds they saved: kept apart from cfw and cfround,
+                # which also sum records that carry no rows
+                if k <= len(drafted):
                     inc[key("cfdraft", X, k)] = drafted[k - 1]
                     inc[key("cfdsave", X, k)] = w - n
         return inc

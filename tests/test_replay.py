@@ -330,8 +330,9 @@ def test_a_requests_rounds_so_far_re_run_are_the_rounds_its_arm_took_so_far(reco
             assert drafted[drafter][k - 1] == sum(r.num_drafted for r in result.records[:played])
         assert sum(r.num_drafted for r in result.records) > 0
         assert sum(r.emitted for r in result.records[:-1]) == seen[-1][1].tokens
-        assert g.rerun().rounds == result.records[-1].counterfactual
-        assert g.rerun().drafted == result.records[-1].counterfactual_drafted
+        rerun = g.rerun()
+        assert rerun.rounds == result.records[-1].counterfactual
+        assert rerun.drafted == result.records[-1].counterfactual_drafted
         assert aggregate(result.records).counterfactual_drafted[drafter][k - 1] == sum(
             r.num_drafted for r in result.records)  # the request's feedback carries the rows its arm drafted
         for r in result.records:  # and the controller accepts it
