@@ -36,10 +36,12 @@ rarely copies, in most rounds of one that copies), and the arm's measured second
 for the requests that played it. Per load level the verify seconds of a round are fitted as a line in its
 drafted rows (L|<level>|rn, rd, rdd, rv, rvd: rounds, and sums of rows, rows², seconds, seconds x rows;
 also over all levels: rn, rd, ..), the same for every arm (a round's share of a batched forward is
-a / n + c + b x its rows). Given the rows a round of an arm would draft for this request (round_costs'
-`rows`, e.g. from the request's rounds re-run: policies.types.Rerun) and a weight, the arm's estimate
-is shrunk toward that line at those rows, plus the drafter's seconds for them, and plain decoding is
-priced at the line's intercept (no rows), so that both are judged on one line; at batched levels only
+a / n + c + b x its rows), and the mean seconds of its rounds by their number of drafted rows
+(L|<level>|pn|rows, pv|rows: a long draft costs more a row than a short one). Given the rows a round of
+an arm would draft for this request (round_costs' `rows`, e.g. from the request's rounds re-run:
+policies.types.Rerun) and a weight, the arm's estimate is shrunk toward what its rounds at k rows and at
+none cost in that mix (row_cost, each shrunk toward the line), plus the drafter's seconds for them, and
+plain decoding is priced at a round of no rows, so that both are judged alike; at batched levels only
 (alone, a verify forward's seconds step with its rows: few-row products take other kernel paths).
 """
 from __future__ import annotations
@@ -77,6 +79,9 @@ def cost_increments(record: RoundRecord, tag: str = "") -> dict[str, float]:
             inc.update({key(prefix, "rn"): rounds, key(prefix, "rd"): float(record.num_drafted),
                         key(prefix, "rdd"): rounds * d * d, key(prefix, "rv"): record.verify_s,
                         key(prefix, "rvd"): record.verify_s * d})
+    if rounds == 1:  # a single round: its verify seconds by its number of drafted rows, per level (row_cost)
+        inc[key(level, "pn", record.num_drafted)] = 1.0
+        inc[key(level, "pv", record.num_drafted)] = record.verify_s
     if record.k:
         n, x = float(record.num_drafted), 1.0 / max(record.draft_group, 1)
         inc[key("ds", record.drafter)] = record.draft_s
@@ -142,6 +147,18 @@ def row_line(stats, level: str) -> tuple[float, float] | None:
     return mv - r * md, r
 
 
+def row_cost(stats, level: str, rows: int, line: tuple[float, float], prior_rounds: float) -> float:
+    """A round's verify seconds at a load level when it drafts exactly `rows` rows: the mean over the
+    level's rounds that did (pn|<level>|rows, pv|<level>|rows), shrunk toward the line (c, r) by
+    `prior_rounds`. The seconds are not a line in rows: a pooled attention runs its members at the most
+    rows any of them verifies (workers.batched.pooled_rows_cap), so a long draft costs more a row than a
+    short one (at 16 clients 2.1-2.4 ms a row for 1-2 rows, 3.5 for 8; docs/results.md), and a line
+    fitted over both prices the one row of `ngram:1` at twice what it costs."""
+    c, r = line
+    n, s = stats.get(key(level, "pn", rows), 0.0), stats.get(key(level, "pv", rows), 0.0)
+    return (s + prior_rounds * (c + r * rows)) / (n + prior_rounds)
+
+
 def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = "", load: int | None = None,
                 drafting: dict[str, int] | None = None,
                 rows: dict[int, tuple[float, float]] | None = None) -> np.ndarray:
@@ -151,9 +168,10 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
     drafting: the other requests drafting with each drafter now (Context.drafting; none: alone),
     for the drafters whose cost per token was fitted by group size (draft_rate).
     rows: {arm index: (rows a round of the arm would draft for this request, weight w in [0, 1])}: at a
-    batched load level, the arm's estimate is shrunk, by w, toward what a round drafting those rows costs
-    there (row_line, else the verify prior v0 (1 + slope x rows); plus the drafter's seconds a token), and
-    plain decoding (k = 0) at that line's cost of no rows."""
+    batched load level, the arm's estimate is shrunk, by w, toward what those rows cost there: rows / k of
+    its rounds at the seconds of a round that drafted k rows, the others at those of a round that drafted
+    none (row_cost, toward row_line, else the verify prior v0 (1 + slope x rows)), plus the drafter's
+    seconds a token; and plain decoding (k = 0) at a round that drafted none."""
     ks = sorted({a.k for a in arms})
     level = key("L", load_level(load)) if load is not None else ""
     if not level or not any(stats.get(key(level, "vn", k), 0.0) for k in ks):
@@ -171,6 +189,7 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
     # (replay of the held-out trace alone: 1.047 -> 1.037 x the best fixed arm)
     batched = level not in ("", key("L", 0))
     line = (row_line(stats, level) or (v0, v0 * slope)) if rows and batched else None
+    plain = row_cost(stats, level, 0, line, prior_rounds) if line is not None else None
     out = []
     for arm in arms:
         s, n = seen[arm.k]
@@ -188,11 +207,14 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
             cs, cn = stats.get(key("cs", tag, arm), 0.0), stats.get(key("cn", tag, arm), 0.0)
             est = (cs + prior_rounds * est) / (cn + prior_rounds)
         if line is not None and len(out) in rows and arm.k:
+            # a lookup arm drafts its k rows where the context matches and none elsewhere: `mine` rows a
+            # round are mine / k of its rounds at k rows, the others at none
             mine, w = rows[len(out)]
-            c, r = line
-            est = (1 - w) * est + w * (c + (r + (rate if rate is not None else per_token)) * mine)
-        elif line is not None and not arm.k:  # plain decoding on the line the lookup arms are priced on
-            est = line[0]
+            mine = min(mine, arm.k)
+            at_rows = plain + max(row_cost(stats, level, arm.k, line, prior_rounds) - plain, 0.0) * mine / arm.k
+            est = (1 - w) * est + w * (at_rows + (rate if rate is not None else per_token) * mine)
+        elif line is not None and not arm.k:  # plain decoding: the level's rounds that drafted nothing
+            est = plain
         out.append(est)
     return np.array(out)
 

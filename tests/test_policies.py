@@ -602,6 +602,43 @@ def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
     assert policy.select(replace(ctx, rerun=lambda: every), stats, rng).arm == Arm("none", 0)
 
 
+def test_a_lookup_arm_is_priced_at_what_rounds_of_its_rows_cost():
+    """At 16 in flight a round costs 8 ms, 10 ms with 1 drafted row, 12 ms with 2, but 36 ms with 8 (the
+    pooled attention runs its members at the most rows any verifies): a line in rows over those rounds
+    prices a row near 3.6 ms. A request whose re-run says ngram:1 drafts 1 row in half its rounds and saves
+    5 rounds in 32: at the line's price ngram:1 loses to plain decoding, at what its one-row rounds cost
+    (2 ms more) it wins; ngram:8, drafting 8 rows in a fifth of its rounds, is priced at a fifth of
+    the 8-row rounds' 28 ms more."""
+    from draftpick.policies.costs import round_costs, row_line
+    from draftpick.policies.state import add
+
+    arms = [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 8)]
+    policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "rerun_prior": 16.0})
+    features = (1.0,)
+    stats: dict[str, float] = {}
+    for _ in range(100):
+        for arm, rows, ms in ((Arm("none", 0), 0, 8), (Arm("ngram", 1), 1, 10), (Arm("ngram", 1), 0, 8),
+                              (Arm("ngram", 8), 2, 12), (Arm("ngram", 8), 8, 36)):
+            add(stats, policy.increments(RoundRecord(
+                drafter=arm.drafter, k=arm.k, num_drafted=rows, accepted=0, emitted=1, draft_s=0.0,
+                verify_s=ms / 1000, features=list(features), per_drafter={"ngram": [0.0]}, batch=16)))
+    c, r = row_line(stats, "L|4")
+    assert r > 0.0035  # the line: 3.6 ms a row
+    plain, one, eight = (policy.arms.index(a) for a in arms)
+    rerun = Rerun({"ngram": [27.0] + [30.0] * 7}, 32.0, {"ngram": [13.5] + [48.0] * 7})  # 1 row a 2nd round; 8 a 5th
+    rows = policy.rerun_rows(rerun)
+    costs = round_costs(stats, policy.arms, 5.0, load=16, rows={i: (x, 1.0) for i, (x, _) in rows.items()})
+    prior = 5.0
+    c0 = (0.8 + 0.8 + prior * c) / (200 + prior)  # the 0-row rounds, shrunk toward the line
+    c8 = (3.6 + prior * (c + 8 * r)) / (100 + prior)
+    assert costs[plain] == pytest.approx(c0)
+    assert costs[one] == pytest.approx(c0 + 0.5 * ((1.0 + prior * (c + r)) / (100 + prior) - c0))
+    assert costs[one] - costs[plain] == pytest.approx(0.001, rel=0.05)  # half of its rounds at 2 ms more
+    assert costs[eight] == pytest.approx(c0 + (c8 - c0) * 1.6 / 8)
+    tpr = 32 / 27
+    assert tpr / (c0 + r * 0.5) < 1 / c0 < tpr / costs[one]  # the line sent it to plain decoding, this does not
+
+
 def test_a_lookup_arm_is_priced_at_the_rows_its_savings_imply():
     """A lookup drafter drafts only where the request matches, so its rows go with the rounds it saves:
     an arm drafts about 1 / (its acceptance where it drafts) rows per round saved, whatever the request.
