@@ -150,10 +150,12 @@ def row_line(stats, level: str) -> tuple[float, float] | None:
 def row_cost(stats, level: str, rows: int, line: tuple[float, float], prior_rounds: float) -> float:
     """A round's verify seconds at a load level when it drafts exactly `rows` rows: the mean over the
     level's rounds that did (pn|<level>|rows, pv|<level>|rows), shrunk toward the line (c, r) by
-    `prior_rounds`. The seconds are not a line in rows: a pooled attention runs its members at the most
-    rows any of them verifies (workers.batched.pooled_rows_cap), so a long draft costs more a row than a
-    short one (at 16 clients 2.1-2.4 ms a row for 1-2 rows, 3.5 for 8; docs/results.md), and a line
-    fitted over both prices the one row of `ngram:1` at twice what it costs."""
+    `prior_rounds`. A round's seconds are its share of a batched forward (workers.batched.ForwardCost:
+    a / n + c + b x its rows, b fitted over the recent forwards), and b moves with the drafts in flight:
+    a pooled attention runs its members at the most rows any of them verifies, so while long drafts are
+    played a row costs more (at 16 clients rounds of 1-2 rows came to 2.1-2.4 ms a row, the warm-up's
+    8-row rounds to 3.5; docs/results.md). One line over all of them priced the one row of `ngram:1` at
+    twice what its rounds cost; the mean by rows keeps each draft length at the price it was seen at."""
     c, r = line
     n, s = stats.get(key(level, "pn", rows), 0.0), stats.get(key(level, "pv", rows), 0.0)
     return (s + prior_rounds * (c + r * rows)) / (n + prior_rounds)

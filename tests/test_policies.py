@@ -603,9 +603,8 @@ def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
 
 
 def test_a_lookup_arm_is_priced_at_what_rounds_of_its_rows_cost():
-    """At 16 in flight a round costs 8 ms, 10 ms with 1 drafted row, 12 ms with 2, but 36 ms with 8 (the
-    pooled attention runs its members at the most rows any verifies): a line in rows over those rounds
-    prices a row near 3.6 ms. A request whose re-run says ngram:1 drafts 1 row in half its rounds and saves
+    """At 16 in flight a round costs 8 ms, 10 ms with 1 drafted row, 12 ms with 2, but 36 ms with 8 (a row
+    costs more while long drafts are played): a line in rows over those rounds prices a row near 3.6 ms. A request whose re-run says ngram:1 drafts 1 row in half its rounds and saves
     5 rounds in 32: at the line's price ngram:1 loses to plain decoding, at what its one-row rounds cost
     (2 ms more) it wins; ngram:8, drafting 8 rows in a fifth of its rounds, is priced at a fifth of
     the 8-row rounds' 28 ms more."""
