@@ -37,7 +37,7 @@ for the requests that played it. Per load level the verify seconds of a round ar
 drafted rows (L|<level>|rn, rd, rdd, rv, rvd: rounds, and sums of rows, rows², seconds, seconds x rows;
 also over all levels: rn, rd, ..), the same for every arm (a round's share of a batched forward is
 a / n + c + b x its rows), and the mean seconds of its rounds by their number of drafted rows
-(L|<level>|pn|rows, pv|rows: a long draft costs more a row than a short one). Given the rows a round of
+(L|<level>|pn|rows, pv|rows: a row's price moves with the drafts in flight, see row_cost). Given the rows a round of
 an arm would draft for this request (round_costs' `rows`, e.g. from the request's rounds re-run:
 policies.types.Rerun) and a weight, the arm's estimate is shrunk toward what its rounds at k rows and at
 none cost in that mix (row_cost, each shrunk toward the line), plus the drafter's seconds for them, and
@@ -210,7 +210,7 @@ def round_costs(stats, arms: list[Arm], prior_rounds: float = 5.0, tag: str = ""
             est = (cs + prior_rounds * est) / (cn + prior_rounds)
         if line is not None and len(out) in rows and arm.k:
             # a lookup arm drafts its k rows where the context matches and none elsewhere: `mine` rows a
-            # round are mine / k of its rounds at k rows, the others at none
+            # round (at most k) are mine / k of its rounds at k rows, the others at none
             mine, w = rows[len(out)]
             mine = min(mine, arm.k)
             at_rows = plain + max(row_cost(stats, level, arm.k, line, prior_rounds) - plain, 0.0) * mine / arm.k

@@ -604,10 +604,11 @@ def test_a_lookup_arm_is_priced_at_the_rows_it_drafts_for_the_request():
 
 def test_a_lookup_arm_is_priced_at_what_rounds_of_its_rows_cost():
     """At 16 in flight a round costs 8 ms, 10 ms with 1 drafted row, 12 ms with 2, but 36 ms with 8 (a row
-    costs more while long drafts are played): a line in rows over those rounds prices a row near 3.6 ms. A request whose re-run says ngram:1 drafts 1 row in half its rounds and saves
-    5 rounds in 32: at the line's price ngram:1 loses to plain decoding, at what its one-row rounds cost
-    (2 ms more) it wins; ngram:8, drafting 8 rows in a fifth of its rounds, is priced at a fifth of
-    the 8-row rounds' 28 ms more."""
+    costs more while long drafts are played): a line in rows over those rounds prices a row near 3.6 ms.
+    A request whose re-run says ngram:1 drafts 1 row in half its rounds and saves 5 rounds in 32: at the
+    line's price ngram:1 loses to plain decoding, at what its one-row rounds cost (2 ms more) it wins;
+    ngram:8, drafting 8 rows in a fifth of its rounds, is priced at a fifth of the 8-row rounds' 28 ms
+    more."""
     from draftpick.policies.costs import round_costs, row_line
     from draftpick.policies.state import add
 
@@ -616,10 +617,10 @@ def test_a_lookup_arm_is_priced_at_what_rounds_of_its_rows_cost():
     features = (1.0,)
     stats: dict[str, float] = {}
     for _ in range(100):
-        for arm, rows, ms in ((Arm("none", 0), 0, 8), (Arm("ngram", 1), 1, 10), (Arm("ngram", 1), 0, 8),
-                              (Arm("ngram", 8), 2, 12), (Arm("ngram", 8), 8, 36)):
+        for arm, n, ms in ((Arm("none", 0), 0, 8), (Arm("ngram", 1), 1, 10), (Arm("ngram", 1), 0, 8),
+                           (Arm("ngram", 8), 2, 12), (Arm("ngram", 8), 8, 36)):
             add(stats, policy.increments(RoundRecord(
-                drafter=arm.drafter, k=arm.k, num_drafted=rows, accepted=0, emitted=1, draft_s=0.0,
+                drafter=arm.drafter, k=arm.k, num_drafted=n, accepted=0, emitted=1, draft_s=0.0,
                 verify_s=ms / 1000, features=list(features), per_drafter={"ngram": [0.0]}, batch=16)))
     c, r = row_line(stats, "L|4")
     assert r > 0.0035  # the line: 3.6 ms a row
