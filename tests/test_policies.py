@@ -548,18 +548,22 @@ def test_a_drafter_never_seen_drafting_is_priced_like_the_dearest_seen():
     assert cost[Arm("code", 2)] - cost[Arm("ngram", 2)] == pytest.approx(2 * 0.003, rel=0.01)
 
 
-def _rounds_at_16(policy, features, **counterfactual) -> dict[str, float]:
-    """The policy's statistics after 100 rounds each of none:0, ngram:1 and ngram:3 at 16 in flight, drafting
-    0, 1 and 3 rows at 6 ms + 2 ms a row, accepting nothing; each round carries the given counterfactual of a
-    64-token request."""
+LINEAR_ROUNDS = tuple((arm, rows, 6 + 2 * rows) for arm, rows in ((Arm("none", 0), 0), (Arm("ngram", 1), 1),
+                                                                  (Arm("ngram", 3), 3)))
+
+
+def _rounds_at_16(policy, features, rounds=LINEAR_ROUNDS, **counterfactual) -> dict[str, float]:
+    """The policy's statistics after 100 times `rounds` at 16 in flight, each (arm, rows drafted, verify
+    ms) accepting nothing (by default none:0, ngram:1 and ngram:3 drafting 0, 1 and 3 rows at 6 ms + 2 ms
+    a row); each round carries the given counterfactual of a 64-token request."""
     from draftpick.policies.state import add
 
     stats: dict[str, float] = {}
     for _ in range(100):
-        for arm, rows in ((Arm("none", 0), 0), (Arm("ngram", 1), 1), (Arm("ngram", 3), 3)):
+        for arm, rows, ms in rounds:
             add(stats, policy.increments(RoundRecord(
                 drafter=arm.drafter, k=arm.k, num_drafted=rows, accepted=0, emitted=1, draft_s=0.0,
-                verify_s=0.006 + 0.002 * rows, features=list(features), per_drafter={"ngram": [0.0]}, batch=16,
+                verify_s=ms / 1000, features=list(features), per_drafter={"ngram": [0.0]}, batch=16,
                 counterfactual_tokens=64.0, **counterfactual)))
     return stats
 
@@ -610,25 +614,20 @@ def test_a_lookup_arm_is_priced_at_what_rounds_of_its_rows_cost():
     ngram:8, drafting 8 rows in a fifth of its rounds, is priced at a fifth of the 8-row rounds' 28 ms
     more."""
     from draftpick.policies.costs import round_costs, row_line
-    from draftpick.policies.state import add
 
     arms = [Arm("none", 0), Arm("ngram", 1), Arm("ngram", 8)]
     policy = create("contextual", arms, {"alpha": 0.0, "cf_alpha": 0.0, "rerun_prior": 16.0})
     features = (1.0,)
-    stats: dict[str, float] = {}
-    for _ in range(100):
-        for arm, n, ms in ((Arm("none", 0), 0, 8), (Arm("ngram", 1), 1, 10), (Arm("ngram", 1), 0, 8),
-                           (Arm("ngram", 8), 2, 12), (Arm("ngram", 8), 8, 36)):
-            add(stats, policy.increments(RoundRecord(
-                drafter=arm.drafter, k=arm.k, num_drafted=n, accepted=0, emitted=1, draft_s=0.0,
-                verify_s=ms / 1000, features=list(features), per_drafter={"ngram": [0.0]}, batch=16)))
+    stats = _rounds_at_16(policy, features, rounds=((Arm("none", 0), 0, 8), (Arm("ngram", 1), 1, 10),
+                                                    (Arm("ngram", 1), 0, 8), (Arm("ngram", 8), 2, 12),
+                                                    (Arm("ngram", 8), 8, 36)))
     c, r = row_line(stats, "L|4")
     assert r > 0.0035  # the line: 3.6 ms a row
     plain, one, eight = (policy.arms.index(a) for a in arms)
     rerun = Rerun({"ngram": [27.0] + [30.0] * 7}, 32.0, {"ngram": [13.5] + [48.0] * 7})  # 1 row a 2nd round; 8 a 5th
     rows = policy.rerun_rows(rerun)
-    costs = round_costs(stats, policy.arms, 5.0, load=16, rows={i: (x, 1.0) for i, (x, _) in rows.items()})
     prior = 5.0
+    costs = round_costs(stats, policy.arms, prior, load=16, rows={i: (x, 1.0) for i, (x, _) in rows.items()})
     c0 = (0.8 + 0.8 + prior * c) / (200 + prior)  # the 0-row rounds, shrunk toward the line
     c8 = (3.6 + prior * (c + 8 * r)) / (100 + prior)
     assert costs[plain] == pytest.approx(c0)
