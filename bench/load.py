@@ -21,7 +21,9 @@
    every client streamed, `_steady`), p50 / p99 time to first token and inter-token latency (client
    side, from the SSE chunks), errors (any non-200 or broken stream; target 0), and what speculation
    did (from each response's speculative stats: drafted tokens per round, their acceptance, and the
-   arms of the requests' first rounds where the policy decided). With `--warmup W`, before
+   arms of the requests' first rounds where the policy decided), and the share of the target's
+   forward seconds that went to prompts (the worker's `forward_s` by phase, read from /health
+   around each run). With `--warmup W`, before
    each level the modes that learn (their policy decides) first send W requests per client at that
    concurrency, unmeasured, on other prompts: the policy is then measured after learning there.
 3. Overhead (the first batched variant): the same pinned request (plain decoding, max_tokens tokens)
@@ -45,6 +47,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 from draftpick.bench import machine, write_results
 
@@ -145,6 +148,7 @@ def run(args) -> int:
     from draftpick.controller.actor import stop_controller
     from draftpick.controller.redis_server import free_port
     from draftpick.deploy.serve import build_app
+    from draftpick.workers.builtin import home as draftpick_home
     from draftpick.workers.config import load_config
 
     cfg = load_config(args.config)
@@ -154,8 +158,11 @@ def run(args) -> int:
     report = {"how": _how(args, cfg, levels, variants), "load": [], "overhead": None}
     pool = _pool(args, levels)
     configs = {v: _variant_config(cfg, v, len(variants)) for v in variants}
+    models = draftpick_home() / "models"  # converted built-in models: the usual cache, not converted again
+    models.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as home:
         os.environ.setdefault("DRAFTPICK_HOME", home)  # the embedded Redis servers start empty, in here
+        (Path(home) / "models").symlink_to(models, target_is_directory=True)
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"DRAFTPICK_HOME": home}})
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -224,7 +231,10 @@ def _run_in_process(args, levels: list[int], variants: list[str], fixed) -> int:
                 _switch(worker, configs[variant], learners.get(variant))
                 return await _local_stream(worker, item, max_tokens or args.max_tokens, pin, user)
 
-            report["load"] = asyncio.run(_levels(send, levels, args, modes, pool))
+            async def forward_s(variant):
+                return worker.status()["forward_s"]
+
+            report["load"] = asyncio.run(_levels(send, levels, args, modes, pool, forward_s))
         finally:
             for learner in learners.values():
                 learner.close()
@@ -292,11 +302,17 @@ async def _http_levels(url: str, model: str, levels: list[int], args, modes, poo
         async def send(variant, item, pin, user, max_tokens=None):
             return await _stream(client, f"{url}/{variant}", model, item, max_tokens or args.max_tokens, pin, user)
 
-        return await _levels(send, levels, args, modes, pool)
+        async def forward_s(variant):
+            r = await client.get(f"{url}/{variant}/health")
+            return r.json().get("forward_s") if r.status_code == 200 else None
+
+        return await _levels(send, levels, args, modes, pool, forward_s)
 
 
-async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> list[dict]:
-    """Every level, its modes alternating; send(variant, chat item, pin, user) -> one request's measures."""
+async def _levels(send, levels: list[int], args, modes, pool: list[dict], forward_s=None) -> list[dict]:
+    """Every level, its modes alternating; send(variant, chat item, pin, user) -> one request's measures;
+    forward_s(variant) -> the worker's forward seconds by phase so far (its status), read around each
+    measured run to give the share of the target's forward time that went to prompts."""
     rows = []
     warmed = set()
     for variant, _, pin in modes:  # warm-up (models, caches, routes), unmeasured: each variant's first mode
@@ -316,14 +332,20 @@ async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> lis
         results: dict[str, list[dict]] = {mode: [] for _, mode, _ in modes}
         walls: dict[str, list[float]] = {mode: [] for _, mode, _ in modes}
         steady: dict[str, list[tuple[float, float]]] = {mode: [] for _, mode, _ in modes}
+        phases: dict[str, dict[str, float]] = {mode: {} for _, mode, _ in modes}  # forward seconds by phase
         per = n * _per_client(args, n)
         for rep in range(args.repeats):  # every mode once per repetition, each time on new prompts
             mine = prompts[rep * per: (rep + 1) * per]
             for variant, mode, pin in modes:
+                before = await forward_s(variant) if forward_s else None
                 t0 = time.perf_counter()
                 runs = await asyncio.gather(*(_client(send, variant, mine[i::n], pin, mode,
                                                       _first_tokens(args, i, n)) for i in range(n)))
                 walls[mode].append(time.perf_counter() - t0)
+                after = await forward_s(variant) if forward_s else None
+                if before is not None and after is not None:
+                    for phase, seconds in after.items():
+                        phases[mode][phase] = phases[mode].get(phase, 0.0) + seconds - before.get(phase, 0.0)
                 results[mode].append([r for c in runs for r in c])
                 steady[mode].append(_steady(runs))
                 if args.repeats > 1:
@@ -338,9 +360,19 @@ async def _levels(send, levels: list[int], args, modes, pool: list[dict]) -> lis
                          "steady_tokens_per_s": (sum(t for t, _ in windows) / sum(w for _, w in windows)
                                                  if windows else None),
                          "steady_window_s": sum(w for _, w in windows),
-                         "repetitions_steady_tokens_per_s": [t / w if w > 0 else None for t, w in steady[mode]]})
+                         "repetitions_steady_tokens_per_s": [t / w if w > 0 else None for t, w in steady[mode]],
+                         "forward_s": phases[mode] or None, "prefill_share": _prefill_share(phases[mode])})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _prefill_share(phases: dict[str, float]) -> float | None:
+    """The share of the target's forward seconds that went to prompts (None: not read, or no forward).
+    Batching shares a step's weights among its rows, which divides decoding's cost per token; a
+    prompt's rows already share them, so its cost stays, and this share says how much of a batched
+    worker's time that leaves (docs/results.md)."""
+    total = sum(phases.values())
+    return phases.get("prefill", 0.0) / total if total > 0 else None
 
 
 def _steady(runs: list[list[dict]]) -> tuple[float, float]:
@@ -511,8 +543,9 @@ def _markdown(report: dict) -> str:
              "first client's last (bench.load._steady); the overall rate also pools the ramp-up and the thinning tail.",
              "",
              "| clients | mode | requests/s | output tokens/s (each repetition) | steady tokens/s (each repetition) "
-             "| TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors | drafted / round | acceptance | first rounds' arms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors | drafted / round | acceptance | first rounds' arms "
+             "| prompts' share of forward time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["load"]:
         itl = "/".join("-" if v is None else f"{1000 * v:.0f}" for v in (r["itl_p50_s"], r["itl_p99_s"]))
         ttft = "/".join("-" if v is None else f"{v:.2f}" for v in (r["ttft_p50_s"], r["ttft_p99_s"]))
@@ -524,8 +557,9 @@ def _markdown(report: dict) -> str:
         steady = "-" if r.get("steady_tokens_per_s") is None else (
             f"{r['steady_tokens_per_s']:.1f}"
             + (f" ({', '.join('-' if x is None else f'{x:.1f}' for x in sreps)})" if len(sreps) > 1 else ""))
+        share = "-" if r.get("prefill_share") is None else f"{100 * r['prefill_share']:.0f} %"
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['requests_per_s']:.2f} | "
-                     f"{rate} | {steady} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} |")
+                     f"{rate} | {steady} | {ttft} | {itl} | {r['errors']} | {spec} | {arms} | {share} |")
     lines += _ratios(report["load"])
     lines += _ratios(report["load"], "steady_tokens_per_s", "Steady tokens/s")
     o = report["overhead"]

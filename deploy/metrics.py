@@ -15,7 +15,9 @@ At scrape time, from a worker's status (gauges; with several worker replicas, th
 - `draftpick:feedback_records{state}`: the worker's sink (`appended`, `buffered`, `dropped`);
 - `draftpick:feedback_rejected_records`, `draftpick:feedback_dropped_records`: the controller's totals;
 - `draftpick:prefix_cache_queries`, `draftpick:prefix_cache_hits`: prompt tokens looked up in the
-  worker's prefix cache, and those found there (not prefilled), since it started.
+  worker's prefix cache, and those found there (not prefilled), since it started;
+- `draftpick:forward_seconds{phase}`: the target's forward seconds since the worker started, spent on
+  prompts (`prefill`) and on rounds (`decode`), a batched forward's seconds shared by its requests' rows.
 Each ingress replica counts its own requests (Prometheus sums replicas).
 """
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Metrics:
                                     registry=r)
         self.prefix_hits = Gauge(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled)",
                                  registry=r)
+        self.forward = Gauge(P + "forward_seconds", "The target's forward seconds since the worker started, by phase "
+                             "(a batched forward's seconds shared among its requests' prefills and rounds)", ["phase"],
+                             registry=r)
 
     def observe_result(self, final: dict) -> None:
         """A request's final worker event: {"result", "records", "plan"}."""
@@ -95,6 +100,8 @@ class Metrics:
         if "prefix_cache" in status:
             self.prefix_queries.set(status["prefix_cache"]["queried_tokens"])
             self.prefix_hits.set(status["prefix_cache"]["reused_tokens"])
+        for phase, seconds in status.get("forward_s", {}).items():
+            self.forward.labels(phase).set(seconds)
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()

@@ -290,7 +290,8 @@ def test_batched_rounds_share_their_forward_by_the_fitted_line(engine, tok, monk
     """In the engine: each step's shares (the forward seconds each request's round or prefill is
     charged) sum to the forward and follow the engine's line, a / n + c + b r_i. (The tiny model's
     forwards barely grow with rows, so the line is fitted beforehand and held: the fit itself is
-    tested above.)"""
+    tested above.) The engine's forward seconds by phase (its status, /metrics, `bench load`) sum
+    the shares: a prefill's to `prefill`, a round's to `decode`."""
     from draftpick.workers.engine import Generation
 
     class Held(ForwardCost):
@@ -304,10 +305,12 @@ def test_batched_rounds_share_their_forward_by_the_fitted_line(engine, tok, monk
     assert engine.forward_cost.line() == pytest.approx((0.05, 0.001, 0.002))
     calls, steps = [], []
     complete = Generation.complete
+    start, charged = dict(engine.forward_s), {"prefill": 0.0, "decode": 0.0}
 
     def spy(self, logits, hidden, forward_s, batch=1, rows=0):
         own = len(self._round_state[3]) + 1 if self._round_state is not None else self._chunk
         calls.append((own, forward_s, batch, rows))
+        charged["prefill" if self._round_state is None else "decode"] += forward_s
         return complete(self, logits, hidden, forward_s, batch, rows)
 
     monkeypatch.setattr(Generation, "complete", spy)
@@ -327,6 +330,8 @@ def test_batched_rounds_share_their_forward_by_the_fitted_line(engine, tok, monk
             fitted += len({r for r, *_ in step}) > 1
         assert [s / sum(shares) for s in shares] == pytest.approx(expected)
     assert fitted >= 3  # steps charged by the line, with requests of different rows in them
+    assert charged["prefill"] > 0 and charged["decode"] > 0
+    assert {k: engine.forward_s[k] - start[k] for k in charged} == pytest.approx(charged)
 
 
 def test_each_cache_holds_exactly_its_verified_tokens_after_every_batched_step(engine, target, tok):

@@ -128,6 +128,12 @@ def test_bench_load_in_process_runs_every_mode_against_the_worker(tmp_path, targ
     assert rows[0]["errors"] == 0 and rows[0]["output_tokens_per_s"] > 0
     fixed = next(r for r in rows if r["mode"] == "batched, fixed close:2")
     assert fixed["drafted_per_round"] > 0 and not rows[0]["drafted_per_round"]
+    # the worker's forward seconds over each run: prompts and rounds, within the run's wall time (one
+    # engine thread runs the forwards one after another)
+    for r in rows:
+        assert r["forward_s"]["prefill"] > 0 and r["forward_s"]["decode"] > 0, r
+        assert sum(r["forward_s"].values()) <= r["wall_s"] and 0 < r["prefill_share"] < 1
+    assert "prompts' share of forward time" in next((tmp_path / "out").glob("load-*.md")).read_text()
     # every request's rounds fed its deciding variant's statistics (those of the variant's pinned modes too)
     # one entry per answered request, + the variant's first request (unmeasured) + --warmup 1 per client at 1 and 3
     answered = {v: sum(r["requests"] - r["errors"] for r in rows if r["mode"].startswith(v + ",")) + 1 + (1 + 3)

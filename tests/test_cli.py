@@ -166,3 +166,47 @@ def test_embedded_default_config_is_valid():
 def test_console_script_is_installed():
     out = subprocess.run(["draftpick", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout and "bench" in out.stdout
+
+
+def test_processes_loading_the_builtin_model_at_once_convert_it_once(tmp_path, monkeypatch):
+    """A service's ingress and worker replicas resolve `builtin:` together on an empty home: one
+    converts while the others wait, and all of them get the whole converted model. (A conversion
+    stands in for the real one's 15 s: it writes its files slowly, as save_pretrained does.)"""
+    import threading
+    import time
+
+    from draftpick.workers import builtin
+
+    monkeypatch.setenv("DRAFTPICK_HOME", str(tmp_path))
+    conversions = []
+
+    def convert(gguf, out):  # the real one's steps: a fresh .tmp, files written one by one, DONE, rename
+        conversions.append(out)
+        tmp = out.with_name(out.name + ".tmp")
+        builtin.shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in ("config.json", "model.safetensors", "tokenizer.json"):
+            time.sleep(0.05)
+            (tmp / f).write_text(f)
+        (tmp / "DONE").write_text("converted\n")
+        builtin.shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+
+    monkeypatch.setattr(builtin, "convert_gguf", convert)
+    monkeypatch.setattr(builtin, "find_packaged_file", lambda dist, suffix: tmp_path / "model.gguf")
+    got, errors = [], []
+
+    def load():
+        try:
+            got.append(builtin.ensure_builtin("smollm2-135m-instruct"))
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(conversions) == 1
+    assert len(got) == 4 and all(sorted(p.name for p in d.iterdir()) ==
+                                 ["DONE", "config.json", "model.safetensors", "tokenizer.json"] for d in got)

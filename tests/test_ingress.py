@@ -183,6 +183,11 @@ def test_stats_and_metrics_reflect_the_traffic(cfg, learner, worker):
     n = bodies[0]["usage"]["prompt_tokens"]
     assert _sample(text, "draftpick:prefix_cache_queries") == 2 * n
     assert _sample(text, "draftpick:prefix_cache_hits") == (n - 1) // BLOCK * BLOCK > 0
+    # the worker's forward seconds by phase, as it counts them (every request prefilled and ran rounds)
+    seconds = learner.engine.forward_s
+    for phase in ("prefill", "decode"):
+        scraped = _sample(text, f'draftpick:forward_seconds{{phase="{phase}"}}')
+        assert scraped == pytest.approx(seconds[phase]) and scraped > 0
     with TestClient(local_app(cfg, worker)) as plain:
         assert plain.get("/v1/draftpick/stats").status_code == 404
 

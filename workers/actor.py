@@ -86,7 +86,7 @@ class EngineWorker:
     def status(self) -> dict:
         """The components' state for /health: the engine (and its prefix cache), and when it learns
         the controller, Redis and the feedback sink."""
-        out = {"engine": "up", "in_flight": self.in_flight}
+        out = {"engine": "up", "in_flight": self.in_flight, "forward_s": dict(self.engine.forward_s)}
         if self.engine.prefix is not None:
             out["prefix_cache"] = self.engine.prefix.status()
         if self.decisions is not None:

@@ -8,6 +8,7 @@ safetensors (with the tokenizer) under the draftpick home directory.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import os
 import shutil
@@ -43,7 +44,10 @@ def find_packaged_file(distribution: str, suffix: str) -> Path:
 
 
 def ensure_builtin(name: str) -> Path:
-    """Directory of the converted built-in model, converting it first if needed (idempotent)."""
+    """Directory of the converted built-in model, converting it first if needed (idempotent). The
+    processes of one service load it at once (its ingress and worker replicas): one converts, under
+    a lock file beside it, while the others wait and then read what it wrote. (Unlocked, two
+    conversions into the same temporary directory left a worker a model without its config.)"""
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(BUILTINS)}")
     out = builtin_dir(name)
@@ -51,8 +55,12 @@ def ensure_builtin(name: str) -> Path:
         return out
     spec = BUILTINS[name]
     gguf = find_packaged_file(spec["distribution"], spec["file_suffix"])
-    print(f"draftpick: converting {gguf.name} to fp32 safetensors in {out} (once)", file=sys.stderr)
-    convert_gguf(gguf, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not (out / "DONE").exists():  # (or another process converted it while this one waited)
+            print(f"draftpick: converting {gguf.name} to fp32 safetensors in {out} (once)", file=sys.stderr)
+            convert_gguf(gguf, out)
     return out
 
 

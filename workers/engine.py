@@ -95,6 +95,10 @@ class SpeculativeEngine:
         # feature heads, model drafters) draft in one call; False: each request drafts alone
         self.batch_drafts = True
         self.forward_cost = ForwardCost()  # each request's share of a batched forward's seconds
+        # the target's forward seconds since the engine started, by phase: each step's share of its
+        # forward (Generation.complete), so a batched forward's seconds split between its prefill rows
+        # and its rounds (read by the worker's status, its /metrics and `draftpick bench load`)
+        self.forward_s = {"prefill": 0.0, "decode": 0.0}
         # the requests of the step in progress whose last round drafted with each drafter that drafts
         # requests together (what a round's draft will share: Generation.co_drafting)
         self.drafting: Counter[str] = Counter()
@@ -391,6 +395,7 @@ class Generation:
         verify -> sync -> emit. forward_s: this request's share of the forward's seconds; batch, rows:
         the requests and rows that forward ran (the round's record carries them). Returns the tokens
         appended."""
+        self.engine.forward_s["prefill" if self._round_state is None else "decode"] += forward_s
         if self._round_state is None:
             tokens = self._first_token(logits, hidden)
         else:
