@@ -302,9 +302,12 @@ async def _http_levels(url: str, model: str, levels: list[int], args, modes, poo
         async def send(variant, item, pin, user, max_tokens=None):
             return await _stream(client, f"{url}/{variant}", model, item, max_tokens or args.max_tokens, pin, user)
 
-        async def forward_s(variant):
-            r = await client.get(f"{url}/{variant}/health")
-            return r.json().get("forward_s") if r.status_code == 200 else None
+        async def forward_s(variant):  # None where the worker does not answer: the row then has no share
+            try:
+                r = await client.get(f"{url}/{variant}/health")
+                return r.json().get("forward_s") if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                return None
 
         return await _levels(send, levels, args, modes, pool, forward_s)
 
