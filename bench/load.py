@@ -22,8 +22,8 @@
    side, from the SSE chunks), errors (any non-200 or broken stream; target 0), and what speculation
    did (from each response's speculative stats: drafted tokens per round, their acceptance, and the
    arms of the requests' first rounds where the policy decided), and the share of the target's
-   forward seconds that went to prompts (the worker's `forward_s` by phase, read from /health
-   around each run). With `--warmup W`, before
+   forward seconds that went to prompts (the worker's `forward_s` by phase, read from its status
+   around each run: /health at the endpoint). With `--warmup W`, before
    each level the modes that learn (their policy decides) first send W requests per client at that
    concurrency, unmeasured, on other prompts: the policy is then measured after learning there.
 3. Overhead (the first batched variant): the same pinned request (plain decoding, max_tokens tokens)
